@@ -1,0 +1,125 @@
+"""Blocks: the KV states of a piece of text encoded on its own, and their assembly into one cache.
+
+A block holds keys rotated at the positions it was encoded at (``start`` onwards). Assembly
+places blocks one after another and re-rotates each block's keys to where it now sits, so the
+final block (the question) attends to everything as if the prompt had been prefilled, except
+that passages never attended to each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from .rope import rerotate, rotary_module
+
+BlockMode = Literal["naive", "prefix"]
+BLOCK_MODES: tuple[BlockMode, ...] = ("naive", "prefix")
+
+
+@dataclass(frozen=True)
+class Block:
+    """KV states of one text, shaped ``[layers, kv_heads, tokens, head_dim]``, encoded at ``start``.
+
+    ``context`` names what the block attended to when encoded: ``""`` for nothing (naive mode),
+    else :func:`context_id` of the prefix it followed. A block is only valid after that context.
+    """
+
+    token_ids: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: int
+    context: str = ""
+
+    def __post_init__(self) -> None:
+        n = self.token_ids.shape[0]
+        if self.keys.shape != self.values.shape or self.keys.ndim != 4 or self.keys.shape[2] != n:
+            raise ValueError(f"block of {n} tokens has keys {tuple(self.keys.shape)} and values "
+                             f"{tuple(self.values.shape)}; expected [layers, kv_heads, {n}, head_dim] for both")
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def context_id(token_ids: Sequence[int] | torch.Tensor) -> str:
+    """Identity of a context by its token ids (the model itself is named by its fingerprint)."""
+    ids = torch.as_tensor(token_ids, dtype=torch.int64).cpu().numpy().tobytes()
+    return hashlib.sha256(ids).hexdigest()[:24]
+
+
+def _batch_cache(model: PreTrainedModel, past: Block | None, batch: int) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    if past is not None:
+        for i in range(past.keys.shape[0]):
+            cache.update(past.keys[i].unsqueeze(0).expand(batch, -1, -1, -1),
+                         past.values[i].unsqueeze(0).expand(batch, -1, -1, -1), i)
+    return cache
+
+
+@torch.inference_mode()
+def encode_blocks(
+    model: PreTrainedModel,
+    token_lists: Sequence[Sequence[int]],
+    past: Block | None = None,
+    batch_size: int = 8,
+) -> list[Block]:
+    """Encode each token list as an independent block, optionally after a shared ``past`` block.
+
+    Lists are batched by similar length and right-padded: under causal attention no real token
+    attends to the padding after it, so padding changes nothing. Only the base model runs (no LM head).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    device = next(model.parameters()).device
+    start = len(past) if past is not None else 0
+    context = context_id(past.token_ids) if past is not None else ""
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    out: list[Block | None] = [None] * len(token_lists)
+    pad_id = 0
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        lengths = [len(token_lists[i]) for i in idx]
+        if min(lengths) == 0:
+            raise ValueError("cannot encode an empty block: every passage needs at least one token")
+        width = max(lengths)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : lengths[row]] = torch.as_tensor(list(token_lists[i]), dtype=torch.long)
+        cache = _batch_cache(model, past, len(idx))
+        positions = torch.arange(start, start + width, device=device).unsqueeze(0).expand(len(idx), -1)
+        model.model(input_ids=ids.to(device), past_key_values=cache, position_ids=positions, use_cache=True)
+        keys = torch.stack([layer.keys[:, :, start:] for layer in cache.layers], dim=1)
+        values = torch.stack([layer.values[:, :, start:] for layer in cache.layers], dim=1)
+        for row, i in enumerate(idx):
+            n = lengths[row]
+            out[i] = Block(ids[row, :n].clone(), keys[row, :, :, :n].clone(), values[row, :, :, :n].clone(), start,
+                           context)
+    return out  # type: ignore[return-value]
+
+
+def assemble(model: PreTrainedModel, blocks: Sequence[Block]) -> DynamicCache:
+    """One cache holding ``blocks`` back to back, each re-rotated to the positions it now occupies."""
+    if not blocks:
+        return DynamicCache(config=model.config)
+    device = next(model.parameters()).device
+    keys = torch.cat([b.keys for b in blocks], dim=2).to(device)
+    values = torch.cat([b.values for b in blocks], dim=2).to(device)
+    source = torch.cat([torch.arange(b.start, b.start + len(b)) for b in blocks])
+    target = torch.arange(source.shape[0])
+    keys = rerotate(keys, source, target, rotary_module(model))
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(cache.layers):
+        k, v = keys[i].unsqueeze(0).to(dtype), values[i].unsqueeze(0).to(dtype)
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache

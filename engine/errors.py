@@ -1,0 +1,17 @@
+"""Exception classes of blockrag. Every message says what the user can do about it."""
+
+
+class BlockragError(Exception):
+    """Base class of every error blockrag raises on purpose."""
+
+
+class UnsupportedModelError(BlockragError):
+    """The model is not a decoder-only transformer with rotary position embeddings that blockrag can re-position."""
+
+
+class ModelNotFoundError(BlockragError):
+    """A model name, alias or path could not be resolved to weights on this machine."""
+
+
+class PromptTooLongError(BlockragError):
+    """The assembled prompt does not fit the model's context window."""

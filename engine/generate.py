@@ -1,0 +1,277 @@
+"""Answering a prompt of prefix, passages and question, in full or Block-Attention mode.
+
+Full mode prefills every token. Block mode serves the prefix and passages from blocks
+(precomputed, or encoded here and reusable), re-positions them, and prefills only the question.
+Both decode with the same loop, so their outputs differ only through the prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from .blocks import BLOCK_MODES, Block, BlockMode, assemble, context_id, encode_blocks
+from .errors import BlockragError, PromptTooLongError
+from .model import DEFAULT_MODEL, LoadedModel, load_model
+from .prompt import PromptTemplate, passage_text, tokenize
+
+PrefillMode = Literal["block", "full"]
+PREFILL_MODES: tuple[PrefillMode, ...] = ("block", "full")
+
+
+class BlockMismatchError(BlockragError):
+    """A precomputed block was encoded after another prefix or in another block mode than the request's."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Greedy when ``temperature`` is 0; otherwise temperature, top-k and nucleus sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got "
+                             f"{self.temperature}, {self.top_p}, {self.top_k}")
+
+
+@dataclass
+class GenerationResult:
+    """The answer and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    block_tokens: int
+    """Prompt tokens served from blocks that existed before this call (no model work)."""
+    prefilled_tokens: int
+    """Prompt tokens that went through the model in this call (question, and any passage encoded now)."""
+    ttft_s: float
+    total_s: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class TextStream:
+    """Iterates over text deltas as they are generated; ``result`` is set once iteration ends."""
+
+    _events: Iterator[str | GenerationResult]
+    result: GenerationResult | None = field(default=None, init=False)
+
+    def __iter__(self) -> Iterator[str]:
+        for event in self._events:
+            if isinstance(event, GenerationResult):
+                self.result = event
+            else:
+                yield event
+
+
+class _Sampler:
+    def __init__(self, options: SamplingOptions, device: torch.device):
+        self.options = options
+        self.generator = None
+        if options.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        o = self.options
+        if o.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits.float() / o.temperature
+        if o.top_k:
+            kth = torch.topk(logits, min(o.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if o.top_p < 1:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cumulative - torch.softmax(sorted_logits, -1) >= o.top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator))
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of ``text`` that may still become a stop string or a multi-byte character."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class BlockEngine:
+    """A loaded model with the prompt layout and prefix blocks it answers with."""
+
+    def __init__(self, loaded: LoadedModel, *, system_prompt: str | None = None, block_mode: BlockMode = "prefix",
+                 batch_size: int = 8):
+        if block_mode not in BLOCK_MODES:
+            raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {block_mode!r}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.block_mode: BlockMode = block_mode
+        self.batch_size = batch_size
+        self.system_prompt = system_prompt
+        self.device = next(self.model.parameters()).device
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        config_eos = self.model.generation_config.eos_token_id
+        eos = config_eos if isinstance(config_eos, list) else [config_eos]
+        self.eos_ids = {int(i) for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+        self._prefixes: OrderedDict[str | None, Block] = OrderedDict()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
+                        device: str = "cpu", **kwargs) -> "BlockEngine":
+        return cls(load_model(name_or_path, dtype=dtype, device=device), **kwargs)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.loaded.fingerprint
+
+    def template(self, prefix: str | None = None) -> PromptTemplate:
+        return PromptTemplate.from_tokenizer(self.tokenizer, self.system_prompt if prefix is None else prefix)
+
+    def prefix_block(self, prefix: str | None = None) -> Block:
+        """The KV of the prompt's head (system turn and user-turn opening), computed once per prefix text."""
+        if prefix in self._prefixes:
+            self._prefixes.move_to_end(prefix)
+            return self._prefixes[prefix]
+        ids = tokenize(self.tokenizer, self.template(prefix).head)
+        block = encode_blocks(self.model, [ids])[0]
+        self._prefixes[prefix] = block
+        while len(self._prefixes) > 16:
+            self._prefixes.popitem(last=False)
+        return block
+
+    def block_context(self, prefix: str | None = None, block_mode: BlockMode | None = None) -> Block | None:
+        """What passage blocks are encoded after: the prefix block in ``prefix`` mode, nothing in ``naive``."""
+        mode = block_mode or self.block_mode
+        if mode not in BLOCK_MODES:
+            raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {mode!r}")
+        return self.prefix_block(prefix) if mode == "prefix" else None
+
+    def passage_token_ids(self, passage: str) -> list[int]:
+        """Token ids of a passage's block, tokenized on its own."""
+        return tokenize(self.tokenizer, passage_text(passage))
+
+    def encode(self, passages: Sequence[str], *, prefix: str | None = None,
+               block_mode: BlockMode | None = None) -> list[Block]:
+        """Encode passages into blocks (batched) for later :meth:`generate` calls with the same prefix and mode."""
+        past = self.block_context(prefix, block_mode)
+        return encode_blocks(self.model, [self.passage_token_ids(p) for p in passages], past, self.batch_size)
+
+    def generate(self, prefix: str | None, passages: Sequence[str | Block], question: str, *,
+                 mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: Sequence[str] | None = None) -> GenerationResult:
+        """Answer ``question`` over ``passages`` after the system prompt ``prefix`` (None: the engine's default).
+
+        Passages may be texts or precomputed blocks from :meth:`encode`.
+        """
+        events = self._run(prefix, passages, question, mode, block_mode, max_new_tokens,
+                           SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()))
+        return next(e for e in events if isinstance(e, GenerationResult))
+
+    def stream(self, prefix: str | None, passages: Sequence[str | Block], question: str, *,
+               mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop: Sequence[str] | None = None) -> TextStream:
+        """Like :meth:`generate`, yielding text deltas; the stream's ``result`` holds the counts afterwards."""
+        return TextStream(self._run(prefix, passages, question, mode, block_mode, max_new_tokens,
+                                    SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ())))
+
+    def _prefill(self, prefix: str | None, passages: Sequence[str | Block], question_ids: list[int],
+                 mode: PrefillMode, block_mode: BlockMode | None) -> tuple[DynamicCache, torch.Tensor, int, int]:
+        """Return the cache, the logits of the last prompt token, block-served and prefilled token counts."""
+        if mode not in PREFILL_MODES:
+            raise ValueError(f"mode must be one of {PREFILL_MODES}, got {mode!r}")
+        if mode == "full":
+            head_ids = torch.tensor(tokenize(self.tokenizer, self.template(prefix).head), dtype=torch.long)
+            ids = [head_ids] + [p.token_ids if isinstance(p, Block) else
+                                torch.tensor(self.passage_token_ids(p), dtype=torch.long) for p in passages]
+            ids.append(torch.tensor(question_ids, dtype=torch.long))
+            input_ids = torch.cat(ids).unsqueeze(0).to(self.device)
+            self._check_length(input_ids.shape[1])
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return cache, out.logits[0, -1], 0, input_ids.shape[1]
+        fresh_prefix = prefix not in self._prefixes
+        head = self.prefix_block(prefix)
+        past = self.block_context(prefix, block_mode)
+        expected = context_id(past.token_ids) if past is not None else ""
+        texts = [p for p in passages if not isinstance(p, Block)]
+        encoded = iter(encode_blocks(self.model, [self.passage_token_ids(t) for t in texts], past,
+                                     self.batch_size) if texts else [])
+        blocks = [next(encoded) if not isinstance(p, Block) else p for p in passages]
+        for b in blocks:
+            if b.context != expected:
+                raise BlockMismatchError(
+                    "a passage block was encoded after another prefix or block mode than this request uses; "
+                    "re-encode it with `engine.encode(passages, prefix=..., block_mode=...)` matching the request.")
+        served = sum(len(p) for p in passages if isinstance(p, Block)) + (0 if fresh_prefix else len(head))
+        total = len(head) + sum(len(b) for b in blocks) + len(question_ids)
+        self._check_length(total)
+        cache = assemble(self.model, [head, *blocks])
+        q = torch.tensor([question_ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=q, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, out.logits[0, -1], served, total - served
+
+    def _check_length(self, tokens: int) -> None:
+        if tokens >= self.max_positions:
+            raise PromptTooLongError(f"the prompt has {tokens} tokens but the model's context is "
+                                     f"{self.max_positions}; pass fewer or shorter passages.")
+
+    @torch.inference_mode()
+    def _run(self, prefix: str | None, passages: Sequence[str | Block], question: str, mode: PrefillMode,
+             block_mode: BlockMode | None, max_new_tokens: int, sampling: SamplingOptions,
+             stops: tuple[str, ...]) -> Iterator[str | GenerationResult]:
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        started = time.perf_counter()
+        question_ids = tokenize(self.tokenizer, self.template(prefix).question_text(question))
+        cache, logits, served, prefilled = self._prefill(prefix, passages, question_ids, mode, block_mode)
+        sample = _Sampler(sampling, self.device)
+        token = sample(logits)
+        ttft = time.perf_counter() - started
+        generated: list[int] = []
+        text = emitted = ""
+        finish: Literal["stop", "length"] = "length"
+        prompt_tokens = served + prefilled
+        while True:
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            visible = text[: len(text) - _held_back(text, stops)]
+            if len(visible) > len(emitted) and visible.startswith(emitted):
+                yield visible[len(emitted):]
+                emitted = visible
+            if len(generated) >= max_new_tokens or prompt_tokens + len(generated) >= self.max_positions:
+                break
+            step = torch.tensor([[token]], device=self.device)
+            logits = self.model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            token = sample(logits)
+        if len(text) > len(emitted) and text.startswith(emitted):
+            yield text[len(emitted):]
+        yield GenerationResult(text, generated, finish, prompt_tokens, served, prefilled, ttft,
+                               time.perf_counter() - started)

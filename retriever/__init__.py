@@ -1,0 +1,1 @@
+"""blockrag.retriever (see the project's issues)."""
