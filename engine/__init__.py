@@ -1,6 +1,6 @@
 """blockrag's engine: Block-Attention prefill over cached passage blocks, on a local Hugging Face model."""
 
-from .blocks import BLOCK_MODES, Block, BlockMode, assemble, context_id, encode_blocks
+from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
 from .errors import BlockragError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError
 from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationResult, PrefillMode,
                        SamplingOptions, TextStream)
@@ -10,7 +10,7 @@ from .rope import rerotate
 
 __all__ = [
     "BLOCK_MODES", "DEFAULT_MODEL", "PREFILL_MODES", "Block", "BlockEngine", "BlockMismatchError", "BlockMode",
-    "BlockragError", "GenerationResult", "LoadedModel", "ModelNotFoundError", "PrefillMode", "PromptTemplate",
+    "BlockStore", "BlockragError", "GenerationResult", "LoadedModel", "ModelNotFoundError", "PrefillMode", "PromptTemplate",
     "PromptTooLongError", "SamplingOptions", "TextStream", "UnsupportedModelError", "assemble", "blockrag_home",
-    "context_id", "encode_blocks", "load_model", "model_fingerprint", "rerotate",
+    "block_key", "context_id", "encode_blocks", "load_model", "model_fingerprint", "rerotate",
 ]

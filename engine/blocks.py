@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -54,6 +54,23 @@ def context_id(token_ids: Sequence[int] | torch.Tensor) -> str:
     """Identity of a context by its token ids (the model itself is named by its fingerprint)."""
     ids = torch.as_tensor(token_ids, dtype=torch.int64).cpu().numpy().tobytes()
     return hashlib.sha256(ids).hexdigest()[:24]
+
+
+def block_key(fingerprint: str, context: str, token_ids: Sequence[int] | torch.Tensor) -> str:
+    """Content address of a block: the model, what the block attended to, and its own tokens."""
+    return f"{fingerprint}-{context or 'naive'}-{context_id(token_ids)}"
+
+
+class BlockStore(Protocol):
+    """Where blocks persist between calls (implemented by :mod:`blockrag.kvstore`)."""
+
+    def get_many(self, keys: Sequence[str]) -> list[Block | None]:
+        """The blocks stored under ``keys``; ``None`` where missing or unusable."""
+        ...
+
+    def put(self, key: str, block: Block) -> None:
+        """Store ``block`` under ``key``."""
+        ...
 
 
 def _batch_cache(model: PreTrainedModel, past: Block | None, batch: int) -> DynamicCache:

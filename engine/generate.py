@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from .blocks import BLOCK_MODES, Block, BlockMode, assemble, context_id, encode_blocks
+from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import PromptTemplate, passage_text, tokenize
@@ -118,7 +118,7 @@ class BlockEngine:
     """A loaded model with the prompt layout and prefix blocks it answers with."""
 
     def __init__(self, loaded: LoadedModel, *, system_prompt: str | None = None, block_mode: BlockMode = "prefix",
-                 batch_size: int = 8):
+                 batch_size: int = 8, store: BlockStore | None = None):
         if block_mode not in BLOCK_MODES:
             raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {block_mode!r}")
         self.loaded = loaded
@@ -127,6 +127,7 @@ class BlockEngine:
         self.block_mode: BlockMode = block_mode
         self.batch_size = batch_size
         self.system_prompt = system_prompt
+        self.store = store
         self.device = next(self.model.parameters()).device
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         config_eos = self.model.generation_config.eos_token_id
@@ -175,6 +176,34 @@ class BlockEngine:
         past = self.block_context(prefix, block_mode)
         return encode_blocks(self.model, [self.passage_token_ids(p) for p in passages], past, self.batch_size)
 
+    def blocks(self, passages: Sequence[str | Block], *, prefix: str | None = None,
+               block_mode: BlockMode | None = None) -> tuple[list[Block], int]:
+        """Blocks for ``passages``: given ones as they are, then the store's, then encoded now (and stored).
+
+        Returns the blocks and how many of their tokens needed no model work in this call.
+        """
+        past = self.block_context(prefix, block_mode)
+        context = context_id(past.token_ids) if past is not None else ""
+        out: list[Block | None] = [p if isinstance(p, Block) else None for p in passages]
+        todo = [i for i, p in enumerate(passages) if not isinstance(p, Block)]
+        ids = {i: self.passage_token_ids(passages[i]) for i in todo}  # type: ignore[arg-type]
+        keys = {i: block_key(self.fingerprint, context, ids[i]) for i in todo}
+        if self.store is not None and todo:
+            for i, found in zip(todo, self.store.get_many([keys[i] for i in todo])):
+                out[i] = found
+        served = sum(len(b) for b in out if b is not None)
+        missing = [i for i in todo if out[i] is None]
+        for i, block in zip(missing, encode_blocks(self.model, [ids[i] for i in missing], past, self.batch_size)):
+            out[i] = block
+            if self.store is not None:
+                self.store.put(keys[i], block)
+        for b in out:
+            if b.context != context:  # type: ignore[union-attr]
+                raise BlockMismatchError(
+                    "a passage block was encoded after another prefix or block mode than this request uses; "
+                    "re-encode it with `engine.encode(passages, prefix=..., block_mode=...)` matching the request.")
+        return out, served  # type: ignore[return-value]
+
     def generate(self, prefix: str | None, passages: Sequence[str | Block], question: str, *,
                  mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -212,18 +241,8 @@ class BlockEngine:
             return cache, out.logits[0, -1], 0, input_ids.shape[1]
         fresh_prefix = prefix not in self._prefixes
         head = self.prefix_block(prefix)
-        past = self.block_context(prefix, block_mode)
-        expected = context_id(past.token_ids) if past is not None else ""
-        texts = [p for p in passages if not isinstance(p, Block)]
-        encoded = iter(encode_blocks(self.model, [self.passage_token_ids(t) for t in texts], past,
-                                     self.batch_size) if texts else [])
-        blocks = [next(encoded) if not isinstance(p, Block) else p for p in passages]
-        for b in blocks:
-            if b.context != expected:
-                raise BlockMismatchError(
-                    "a passage block was encoded after another prefix or block mode than this request uses; "
-                    "re-encode it with `engine.encode(passages, prefix=..., block_mode=...)` matching the request.")
-        served = sum(len(p) for p in passages if isinstance(p, Block)) + (0 if fresh_prefix else len(head))
+        blocks, served = self.blocks(passages, prefix=prefix, block_mode=block_mode)
+        served += 0 if fresh_prefix else len(head)
         total = len(head) + sum(len(b) for b in blocks) + len(question_ids)
         self._check_length(total)
         cache = assemble(self.model, [head, *blocks])
