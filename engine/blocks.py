@@ -123,15 +123,21 @@ def encode_blocks(
     return out  # type: ignore[return-value]
 
 
-def assemble(model: PreTrainedModel, blocks: Sequence[Block]) -> DynamicCache:
-    """One cache holding ``blocks`` back to back, each re-rotated to the positions it now occupies."""
+def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[int] | None = None) -> DynamicCache:
+    """One cache holding ``blocks``, each re-rotated to the positions it now occupies.
+
+    ``starts`` gives each block's first position (default: back to back from 0). Positions may
+    leave gaps for text prefilled afterwards: attention does not depend on the order of cache entries.
+    """
     if not blocks:
         return DynamicCache(config=model.config)
+    if starts is None:
+        starts = [sum(len(b) for b in blocks[:i]) for i in range(len(blocks))]
     device = next(model.parameters()).device
     keys = torch.cat([b.keys for b in blocks], dim=2).to(device)
     values = torch.cat([b.values for b in blocks], dim=2).to(device)
     source = torch.cat([torch.arange(b.start, b.start + len(b)) for b in blocks])
-    target = torch.arange(source.shape[0])
+    target = torch.cat([torch.arange(s, s + len(b)) for b, s in zip(blocks, starts)])
     keys = rerotate(keys, source, target, rotary_module(model))
     dtype = next(model.parameters()).dtype
     cache = DynamicCache(config=model.config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,6 +77,20 @@ class TextStream:
                 self.result = event
             else:
                 yield event
+
+
+@dataclass
+class _Prefill:
+    """The state after prefilling a prompt: its cache, the last position's logits, and token counts."""
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    served: int
+    prefilled: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.served + self.prefilled
 
 
 class _Sampler:
@@ -166,18 +180,23 @@ class BlockEngine:
             raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {mode!r}")
         return self.prefix_block(prefix) if mode == "prefix" else None
 
-    def passage_token_ids(self, passage: str) -> list[int]:
-        """Token ids of a passage's block, tokenized on its own."""
-        return tokenize(self.tokenizer, passage_text(passage))
+    def passage_token_ids(self, passage: str, exact_text: bool = False) -> list[int]:
+        """Token ids of a passage's block, tokenized on its own.
 
-    def encode(self, passages: Sequence[str], *, prefix: str | None = None,
-               block_mode: BlockMode | None = None) -> list[Block]:
+        By default the passage as the engine's own prompt lays it out (stripped, then a blank line);
+        with ``exact_text`` the text exactly as given, for prompts written by someone else.
+        """
+        return tokenize(self.tokenizer, passage if exact_text else passage_text(passage))
+
+    def encode(self, passages: Sequence[str], *, prefix: str | None = None, block_mode: BlockMode | None = None,
+               exact_text: bool = False) -> list[Block]:
         """Encode passages into blocks (batched) for later :meth:`generate` calls with the same prefix and mode."""
         past = self.block_context(prefix, block_mode)
-        return encode_blocks(self.model, [self.passage_token_ids(p) for p in passages], past, self.batch_size)
+        return encode_blocks(self.model, [self.passage_token_ids(p, exact_text) for p in passages], past,
+                             self.batch_size)
 
     def blocks(self, passages: Sequence[str | Block], *, prefix: str | None = None,
-               block_mode: BlockMode | None = None) -> tuple[list[Block], int]:
+               block_mode: BlockMode | None = None, exact_text: bool = False) -> tuple[list[Block], int]:
         """Blocks for ``passages``: given ones as they are, then the store's, then encoded now (and stored).
 
         Returns the blocks and how many of their tokens needed no model work in this call.
@@ -186,7 +205,7 @@ class BlockEngine:
         context = context_id(past.token_ids) if past is not None else ""
         out: list[Block | None] = [p if isinstance(p, Block) else None for p in passages]
         todo = [i for i, p in enumerate(passages) if not isinstance(p, Block)]
-        ids = {i: self.passage_token_ids(passages[i]) for i in todo}  # type: ignore[arg-type]
+        ids = {i: self.passage_token_ids(passages[i], exact_text) for i in todo}  # type: ignore[arg-type]
         keys = {i: block_key(self.fingerprint, context, ids[i]) for i in todo}
         if self.store is not None and todo:
             for i, found in zip(todo, self.store.get_many([keys[i] for i in todo])):
@@ -212,7 +231,7 @@ class BlockEngine:
 
         Passages may be texts or precomputed blocks from :meth:`encode`.
         """
-        events = self._run(prefix, passages, question, mode, block_mode, max_new_tokens,
+        events = self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode), max_new_tokens,
                            SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()))
         return next(e for e in events if isinstance(e, GenerationResult))
 
@@ -221,34 +240,76 @@ class BlockEngine:
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: Sequence[str] | None = None) -> TextStream:
         """Like :meth:`generate`, yielding text deltas; the stream's ``result`` holds the counts afterwards."""
-        return TextStream(self._run(prefix, passages, question, mode, block_mode, max_new_tokens,
+        return TextStream(self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode),
+                                    max_new_tokens, SamplingOptions(temperature, top_p, top_k, seed),
+                                    tuple(stop or ())))
+
+    def generate_segments(self, segments: Sequence[str | Block], *, mode: PrefillMode = "block",
+                          max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                          seed: int | None = None, stop: Sequence[str] | None = None) -> GenerationResult:
+        """Continue a prompt given as raw text pieces and blocks, in order (no chat template is added).
+
+        Text is prefilled normally, attending to everything before it; blocks are served as they are.
+        This is how a prompt written by a framework is answered with the blocks found inside it.
+        The prompt must end with text.
+        """
+        events = self._run(lambda: self._segment_prefill(segments, mode), max_new_tokens,
+                           SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()))
+        return next(e for e in events if isinstance(e, GenerationResult))
+
+    def stream_segments(self, segments: Sequence[str | Block], *, mode: PrefillMode = "block",
+                        max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                        seed: int | None = None, stop: Sequence[str] | None = None) -> TextStream:
+        """Like :meth:`generate_segments`, yielding text deltas."""
+        return TextStream(self._run(lambda: self._segment_prefill(segments, mode), max_new_tokens,
                                     SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ())))
 
-    def _prefill(self, prefix: str | None, passages: Sequence[str | Block], question_ids: list[int],
-                 mode: PrefillMode, block_mode: BlockMode | None) -> tuple[DynamicCache, torch.Tensor, int, int]:
-        """Return the cache, the logits of the last prompt token, block-served and prefilled token counts."""
-        if mode not in PREFILL_MODES:
-            raise ValueError(f"mode must be one of {PREFILL_MODES}, got {mode!r}")
+    def _rag_prefill(self, prefix: str | None, passages: Sequence[str | Block], question: str, mode: PrefillMode,
+                     block_mode: BlockMode | None) -> _Prefill:
+        question_text = self.template(prefix).question_text(question)
         if mode == "full":
-            head_ids = torch.tensor(tokenize(self.tokenizer, self.template(prefix).head), dtype=torch.long)
-            ids = [head_ids] + [p.token_ids if isinstance(p, Block) else
-                                torch.tensor(self.passage_token_ids(p), dtype=torch.long) for p in passages]
-            ids.append(torch.tensor(question_ids, dtype=torch.long))
-            input_ids = torch.cat(ids).unsqueeze(0).to(self.device)
-            self._check_length(input_ids.shape[1])
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return cache, out.logits[0, -1], 0, input_ids.shape[1]
+            texts = [p if isinstance(p, Block) else passage_text(p) for p in passages]
+            return self._segment_prefill([self.template(prefix).head, *texts, question_text], mode)
         fresh_prefix = prefix not in self._prefixes
         head = self.prefix_block(prefix)
         blocks, served = self.blocks(passages, prefix=prefix, block_mode=block_mode)
+        done = self._segment_prefill([head, *blocks, question_text], mode)
         served += 0 if fresh_prefix else len(head)
-        total = len(head) + sum(len(b) for b in blocks) + len(question_ids)
+        return _Prefill(done.cache, done.logits, served, done.prompt_tokens - served)
+
+    def _segment_prefill(self, segments: Sequence[str | Block], mode: PrefillMode) -> _Prefill:
+        """Prefill text segments over the blocks before them; in full mode, every token."""
+        if mode not in PREFILL_MODES:
+            raise ValueError(f"mode must be one of {PREFILL_MODES}, got {mode!r}")
+        pieces = [s if isinstance(s, Block) else torch.tensor(tokenize(self.tokenizer, s), dtype=torch.long)
+                  for s in segments]
+        if not pieces or isinstance(pieces[-1], Block) or len(pieces[-1]) == 0:
+            raise ValueError("a prompt must end with a text segment of at least one token")
+        lengths = [len(p) for p in pieces]
+        total = sum(lengths)
         self._check_length(total)
-        cache = assemble(self.model, [head, *blocks])
-        q = torch.tensor([question_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=q, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[0, -1], served, total - served
+        if mode == "full":
+            ids = torch.cat([p.token_ids if isinstance(p, Block) else p for p in pieces]).unsqueeze(0)
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return _Prefill(cache, out.logits[0, -1], 0, total)
+        starts = [sum(lengths[:i]) for i in range(len(pieces))]
+        blocks = [(p, s) for p, s in zip(pieces, starts) if isinstance(p, Block)]
+        texts = [(p, s) for p, s in zip(pieces, starts) if not isinstance(p, Block)]
+        cache = assemble(self.model, [b for b, _ in blocks], [s for _, s in blocks])
+        ids = torch.cat([t for t, _ in texts]).unsqueeze(0).to(self.device)
+        positions = torch.cat([torch.arange(s, s + len(t)) for t, s in texts]).to(self.device)
+        mask = None
+        if blocks and blocks[-1][1] > texts[0][1]:  # text between blocks: causal by position over all entries
+            cached = torch.cat([torch.arange(s, s + len(b)) for b, s in blocks]).to(self.device)
+            visible = torch.cat([cached, positions])[None, :] <= positions[:, None]
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(visible.shape, dtype=dtype, device=self.device)
+            mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
+        out = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), attention_mask=mask,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        served = sum(len(b) for b, _ in blocks)
+        return _Prefill(cache, out.logits[0, -1], served, total - served)
 
     def _check_length(self, tokens: int) -> None:
         if tokens >= self.max_positions:
@@ -256,14 +317,13 @@ class BlockEngine:
                                      f"{self.max_positions}; pass fewer or shorter passages.")
 
     @torch.inference_mode()
-    def _run(self, prefix: str | None, passages: Sequence[str | Block], question: str, mode: PrefillMode,
-             block_mode: BlockMode | None, max_new_tokens: int, sampling: SamplingOptions,
+    def _run(self, prefill: Callable[[], _Prefill], max_new_tokens: int, sampling: SamplingOptions,
              stops: tuple[str, ...]) -> Iterator[str | GenerationResult]:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         started = time.perf_counter()
-        question_ids = tokenize(self.tokenizer, self.template(prefix).question_text(question))
-        cache, logits, served, prefilled = self._prefill(prefix, passages, question_ids, mode, block_mode)
+        done = prefill()
+        cache, logits, served, prefilled = done.cache, done.logits, done.served, done.prefilled
         sample = _Sampler(sampling, self.device)
         token = sample(logits)
         ttft = time.perf_counter() - started
