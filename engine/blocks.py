@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .rope import rerotate, rotary_module
+from .rope import rerotation, rotary_module
 
 BlockMode = Literal["naive", "prefix"]
 BLOCK_MODES: tuple[BlockMode, ...] = ("naive", "prefix")
@@ -133,16 +133,24 @@ def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[i
         return DynamicCache(config=model.config)
     if starts is None:
         starts = [sum(len(b) for b in blocks[:i]) for i in range(len(blocks))]
-    device = next(model.parameters()).device
-    keys = torch.cat([b.keys for b in blocks], dim=2).to(device)
-    values = torch.cat([b.values for b in blocks], dim=2).to(device)
+    param = next(model.parameters())
+    layers, heads, _, dim = blocks[0].keys.shape
+    total = sum(len(b) for b in blocks)
+    keys = torch.empty(layers, 1, heads, total, dim, dtype=param.dtype, device=param.device)
+    values = torch.empty_like(keys)
+    offset = 0
+    for b in blocks:
+        keys[:, 0, :, offset:offset + len(b)] = b.keys
+        values[:, 0, :, offset:offset + len(b)] = b.values
+        offset += len(b)
     source = torch.cat([torch.arange(b.start, b.start + len(b)) for b in blocks])
     target = torch.cat([torch.arange(s, s + len(b)) for b, s in zip(blocks, starts)])
-    keys = rerotate(keys, source, target, rotary_module(model))
-    dtype = next(model.parameters()).dtype
+    if not torch.equal(source, target):
+        move = rerotation(source, target, rotary_module(model))
+        for i in range(layers):  # one layer at a time bounds the fp32 working memory
+            keys[i] = move(keys[i])
     cache = DynamicCache(config=model.config)
     for i, layer in enumerate(cache.layers):
-        k, v = keys[i].unsqueeze(0).to(dtype), values[i].unsqueeze(0).to(dtype)
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
+        layer.lazy_initialization(keys[i], values[i])
+        layer.keys, layer.values = keys[i], values[i]
     return cache

@@ -148,6 +148,7 @@ class BlockEngine:
         eos = config_eos if isinstance(config_eos, list) else [config_eos]
         self.eos_ids = {int(i) for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
         self._prefixes: OrderedDict[str | None, Block] = OrderedDict()
+        self._templates: dict[str | None, PromptTemplate] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
@@ -159,7 +160,11 @@ class BlockEngine:
         return self.loaded.fingerprint
 
     def template(self, prefix: str | None = None) -> PromptTemplate:
-        return PromptTemplate.from_tokenizer(self.tokenizer, self.system_prompt if prefix is None else prefix)
+        """The prompt layout around the passages for system prompt ``prefix`` (rendered once per prefix)."""
+        system = self.system_prompt if prefix is None else prefix
+        if system not in self._templates:
+            self._templates[system] = PromptTemplate.from_tokenizer(self.tokenizer, system)
+        return self._templates[system]
 
     def prefix_block(self, prefix: str | None = None) -> Block:
         """The KV of the prompt's head (system turn and user-turn opening), computed once per prefix text."""

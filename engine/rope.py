@@ -8,6 +8,8 @@ longrope, ...) is honoured as the model itself would apply it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -39,25 +41,33 @@ def _cos_sin(rotary: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, 
     return cos[0] / scale, sin[0] / scale
 
 
-def rerotate(keys: torch.Tensor, source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) -> torch.Tensor:
-    """Move keys rotated at ``source`` positions to ``target`` positions.
+def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that moves keys rotated at ``source`` positions to ``target`` positions.
 
-    ``keys`` is ``[..., tokens, head_dim]``; ``source`` and ``target`` are 1-D position tensors
-    with one entry per token. The rotation by the angle difference is computed in fp32 and the
-    result cast back to the keys' dtype.
+    ``source`` and ``target`` are 1-D position tensors with one entry per token; the returned
+    function takes keys ``[..., tokens, head_dim]``, rotates them by the angle difference in fp32
+    and returns them in their own dtype. The angles are computed once for many calls (one per layer).
     """
-    if source.shape != target.shape or source.shape[0] != keys.shape[-2]:
-        raise ValueError(f"need one source and one target position per token, got {tuple(source.shape)}, "
-                         f"{tuple(target.shape)} for {keys.shape[-2]} tokens")
-    if torch.equal(source, target):
-        return keys
+    if source.shape != target.shape or source.ndim != 1:
+        raise ValueError(f"need 1-D source and target positions of one length, got {tuple(source.shape)} "
+                         f"and {tuple(target.shape)}")
     cos_s, sin_s = _cos_sin(rotary, source)
     cos_t, sin_t = _cos_sin(rotary, target)
     # Angle subtraction: R(t) R(-s) = R(t - s), evaluated from each side's own angles.
-    cos = (cos_t * cos_s + sin_t * sin_s).to(keys.device)
-    sin = (sin_t * cos_s - cos_t * sin_s).to(keys.device)
+    cos = cos_t * cos_s + sin_t * sin_s
+    sin = sin_t * cos_s - cos_t * sin_s
     dim = cos.shape[-1]
-    k = keys.float()
-    rotated, passthrough = k[..., :dim], k[..., dim:]
-    rotated = rotated * cos + _rotate_half(rotated) * sin
-    return torch.cat((rotated, passthrough), dim=-1).to(keys.dtype)
+
+    def move(keys: torch.Tensor) -> torch.Tensor:
+        if keys.shape[-2] != source.shape[0]:
+            raise ValueError(f"keys hold {keys.shape[-2]} tokens but {source.shape[0]} positions were given")
+        k = keys[..., :dim].float()
+        rotated = k * cos.to(k.device) + _rotate_half(k) * sin.to(k.device)
+        return torch.cat((rotated.to(keys.dtype), keys[..., dim:]), dim=-1)
+
+    return move
+
+
+def rerotate(keys: torch.Tensor, source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) -> torch.Tensor:
+    """Keys ``[..., tokens, head_dim]`` rotated at ``source`` positions, moved to ``target`` positions."""
+    return rerotation(source, target, rotary)(keys)
