@@ -1,0 +1,179 @@
+"""The stored form of a block: safetensors bytes whose metadata carries a small JSON header.
+
+An entry is a plain safetensors file (inspect it with ``safetensors.safe_open``): tensors
+``token_ids`` (int64), ``keys`` and ``values`` in the store's dtype (for int8 also ``keys_step``,
+``keys_low``, ``values_step``, ``values_low``), and ``__metadata__["blockrag"]``, a JSON object with
+the format version, model fingerprint, context, start position, dtypes, shape and a sha256
+checksum over the header's other fields and every tensor's name, dtype, shape and bytes.
+Reading uses JSON and safetensors only, so an entry from an untrusted source cannot run code.
+
+Round-trip bounds per element ``x`` restored as ``x'`` (in the block's own dtype):
+
+- ``fp32``: exact for fp32 blocks.
+- ``bf16``: ``|x - x'| <= 2**-8 * |x|`` (round to nearest, 8 significant bits).
+- ``int8``: asymmetric 8-bit codes as in KIVI, keys per channel (one step and low per layer, head
+  and channel, over the block's tokens) and values per token (per layer, head and token, over
+  ``head_dim``): ``|x - x'| <= step / 2``, where ``step`` is the group's ``(max - min) / 255``
+  rounded up to the fp16 step stored. For SmolLM2 that is 1 byte per element plus 4 bytes of
+  value scales per token, layer and head, plus per-block key scales: about 12 KB per token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+import safetensors.torch
+import torch
+
+from blockrag.engine import Block, block_key
+
+from .errors import CorruptEntryError
+
+FORMAT_VERSION = 1
+
+StoreDtype = Literal["auto", "fp32", "bf16", "int8"]
+STORE_DTYPES: tuple[StoreDtype, ...] = ("auto", "fp32", "bf16", "int8")
+
+_FLOAT_ENCODINGS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SOURCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SCALE_DTYPES = (torch.float16, torch.float32)
+#: Below this magnitude a group's low and step fit fp16 (max 65504) with room for rounding up.
+_FP16_SAFE = 2.0**15
+_HEADER_FIELDS = {"format": int, "fingerprint": str, "context": str, "start": int, "dtype": str,
+                  "source_dtype": str, "shape": list, "checksum": str}
+
+
+def resolve_encoding(dtype: StoreDtype, block_dtype: torch.dtype) -> str:
+    """The encoding an entry gets: ``auto`` halves fp32 blocks to bf16 and keeps 16-bit blocks as they are."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"store dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    return "fp16" if block_dtype == torch.float16 else "bf16"
+
+
+def _round(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """``x`` in ``dtype``, rounded towards +inf (``up``) or -inf instead of to nearest."""
+    r = x.to(dtype)
+    off = r.float() < x if up else r.float() > x
+    return torch.where(off, torch.nextafter(r, torch.full_like(r, float("inf") if up else float("-inf"))), r)
+
+
+def quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 codes, steps and lows with ``x ~= low + code * step``, one (step, low) per slice along ``dim``.
+
+    ``low`` is rounded down and ``step`` up to their stored dtype, so the codes 0..255 cover every value.
+    """
+    x = x.float()
+    scale_dtype = torch.float16 if bool(x.abs().max() < _FP16_SAFE) else torch.float32
+    low = _round(x.amin(dim, keepdim=True), scale_dtype, up=False)
+    step = _round((x.amax(dim, keepdim=True) - low.float()) / 255, scale_dtype, up=True)
+    step = step.clamp_min(torch.finfo(scale_dtype).tiny)  # a constant group still divides safely
+    codes = ((x - low.float()) / step.float()).round_().clamp_(0, 255).to(torch.uint8)
+    return codes, step, low
+
+
+def dequantize(codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.float() * step.float() + low.float()).to(dtype)
+
+
+def _layout(header: dict) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+    """Name -> (shape, allowed dtypes) of the tensors an entry with this header must hold."""
+    layers, heads, tokens, head_dim = header["shape"]
+    shape = (layers, heads, tokens, head_dim)
+    if header["dtype"] != "int8":
+        kv = (shape, (_FLOAT_ENCODINGS[header["dtype"]],))
+        return {"token_ids": ((tokens,), (torch.int64,)), "keys": kv, "values": kv}
+    per_channel, per_token = (layers, heads, 1, head_dim), (layers, heads, tokens, 1)
+    return {"token_ids": ((tokens,), (torch.int64,)), "keys": (shape, (torch.uint8,)),
+            "values": (shape, (torch.uint8,)), "keys_step": (per_channel, _SCALE_DTYPES),
+            "keys_low": (per_channel, _SCALE_DTYPES), "values_step": (per_token, _SCALE_DTYPES),
+            "values_low": (per_token, _SCALE_DTYPES)}
+
+
+def _checksum(header: dict, tensors: dict[str, torch.Tensor]) -> str:
+    fields = {k: v for k, v in header.items() if k != "checksum"}
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy())  # the stored bytes, without a copy
+    return "sha256:" + h.hexdigest()
+
+
+def encode_entry(block: Block, fingerprint: str, dtype: StoreDtype = "auto") -> bytes:
+    """The entry bytes of ``block`` computed by the model ``fingerprint``, stored in ``dtype``."""
+    source = str(block.keys.dtype).removeprefix("torch.")
+    if source not in _SOURCE_DTYPES or block.values.dtype != block.keys.dtype:
+        raise ValueError(f"blocks are stored from float32, bfloat16 or float16 KV, got keys {block.keys.dtype} "
+                         f"and values {block.values.dtype}")
+    encoding = resolve_encoding(dtype, block.keys.dtype)
+    keys, values = block.keys.detach().cpu(), block.values.detach().cpu()
+    tensors = {"token_ids": block.token_ids.detach().cpu().to(torch.int64).contiguous()}
+    if encoding == "int8":
+        for name, x, dim in (("keys", keys, 2), ("values", values, 3)):  # KIVI: keys per channel, values per token
+            tensors[name], tensors[f"{name}_step"], tensors[f"{name}_low"] = quantize(x, dim)
+    else:
+        tensors["keys"] = keys.to(_FLOAT_ENCODINGS[encoding]).contiguous()
+        tensors["values"] = values.to(_FLOAT_ENCODINGS[encoding]).contiguous()
+    header = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "context": block.context, "start": block.start,
+              "dtype": encoding, "source_dtype": source, "shape": list(block.keys.shape)}
+    header["checksum"] = _checksum(header, tensors)
+    return safetensors.torch.save(tensors, metadata={"blockrag": json.dumps(header)})
+
+
+def read_header(data: bytes) -> dict:
+    """The JSON header of an entry, checked for its fields but not yet against the payload."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if not 0 < size <= len(data) - 8:
+        raise CorruptEntryError(f"truncated entry ({len(data)} bytes)")
+    try:
+        described = json.loads(data[8:8 + size])
+        header = json.loads(described.pop("__metadata__")["blockrag"])
+        length = 8 + size + max((t["data_offsets"][1] for t in described.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CorruptEntryError(f"not a blockrag entry: no readable header ({exc})") from None
+    if length != len(data):
+        raise CorruptEntryError(f"truncated or extended entry: {len(data)} bytes, its header describes {length}")
+    if not isinstance(header, dict) or any(not isinstance(header.get(k), t) for k, t in _HEADER_FIELDS.items()):
+        raise CorruptEntryError("not a blockrag entry: its header lacks fields")
+    if header["format"] != FORMAT_VERSION:
+        raise CorruptEntryError(f"entry format {header['format']}, this blockrag reads format {FORMAT_VERSION}")
+    valid_shape = len(header["shape"]) == 4 and all(isinstance(n, int) and n > 0 for n in header["shape"])
+    if not valid_shape or header["dtype"] not in (*_FLOAT_ENCODINGS, "int8") or \
+            header["source_dtype"] not in _SOURCE_DTYPES:
+        raise CorruptEntryError(f"unknown dtype or shape in header: {header['dtype']}, {header['source_dtype']}, "
+                                f"{header['shape']}")
+    return header
+
+
+def decode_entry(data: bytes, key: str) -> Block:
+    """The block stored in ``data`` under ``key``.
+
+    Raises :class:`CorruptEntryError` unless the header, the checksum, every tensor's shape and
+    dtype, and the key (recomputed from the header and token ids) all check out.
+    """
+    header = read_header(data)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors reports malformed bytes with several exception types
+        raise CorruptEntryError(f"unreadable safetensors payload ({type(exc).__name__}: {exc})") from None
+    if _checksum(header, tensors) != header["checksum"]:
+        raise CorruptEntryError("checksum mismatch: the entry's bytes changed after it was written")
+    layout = _layout(header)
+    found = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    if found.keys() != layout.keys() or any(found[n][0] != s or found[n][1] not in d for n, (s, d) in layout.items()):
+        raise CorruptEntryError(f"tensors {found} do not match the header's {header['dtype']} layout")
+    target = _SOURCE_DTYPES[header["source_dtype"]]
+    if header["dtype"] == "int8":
+        keys, values = (dequantize(tensors[n], tensors[f"{n}_step"], tensors[f"{n}_low"], target)
+                        for n in ("keys", "values"))
+    else:
+        keys, values = tensors["keys"].to(target), tensors["values"].to(target)
+    block = Block(tensors["token_ids"], keys, values, header["start"], header["context"])
+    stored_key = block_key(header["fingerprint"], block.context, block.token_ids)
+    if stored_key != key:
+        raise CorruptEntryError(f"foreign entry: it holds the block {stored_key}")
+    return block

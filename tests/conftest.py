@@ -1,0 +1,40 @@
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """URL of a real redis-server on loopback, private to this test session, persisting nothing."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not on PATH (Debian package redis-server); the Redis backend is untested")
+    redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install 'blockrag[redis]'")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    log = open(folder / "redis.log", "wb")
+    server = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                               "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                log.close()
+                pytest.fail(f"redis-server did not start: {(folder / 'redis.log').read_text()}")
+            time.sleep(0.05)
+    client.close()
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()
