@@ -7,6 +7,8 @@ Both decode with the same loop, so their outputs differ only through the prefill
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -17,9 +19,12 @@ import torch
 from transformers import DynamicCache
 
 from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
+from .decoding import DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import PromptTemplate, passage_text, tokenize
+
+log = logging.getLogger(__name__)
 
 PrefillMode = Literal["block", "full"]
 PREFILL_MODES: tuple[PrefillMode, ...] = ("block", "full")
@@ -149,6 +154,7 @@ class BlockEngine:
         self.eos_ids = {int(i) for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
         self._prefixes: OrderedDict[str | None, Block] = OrderedDict()
         self._templates: dict[str | None, PromptTemplate] = {}
+        self._lock = threading.RLock()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
@@ -168,15 +174,16 @@ class BlockEngine:
 
     def prefix_block(self, prefix: str | None = None) -> Block:
         """The KV of the prompt's head (system turn and user-turn opening), computed once per prefix text."""
-        if prefix in self._prefixes:
-            self._prefixes.move_to_end(prefix)
-            return self._prefixes[prefix]
-        ids = tokenize(self.tokenizer, self.template(prefix).head)
-        block = encode_blocks(self.model, [ids])[0]
-        self._prefixes[prefix] = block
-        while len(self._prefixes) > 16:
-            self._prefixes.popitem(last=False)
-        return block
+        with self._lock:  # frameworks call one engine from several threads
+            if prefix in self._prefixes:
+                self._prefixes.move_to_end(prefix)
+                return self._prefixes[prefix]
+            ids = tokenize(self.tokenizer, self.template(prefix).head)
+            block = encode_blocks(self.model, [ids])[0]
+            self._prefixes[prefix] = block
+            while len(self._prefixes) > 16:
+                self._prefixes.popitem(last=False)
+            return block
 
     def block_context(self, prefix: str | None = None, block_mode: BlockMode | None = None) -> Block | None:
         """What passage blocks are encoded after: the prefix block in ``prefix`` mode, nothing in ``naive``."""
@@ -200,6 +207,13 @@ class BlockEngine:
         return encode_blocks(self.model, [self.passage_token_ids(p, exact_text) for p in passages], past,
                              self.batch_size)
 
+    def block_keys(self, passages: Sequence[str], *, prefix: str | None = None, block_mode: BlockMode | None = None,
+                   exact_text: bool = False) -> list[str]:
+        """The store keys :meth:`blocks` uses for ``passages`` (to find or delete their stored KV)."""
+        past = self.block_context(prefix, block_mode)
+        context = context_id(past.token_ids) if past is not None else ""
+        return [block_key(self.fingerprint, context, self.passage_token_ids(p, exact_text)) for p in passages]
+
     def blocks(self, passages: Sequence[str | Block], *, prefix: str | None = None,
                block_mode: BlockMode | None = None, exact_text: bool = False) -> tuple[list[Block], int]:
         """Blocks for ``passages``: given ones as they are, then the store's, then encoded now (and stored).
@@ -214,7 +228,11 @@ class BlockEngine:
         keys = {i: block_key(self.fingerprint, context, ids[i]) for i in todo}
         if self.store is not None and todo:
             for i, found in zip(todo, self.store.get_many([keys[i] for i in todo])):
-                out[i] = found
+                # A store entry is served only if it really holds these tokens after this context.
+                if found is not None and found.context == context and found.token_ids.tolist() == ids[i]:
+                    out[i] = found
+                elif found is not None:
+                    log.warning("store entry %s holds other tokens or another context; recomputing it", keys[i])
         served = sum(len(b) for b in out if b is not None)
         missing = [i for i in todo if out[i] is None]
         for i, block in zip(missing, encode_blocks(self.model, [ids[i] for i in missing], past, self.batch_size)):
@@ -231,23 +249,29 @@ class BlockEngine:
     def generate(self, prefix: str | None, passages: Sequence[str | Block], question: str, *,
                  mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: Sequence[str] | None = None) -> GenerationResult:
+                 stop: Sequence[str] | None = None, decode: DecodeMode = "full", recycle_k: int | float = 1 / 8,
+                 stride: int = 10, dynamic_threshold: float | None = None) -> GenerationResult:
         """Answer ``question`` over ``passages`` after the system prompt ``prefix`` (None: the engine's default).
 
-        Passages may be texts or precomputed blocks from :meth:`encode`.
+        Passages may be texts or precomputed blocks from :meth:`encode`. ``decode`` picks what new
+        tokens attend to: the whole prompt (``"full"``), Recycled Attention (``"recycled"``) or
+        StreamingLLM (``"streaming"``), with ``recycle_k``, ``stride`` and ``dynamic_threshold`` as
+        :class:`DecodeOptions` describes.
         """
         events = self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode), max_new_tokens,
-                           SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()))
+                           SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()),
+                           DecodeOptions(decode, recycle_k, stride, dynamic_threshold))
         return next(e for e in events if isinstance(e, GenerationResult))
 
     def stream(self, prefix: str | None, passages: Sequence[str | Block], question: str, *,
                mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: Sequence[str] | None = None) -> TextStream:
+               stop: Sequence[str] | None = None, decode: DecodeMode = "full", recycle_k: int | float = 1 / 8,
+               stride: int = 10, dynamic_threshold: float | None = None) -> TextStream:
         """Like :meth:`generate`, yielding text deltas; the stream's ``result`` holds the counts afterwards."""
         return TextStream(self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode),
                                     max_new_tokens, SamplingOptions(temperature, top_p, top_k, seed),
-                                    tuple(stop or ())))
+                                    tuple(stop or ()), DecodeOptions(decode, recycle_k, stride, dynamic_threshold)))
 
     def generate_segments(self, segments: Sequence[str | Block], *, mode: PrefillMode = "block",
                           max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -323,7 +347,7 @@ class BlockEngine:
 
     @torch.inference_mode()
     def _run(self, prefill: Callable[[], _Prefill], max_new_tokens: int, sampling: SamplingOptions,
-             stops: tuple[str, ...]) -> Iterator[str | GenerationResult]:
+             stops: tuple[str, ...], decoding: DecodeOptions = DecodeOptions()) -> Iterator[str | GenerationResult]:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         started = time.perf_counter()
@@ -332,6 +356,8 @@ class BlockEngine:
         sample = _Sampler(sampling, self.device)
         token = sample(logits)
         ttft = time.perf_counter() - started
+        decoder = start_decoding(self.model, cache, decoding, max_new_tokens)
+        del cache, done  # a partial decoder holds its own copy of the cache
         generated: list[int] = []
         text = emitted = ""
         finish: Literal["stop", "length"] = "length"
@@ -352,9 +378,7 @@ class BlockEngine:
                 emitted = visible
             if len(generated) >= max_new_tokens or prompt_tokens + len(generated) >= self.max_positions:
                 break
-            step = torch.tensor([[token]], device=self.device)
-            logits = self.model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-            token = sample(logits)
+            token = sample(decoder.step(token))
         if len(text) > len(emitted) and text.startswith(emitted):
             yield text[len(emitted):]
         yield GenerationResult(text, generated, finish, prompt_tokens, served, prefilled, ttft,
