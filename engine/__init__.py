@@ -1,6 +1,8 @@
 """blockrag's engine: Block-Attention prefill over cached passage blocks, on a local Hugging Face model."""
 
 from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
+from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
+                       RecycledDecoding, StreamingDecoding, start_decoding)
 from .errors import BlockragError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError
 from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationResult, PrefillMode,
                        SamplingOptions, TextStream)
@@ -13,4 +15,6 @@ __all__ = [
     "BlockStore", "BlockragError", "GenerationResult", "LoadedModel", "ModelNotFoundError", "PrefillMode", "PromptTemplate",
     "PromptTooLongError", "SamplingOptions", "TextStream", "UnsupportedModelError", "assemble", "blockrag_home",
     "block_key", "context_id", "encode_blocks", "load_model", "model_fingerprint", "rerotate",
+    "DECODE_MODES", "DecodeMode", "DecodeOptions", "Decoding", "FixedStride", "FullDecoding", "QuerySimilarity",
+    "RecycledDecoding", "StreamingDecoding", "start_decoding",
 ]

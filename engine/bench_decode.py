@@ -1,0 +1,213 @@
+"""``blockrag bench decode``: speed and fidelity of Recycled Attention and StreamingLLM against full decoding.
+
+For each context length, prompts are built from real passages (Natural Questions, ``../shared/data``)
+and each is prefilled once; every strategy decodes from a shallow copy of that cache (decoding never
+writes into the prefilled tensors). Full decoding runs greedily, with end-of-sequence suppressed so
+that every run has ``--new-tokens`` steps; the other strategies are teacher-forced along its output,
+so each step compares next-token predictions in the same context: top-1 agreement and
+KL(full || strategy). Speed is decode tokens per second, the setup of a strategy's cache included.
+As the machine may be shared, the strategies take turns step by step, and every step (and setup)
+keeps its fastest time over ``--rounds`` rounds.
+
+``full_preallocated`` is a control: Recycled Attention with K covering the whole context and no full
+step after the first, i.e. full attention (exactly the logits of ``full``) over the same in-place
+storage as the partial strategies. Its speed separates what the storage saves (``full`` copies the
+whole cache at every step, as transformers' ``DynamicCache`` grows by concatenation) from what
+attending to fewer tokens saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from .decoding import DecodeOptions, RecycledDecoding, start_decoding
+from .errors import BlockragError
+from .generate import BlockEngine
+from .model import load_model, package_versions
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-dev.jsonl.gz"
+PREFIX = ("You are a helpful assistant. Using the documents given by the user, answer the question in detail: "
+          "explain what each relevant document says about it, in several sentences.")
+
+
+class BenchmarkDataError(BlockragError):
+    """A data file the benchmark reads is missing."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="model to load (alias, folder or GGUF)")
+    parser.add_argument("--contexts", default="2048,4096,8000", help="prompt lengths in tokens, comma separated")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps per strategy")
+    parser.add_argument("--recycle-k", type=float, default=1 / 8, help="K as a fraction of the context")
+    parser.add_argument("--stride", type=int, default=10, help="steps between full steps (fixed schedule)")
+    parser.add_argument("--dynamic-threshold", type=float, default=0.8,
+                        help="query cosine similarity below which a layer runs a full step (dynamic schedule); "
+                             "0.8 was calibrated on SmolLM2 with 2K-token prompts of questions 5 and 6")
+    parser.add_argument("--dynamic-stride", type=int, default=5, help="steps between query checks (dynamic)")
+    parser.add_argument("--pool-kernel", type=int, default=7, help="max-pooling of scores before the top-K")
+    parser.add_argument("--prefill", choices=("full", "block"), default="full", help="how the prompt is prefilled")
+    parser.add_argument("--prompts", type=int, default=1, help="prompts (questions) per context length")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed runs per strategy; the fastest is reported")
+    parser.add_argument("--data", type=Path, default=DATA, help="nq-open-dev.jsonl.gz (see ../shared/data/README.md)")
+
+
+def load_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise BenchmarkDataError(f"{path} is missing: this benchmark builds its prompts from the Natural Questions "
+                                 "file of the project's shared data; pass its location with --data.")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def build_prompt(engine: BlockEngine, records: list[dict], index: int, tokens: int) -> tuple[str, list[str]]:
+    """Question ``index`` and passages of the corpus (its own in the middle) filling about ``tokens`` tokens."""
+    record = records[index % len(records)]
+    template = engine.template(PREFIX)
+    gold = record["ctxs"][0]
+    gold_text = f"{gold['title']}\n{gold['text']}"
+    used = len(engine.tokenizer(template.head + template.question_text(record["question"]))["input_ids"]) + \
+        len(engine.passage_token_ids(gold_text))
+    passages: list[str] = []
+    for other in records[index + 1:] + records[:index]:
+        ctx = other["ctxs"][0]
+        text = f"{ctx['title']}\n{ctx['text']}"
+        n = len(engine.passage_token_ids(text))
+        if used + n > tokens:
+            break
+        passages.append(text)
+        used += n
+    passages.insert(len(passages) // 2, gold_text)
+    return record["question"], passages
+
+
+def _shallow_copy(cache: DynamicCache, config) -> DynamicCache:
+    """A cache over the same tensors: decoding replaces or copies them, never writes into them."""
+    copy = DynamicCache(config=config)
+    for source, layer in zip(cache.layers, copy.layers):
+        layer.lazy_initialization(source.keys, source.values)
+        layer.keys, layer.values = source.keys, source.values
+    return copy
+
+
+def _side_by_side(engine: BlockEngine, cache: DynamicCache, strategies: dict[str, DecodeOptions], first: int,
+                  steps: int, rounds: int) -> tuple[list[int], dict[str, torch.Tensor], dict[str, float],
+                                                      dict[str, float]]:
+    """Decode with every strategy in turn, one step each, so that they share the machine's conditions.
+
+    The first strategy decodes greedily from ``first`` (end of sequence suppressed), the others
+    are fed its tokens. Returns those tokens, each strategy's logits of every step, its seconds
+    (setup and each step timed separately, the fastest round of each kept) and, for Recycled
+    Attention, its share of full layer-steps.
+    """
+    eos = torch.tensor(sorted(engine.eos_ids), device=engine.device)
+    layers = engine.model.config.num_hidden_layers
+    tokens = [first]
+    logits: dict[str, list[torch.Tensor]] = {name: [] for name in strategies}
+    best = {name: [float("inf")] * (steps + 1) for name in strategies}  # setup, then each step
+    shares: dict[str, float] = {}
+
+    def timed(name: str, at: int, call):
+        started = time.perf_counter()
+        out = call()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        best[name][at] = min(best[name][at], time.perf_counter() - started)
+        return out
+
+    for round_ in range(rounds):
+        decodings = {name: timed(name, 0, lambda o=options: start_decoding(
+            engine.model, _shallow_copy(cache, engine.model.config), o, steps)) for name, options in strategies.items()}
+        for i in range(steps):
+            for name, decoding in decodings.items():
+                out = timed(name, i + 1, lambda d=decoding: d.step(tokens[i]))
+                if round_ == 0:
+                    logits[name].append(out.float())
+                    if len(tokens) == i + 1 and i + 1 < steps:
+                        tokens.append(int(out.float().index_fill(0, eos, float("-inf")).argmax()))
+        shares = {name: d.full_steps / (steps * layers) for name, d in decodings.items()
+                  if isinstance(d, RecycledDecoding)}
+        del decodings
+    return tokens, {n: torch.stack(x) for n, x in logits.items()}, {n: sum(b) for n, b in best.items()}, shares
+
+
+def fidelity(reference: torch.Tensor, logits: torch.Tensor) -> dict:
+    """Top-1 agreement with the reference's next-token predictions, and mean KL(reference || logits)."""
+    p = torch.log_softmax(reference.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    return {"top1_agreement": round(float((reference.argmax(-1) == logits.argmax(-1)).double().mean()), 4),
+            "mean_kl": round(float(kl.mean()), 5)}
+
+
+@torch.inference_mode()
+def run(args: argparse.Namespace) -> dict:
+    records = load_records(args.data)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = BlockEngine(load_model(args.model), system_prompt=PREFIX)
+    strategies = {
+        "full": DecodeOptions("full"),
+        "full_preallocated": DecodeOptions("recycled", 1.0, args.new_tokens + 1),
+        "recycled_stride": DecodeOptions("recycled", args.recycle_k, args.stride, pool_kernel=args.pool_kernel),
+        "recycled_dynamic": DecodeOptions("recycled", args.recycle_k, args.dynamic_stride, args.dynamic_threshold,
+                                          args.pool_kernel),
+        "streaming": DecodeOptions("streaming", args.recycle_k),
+    }
+    results = []
+    for c, target in enumerate(int(x) for x in args.contexts.split(",")):
+        seconds = {name: 0.0 for name in strategies}
+        logits: dict[str, list[torch.Tensor]] = {name: [] for name in strategies}
+        shares: dict[str, list[float]] = {}
+        prompts = []
+        for p in tqdm(range(args.prompts), desc=f"{target}-token prompts", leave=False):
+            question, passages = build_prompt(engine, records, c * args.prompts + p, target)
+            started = time.perf_counter()
+            done = engine._rag_prefill(None, passages, question, args.prefill, None)  # the cache, kept for reuse
+            prefill_s = time.perf_counter() - started
+            first = int(done.logits.float().index_fill(0, torch.tensor(sorted(engine.eos_ids), device=engine.device),
+                                                       float("-inf")).argmax())
+            tokens, out, s, share = _side_by_side(engine, done.cache, strategies, first, args.new_tokens,
+                                                  args.rounds)
+            for name in strategies:
+                seconds[name] += s[name]
+                logits[name].append(out[name])
+                if name in share:
+                    shares.setdefault(name, []).append(share[name])
+            prompts.append({"context_tokens": done.cache.get_seq_length(), "passages": len(passages),
+                            "question": question, "prefill_s": round(prefill_s, 2),
+                            "answer": engine.tokenizer.decode(tokens)})
+            del done
+        decoded = args.new_tokens * args.prompts
+        reference = torch.cat(logits["full"])
+        rows = {}
+        for name, options in strategies.items():
+            row = {"tokens_per_s": round(decoded / seconds[name], 3),
+                   "ms_per_token": round(1000 * seconds[name] / decoded, 1),
+                   "speedup": round(seconds["full"] / seconds[name], 3)}
+            if name != "full":
+                row["k"] = options.budget(prompts[0]["context_tokens"])
+                row.update(fidelity(reference, torch.cat(logits[name])))
+            if name in shares:
+                row["full_step_share"] = round(sum(shares[name]) / len(shares[name]), 4)
+            rows[name] = row
+        results.append({"target_tokens": target, "prompts": prompts, "strategies": rows})
+    return {
+        "benchmark": "decode", "model": args.model, "prefill": args.prefill, "new_tokens": args.new_tokens,
+        "prompts": args.prompts, "recycle_k": args.recycle_k, "stride": args.stride,
+        "dynamic_threshold": args.dynamic_threshold, "dynamic_stride": args.dynamic_stride,
+        "pool_kernel": args.pool_kernel, "rounds": args.rounds, "device": str(engine.device),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "load_average": [round(x, 2) for x in os.getloadavg()]},
+        "versions": package_versions(), "results": results,
+    }

@@ -1,0 +1,234 @@
+"""Exactness of Recycled Attention and StreamingLLM decoding on tiny random-weight models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
+
+from blockrag.engine import (BlockEngine, DecodeOptions, FixedStride, FullDecoding, LoadedModel, QuerySimilarity,
+                             RecycledDecoding, StreamingDecoding, load_model, model_fingerprint, start_decoding)
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**TINY),
+    "qwen2": lambda: Qwen2Config(**TINY, use_sliding_window=False),
+}
+PROMPT = 48
+STEPS = 12
+
+
+def tiny_model(family: str, attn: str = "sdpa"):
+    torch.manual_seed(0)
+    config = FAMILIES[family]()
+    config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(1000, 40000, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids.unsqueeze(0), past_key_values=cache, use_cache=True)
+    return cache
+
+
+@torch.inference_mode()
+def teacher_forced(model, options: DecodeOptions, prompt: torch.Tensor, answer: torch.Tensor):
+    """The decoding and the logits of each step when fed ``answer`` after ``prompt``."""
+    decoding = start_decoding(model, prefill(model, prompt), options, len(answer))
+    return decoding, [decoding.step(int(t)) for t in answer]
+
+
+def assert_same_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), f"step {step}: max difference {(x - y).abs().max().item()}"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_recycled_equals_full_when_k_covers_the_context_or_every_step_is_full(family, attn):
+    model = tiny_model(family, attn)
+    prompt, answer = random_ids(PROMPT, 1), random_ids(STEPS, 2)
+    full, reference = teacher_forced(model, DecodeOptions("full"), prompt, answer)
+    assert isinstance(full, FullDecoding)
+    for options in (DecodeOptions("recycled", recycle_k=PROMPT + STEPS, stride=5),  # K >= context
+                    DecodeOptions("recycled", recycle_k=1.0, stride=1000),  # one full step, then all partial
+                    DecodeOptions("recycled", recycle_k=3, stride=1),        # every step full
+                    DecodeOptions("recycled", recycle_k=3, stride=1, dynamic_threshold=1.0)):  # every check drifts
+        decoding, logits = teacher_forced(model, options, prompt, answer)
+        assert_same_logits(logits, reference)
+        assert model.config._attn_implementation == attn
+    # Sanity: a small recycle set with partial steps does change the logits.
+    decoding, logits = teacher_forced(model, DecodeOptions("recycled", recycle_k=3, stride=1000), prompt, answer)
+    assert decoding.full_steps == model.config.num_hidden_layers  # the first step only
+    assert not torch.equal(logits[-1], reference[-1])
+
+
+def test_streaming_equals_full_while_the_window_holds_everything():
+    model = tiny_model("llama")
+    prompt, answer = random_ids(PROMPT, 3), random_ids(STEPS, 4)
+    _, reference = teacher_forced(model, DecodeOptions("full"), prompt, answer)
+    _, logits = teacher_forced(model, DecodeOptions("streaming", recycle_k=PROMPT + STEPS), prompt, answer)
+    assert_same_logits(logits, reference)
+
+
+@torch.inference_mode()
+def test_streaming_window_keeps_sinks_and_most_recent_tokens():
+    model = tiny_model("llama")
+    prompt, answer = random_ids(PROMPT, 5), random_ids(STEPS, 6)
+    budget, sinks = 16, 4
+    decoding, _ = teacher_forced(model, DecodeOptions("streaming", recycle_k=budget, sinks=sinks), prompt, answer)
+    assert isinstance(decoding, StreamingDecoding)
+    # Layer-0 keys depend only on token and position, so the reference is the whole sequence encoded at once.
+    total = PROMPT + STEPS
+    reference = prefill(model, torch.cat([prompt, answer])).layers[0].keys
+    expected = reference[:, :, [*range(sinks), *range(total - (budget - sinks), total)]]
+    layer = decoding.layers[0]
+    window, oldest = layer.window.keys, layer.oldest
+    chronological = torch.cat([window[:, :, :sinks], window[:, :, oldest:], window[:, :, sinks:oldest]], dim=2)
+    # Tolerance: the prompt's keys come from a 48-token forward, the new tokens' from one-token forwards
+    # (different matmul shapes, so float32 rounding may differ in the last bits).
+    torch.testing.assert_close(chronological, expected, rtol=0, atol=1e-5)
+
+
+def pooled_reference(probs: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max over each token's neighbours within ``kernel // 2``, written out plainly."""
+    n, r = probs.shape[-1], kernel // 2
+    return torch.stack([probs[..., max(0, i - r): i + r + 1].amax(-1) for i in range(n)], dim=-1)
+
+
+@pytest.mark.parametrize("kernel", [1, 7])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.inference_mode()
+def test_recycle_set_is_the_top_k_of_eager_attention_scores(family, kernel):
+    model = tiny_model(family, "eager")
+    prompt, answer = random_ids(PROMPT, 7), random_ids(3, 8)
+    k = 10
+    decoding, _ = teacher_forced(model, DecodeOptions("recycled", recycle_k=k, stride=2, pool_kernel=kernel),
+                                 prompt, answer)
+    assert isinstance(decoding, RecycledDecoding)
+    # The last full step was step 2: the query of answer[2] over the prompt and answer[:3].
+    sequence = torch.cat([prompt, answer]).unsqueeze(0)
+    attentions = model(input_ids=sequence, output_attentions=True).attentions
+    heads = model.config.num_key_value_heads
+    for layer, weights in enumerate(attentions):
+        scores = weights[0, :, -1].view(heads, -1, sequence.shape[1]).amax(1)  # max over each group's query heads
+        scores = pooled_reference(scores, kernel)
+        selected = decoding.layers[layer].selected
+        assert selected.shape == (heads, k)
+        assert torch.equal(selected, selected.sort(-1).values) and len(set(selected[0].tolist())) == k
+        for head in range(heads):
+            chosen = torch.zeros(sequence.shape[1], dtype=torch.bool)
+            chosen[selected[head]] = True
+            # A valid top-K: every chosen score at least every other one. Tolerance: the engine's scores come
+            # from cached keys and a single-query softmax, the reference from one eager forward (float32).
+            assert scores[head][chosen].min() >= scores[head][~chosen].max() - 1e-6, (layer, head)
+        # The partial cache holds exactly the keys of the recycle set, then the token decoded since none.
+        full, recycled = decoding.layers[layer].full, decoding.layers[layer].recycled
+        expected = torch.stack([full.keys[0, h, selected[h]] for h in range(heads)]).unsqueeze(0)
+        assert torch.equal(recycled.keys, expected)
+
+
+def test_query_similarity_schedule_refreshes_on_drift_only():
+    schedule = QuerySimilarity(threshold=0.9, every=2)
+    a = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    b = torch.tensor([0.0, 1.0, 0.0, 0.0])
+
+    def query(direction: torch.Tensor) -> torch.Tensor:  # [1, heads, 1, head_dim], heads whose mean is `direction`
+        return torch.stack([direction + 0.5, direction - 0.5]).view(1, 2, 1, 4)
+
+    assert schedule.full_step(0, 0, query(a))          # first step: full, a becomes the anchor
+    assert not schedule.full_step(0, 1, query(b))      # not a check step
+    assert not schedule.full_step(0, 2, query(a))      # check step, query repeats
+    assert schedule.full_step(1, 2, query(b))          # another layer has no anchor yet
+    assert not schedule.full_step(0, 3, query(b))      # drifted, but not a check step
+    assert schedule.full_step(0, 4, query(b))          # check step, query changed: b becomes the anchor
+    assert not schedule.full_step(0, 6, query(b * 3))  # same direction
+    assert schedule.similarity(0, query(a)) == pytest.approx(0.0)
+
+
+def test_dynamic_schedule_on_a_model_refreshes_less_than_fixed_stride():
+    model = tiny_model("llama")
+    prompt, answer = random_ids(PROMPT, 9), random_ids(STEPS, 10)
+    layers = model.config.num_hidden_layers
+    never, _ = teacher_forced(model, DecodeOptions("recycled", recycle_k=8, stride=1, dynamic_threshold=-1.0),
+                              prompt, answer)
+    always, _ = teacher_forced(model, DecodeOptions("recycled", recycle_k=8, stride=1, dynamic_threshold=1.0),
+                               prompt, answer)
+    assert never.full_steps == layers                # cosine similarity is never below -1: first step only
+    assert always.full_steps == layers * STEPS       # distinct queries are never exactly aligned
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model("smollm2-135m").tokenizer
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_generate_with_every_decode_mode_and_prefill_mode(tokenizer, mode):
+    model = tiny_model("llama")
+    engine = BlockEngine(LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer)))
+    passages = ["The tower is 330 metres tall and was finished in 1889.", "Its designer was Gustave Eiffel."]
+    ask = dict(mode=mode, max_new_tokens=10, stop=None)
+    full = engine.generate(None, passages, "How tall is the tower?", **ask)
+    assert len(full.token_ids) == 10  # random weights: no end of sequence
+    exact = [dict(decode="recycled", recycle_k=1.0, stride=4), dict(decode="recycled", recycle_k=2, stride=1),
+             dict(decode="streaming", recycle_k=full.prompt_tokens + 10)]
+    for decode in exact:
+        assert engine.generate(None, passages, "How tall is the tower?", **ask, **decode).token_ids == full.token_ids
+    stream = engine.stream(None, passages, "How tall is the tower?", **ask, decode="recycled", recycle_k=0.25,
+                           stride=3, dynamic_threshold=0.5)
+    text = "".join(stream)
+    assert stream.result is not None and len(stream.result.token_ids) == 10 and text == stream.result.text
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.inference_mode()
+def test_other_forwards_keep_the_original_attention_and_mask_during_a_partial_step(attn):
+    model = tiny_model("llama", attn)
+    ids = random_ids(6, 13).unsqueeze(0)
+    expected = model(input_ids=ids).logits
+    during = []
+
+    class Probe(RecycledDecoding):
+        def attend(self, module, query, key, value, **kwargs):
+            if module.layer_idx == 0:  # as another thread would: a causal 6-token forward, not this decoding's
+                during.append((model.config._attn_implementation, model(input_ids=ids).logits))
+            return super().attend(module, query, key, value, **kwargs)
+
+    decoding = Probe(model, prefill(model, random_ids(PROMPT, 14)), 8, FixedStride(4), 2)
+    decoding.step(5)
+    decoding.step(6)
+    assert [name for name, _ in during] == [f"blockrag:{attn}"] * 2
+    for _, logits in during:
+        assert torch.equal(logits, expected)
+    assert model.config._attn_implementation == attn
+
+
+def test_attention_is_restored_when_a_step_fails():
+    model = tiny_model("llama")
+    decoding = start_decoding(model, prefill(model, random_ids(PROMPT, 11)), DecodeOptions("recycled"), 1)
+    decoding.step(5)
+    with pytest.raises(RuntimeError, match="cannot hold"):
+        decoding.step(6)  # beyond max_new_tokens
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_budget_and_option_validation():
+    assert DecodeOptions("recycled").budget(8000) == 1000
+    assert DecodeOptions("recycled", recycle_k=0.1).budget(15) == 2
+    assert DecodeOptions("recycled", recycle_k=300).budget(8000) == 300
+    for bad in (dict(mode="sparse"), dict(recycle_k=0), dict(recycle_k=1.5), dict(recycle_k=True),
+                dict(stride=0), dict(mode="streaming", dynamic_threshold=0.9),
+                dict(mode="recycled", dynamic_threshold=2.0), dict(pool_kernel=4)):
+        with pytest.raises(ValueError):
+            DecodeOptions(**bad)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="sink"):
+        start_decoding(model, prefill(model, random_ids(PROMPT, 12)), DecodeOptions("streaming", recycle_k=4), 4)
