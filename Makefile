@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbmake notebooks
 
 clean:
 	rm -rf $(VENV)

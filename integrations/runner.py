@@ -1,0 +1,220 @@
+"""Running a framework's prompt on the engine: generation options, usage, and async without blocking.
+
+Shared by the LlamaIndex and LangChain adapters, which only translate their frameworks' types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, BlockragError, PrefillMode, blockrag_home
+
+from .matching import BlockUse, Passage, PassageIndex, PromptPlan, plan_prompt
+
+T = TypeVar("T")
+
+
+class GenerationTimeoutError(BlockragError, TimeoutError):
+    """Generation ran past the caller's ``timeout``."""
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Per-call decoding settings (greedy when ``temperature`` is 0)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    timeout_s: float | None = None
+    """Wall-clock limit for the whole call; checked between generated tokens."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    """Prompt tokens served from blocks that were already in the store (no model work)."""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_openai(self) -> dict:
+        """The usage dict in OpenAI's layout, which LlamaIndex's token counters read."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens, "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished answer with what it cost and which passages were served as blocks."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    blocks: list[BlockUse] = field(default_factory=list)
+    ttft_s: float = 0.0
+    """Time to first token, including finding the passages and loading their blocks."""
+    total_s: float = 0.0
+
+    @property
+    def reused_ids(self) -> list[str]:
+        """Ids of the passages whose blocks came from the store, in prompt order."""
+        return [b.id for b in self.blocks if b.from_store and b.id is not None]
+
+    def report(self) -> dict:
+        """A JSON-ready summary, put by the adapters into their responses' metadata."""
+        return {"usage": self.usage.as_openai(), "reused_ids": self.reused_ids,
+                "blocks": [{"id": b.id, "tokens": b.tokens, "from_store": b.from_store} for b in self.blocks],
+                "ttft_s": round(self.ttft_s, 4), "total_s": round(self.total_s, 4)}
+
+
+@dataclass
+class ReuseReport:
+    """The LLM calls made for one query, and what they served from blocks."""
+
+    completions: list[Completion] = field(default_factory=list)
+
+    def add(self, completion: Completion) -> None:
+        self.completions.append(completion)
+
+    @property
+    def reused_ids(self) -> list[str]:
+        """Ids of passages served from stored blocks in any of the calls, first use first."""
+        return list(dict.fromkeys(i for c in self.completions for i in c.reused_ids))
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(*(sum(getattr(c.usage, f) for c in self.completions)
+                       for f in ("prompt_tokens", "completion_tokens", "cached_tokens")))
+
+
+class PromptRunner:
+    """Answers finished prompts with the engine, serving the passages found in them as blocks.
+
+    ``passages`` are the passages known for content matching (added to by ingestion or by the
+    caller); hints passed per call are tried first.
+    """
+
+    def __init__(self, engine: BlockEngine, passages: PassageIndex | None = None):
+        self.engine = engine
+        self.passages = passages if passages is not None else PassageIndex()
+
+    def plan(self, prompt: str, hints: Sequence[Passage] = ()) -> PromptPlan:
+        return plan_prompt(self.engine, prompt, hints, self.passages)
+
+    def hints_for(self, ids: Iterable[str]) -> list[Passage]:
+        """Known passages for explicit ids; unknown ids are skipped (they can only fall back to prefill)."""
+        return [p for p in self.passages.get(ids) if p is not None]
+
+    def stream(self, prompt: str, *, hints: Sequence[Passage] = (), mode: PrefillMode = "block",
+               options: GenerationOptions = GenerationOptions()) -> Iterator[tuple[str, Completion | None]]:
+        """Yield ``(delta, None)`` pairs; the last pair carries the :class:`Completion` (its delta may be "")."""
+        started = time.perf_counter()
+        plan = self.plan(prompt, hints) if mode == "block" else PromptPlan([prompt], [])
+        planned_s = time.perf_counter() - started
+        stream = self.engine.stream_segments(
+            plan.segments, mode=mode, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+            top_p=options.top_p, top_k=options.top_k, seed=options.seed, stop=options.stop)
+        deltas = iter(stream)
+        pending: str | None = None
+        try:
+            for delta in deltas:
+                if options.timeout_s is not None and time.perf_counter() - started > options.timeout_s:
+                    raise GenerationTimeoutError(
+                        f"generation ran past timeout={options.timeout_s}s; raise the timeout or lower max_tokens.")
+                if pending is not None:
+                    yield pending, None
+                pending = delta
+        finally:
+            deltas.close()  # type: ignore[attr-defined]  # stops decoding when the caller stops early
+        r = stream.result
+        assert r is not None
+        usage = Usage(r.prompt_tokens, r.completion_tokens, plan.cached_tokens)
+        yield pending or "", Completion(r.text, r.finish_reason, usage, plan.blocks, planned_s + r.ttft_s,
+                                        time.perf_counter() - started)
+
+    def complete(self, prompt: str, **kwargs) -> Completion:
+        """Like :meth:`stream`, returning only the finished :class:`Completion`."""
+        *_, (_, done) = self.stream(prompt, **kwargs)
+        assert done is not None
+        return done
+
+
+def index_nodes(index: Any) -> list[Any]:
+    """Every passage (:class:`blockrag.retriever.Node`) of a blockrag index, document by document."""
+    return [node for doc_id in index.document_ids() for node in index.document_nodes(doc_id)]
+
+
+def index_passages(index: Any) -> PassageIndex:
+    """A blockrag index's passages, for content matching and for resolving node IDs given as hints."""
+    return PassageIndex(Passage.of(node.text, node.id) for node in index_nodes(index))
+
+
+@functools.lru_cache(maxsize=4)
+def shared_engine(model: str = DEFAULT_MODEL, store: str | None = None) -> BlockEngine:
+    """One engine per (model, store) in this process, so that adapters built by name share weights and store.
+
+    ``store`` is a folder or ``redis://`` URL opened with :func:`blockrag.kvstore.open_store`;
+    ``None`` is the folder ``kv`` under :func:`blockrag.engine.blockrag_home`.
+    """
+    from blockrag.kvstore import open_store
+
+    return BlockEngine.from_pretrained(model, store=open_store(store or blockrag_home() / "kv"))
+
+
+async def aiter_in_thread(make: Callable[[], Iterable[T]]) -> AsyncIterator[T]:
+    """Iterate ``make()`` in a worker thread, handing items to the event loop through a queue.
+
+    Leaving the async iteration early stops the worker at its next item.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def put(kind: str, item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+        except RuntimeError:  # the loop closed while the worker ran: nobody is listening any more
+            cancelled.set()
+
+    def pump() -> None:
+        iterator = iter(make())
+        try:
+            for item in iterator:
+                if cancelled.is_set():
+                    break
+                put("item", item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side, which re-raises it
+            put("error", exc)
+            return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+        put("done", None)
+
+    context = contextvars.copy_context()
+    worker = threading.Thread(target=context.run, args=(pump,), name="blockrag-stream", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, item = await queue.get()
+            if kind == "error":
+                raise item  # type: ignore[misc]
+            if kind == "done":
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        cancelled.set()
