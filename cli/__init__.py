@@ -15,7 +15,13 @@ from pathlib import Path
 #: benchmark name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "ttft": ("blockrag.engine.bench_ttft", "time to first token: full prefill against Block-Attention"),
+    "decode": ("blockrag.engine.bench_decode", "decode speed and fidelity: Recycled Attention, StreamingLLM, full"),
+    "ingest": ("blockrag.retriever.bench", "ingestion: whole pipeline against bare model forward, re-run cost"),
+    "store": ("blockrag.kvstore.bench", "block store: bytes per token, load throughput, TTFT from disk"),
 }
+
+#: the module behind ``blockrag ingest`` and ``blockrag query``
+RETRIEVER_COMMANDS = "blockrag.retriever.commands"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -41,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="answer a few questions over bundled passages in block and full mode")
     demo.add_argument("--model", default="smollm2-135m")
     demo.set_defaults(handler=lambda args: importlib.import_module("blockrag.cli.demo").run(args))
+    ingest = commands.add_parser("ingest", help="index documents (.txt, .md, .jsonl) and store their passages' KV")
+    ingest.add_argument("paths", nargs="+", metavar="PATH", help="files, or folders searched recursively")
+    ingest.add_argument("--index", required=True, metavar="DIR", help="index folder (created if needed)")
+    ingest.add_argument("--model", help="LLM for a new index (default smollm2-135m); an existing index keeps its own")
+    ingest.add_argument("--chunk-tokens", type=int, help="passage length in LLM tokens for a new index (default 200)")
+    ingest.add_argument("--vector-index", choices=("flat", "hnsw"), help="FAISS index for a new index (default flat)")
+    ingest.add_argument("--batch-passages", type=int, default=32, help="passages per committed batch")
+    ingest.set_defaults(handler=lambda args: importlib.import_module(RETRIEVER_COMMANDS).ingest_command(args))
+    query = commands.add_parser("query", help="answer a question over an index, printing passages used and TTFT")
+    query.add_argument("index", metavar="DIR")
+    query.add_argument("question")
+    query.add_argument("--top-k", type=int, default=5)
+    query.add_argument("--mode", choices=("block", "full"), default="block")
+    query.add_argument("--model", help="where to load the index's LLM from (default: as recorded in the index)")
+    query.add_argument("--max-new-tokens", type=int, default=128)
+    query.set_defaults(handler=lambda args: importlib.import_module(RETRIEVER_COMMANDS).query_command(args))
     return parser
 
 

@@ -1,0 +1,76 @@
+"""Retrieval by node ID, and answering a question over the passages retrieved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blockrag.engine import BlockEngine, GenerationResult, LoadedModel, PrefillMode, load_model
+
+from .embedding import Embedder
+from .errors import IndexMismatchError
+from .index import Index, Node
+
+
+class Retriever:
+    """Finds the passages of an index nearest to a query in the index's embedding space."""
+
+    def __init__(self, index: Index, embedder: Embedder | None = None):
+        embedder = embedder or Embedder(index.config.embedding_model)
+        if embedder.dimension != index.config.dimension:
+            raise IndexMismatchError(
+                f"the index in {index.folder} holds {index.config.dimension}-dimensional vectors of "
+                f"{index.config.embedding_model!r}, but {embedder.name!r} makes {embedder.dimension}-dimensional ones; "
+                "retrieve with the index's own embedding model.")
+        self.index = index
+        self.embedder = embedder
+
+    def retrieve(self, query: str, top_k: int = 5) -> list[tuple[str, float]]:
+        """Up to ``top_k`` (node ID, cosine similarity) pairs, best first; see :meth:`Index.node`."""
+        return self.index.search(self.embedder.embed([query]), top_k)[0]
+
+
+def load_engine(index: Index, model: str | None = None, *, loaded: LoadedModel | None = None,
+                **kwargs) -> BlockEngine:
+    """The LLM an index was built with, its prompt and block mode, serving blocks from the index's KV store.
+
+    ``model`` overrides where the LLM is loaded from, and ``loaded`` reuses a model already in
+    memory; either must still be the index's model. ``kwargs`` go to :class:`BlockEngine`.
+    """
+    config = index.config
+    loaded = loaded or load_model(model or config.model)
+    engine = BlockEngine(loaded, system_prompt=config.system_prompt, block_mode=config.block_mode, store=index.kv,
+                         **kwargs)
+    if engine.fingerprint != config.fingerprint:
+        raise IndexMismatchError(
+            f"the index in {index.folder} was built with the LLM {config.model!r} (fingerprint {config.fingerprint}), "
+            f"but {model or config.model!r} loads as {engine.fingerprint}: its stored KV would not apply. Load the "
+            "index's model with --model, or ingest the documents again into a new folder with this one.")
+    return engine
+
+
+@dataclass
+class Answer:
+    """An answer and the passages it was given, with their retrieval scores."""
+
+    question: str
+    result: GenerationResult
+    passages: list[tuple[Node, float]]
+
+    @property
+    def text(self) -> str:
+        return self.result.text.strip()
+
+
+def answer(retriever: Retriever, engine: BlockEngine, question: str, *, top_k: int = 5,
+           mode: PrefillMode = "block", max_new_tokens: int = 128, **sampling) -> Answer:
+    """Retrieve ``top_k`` passages and answer over them, best first in the prompt.
+
+    In block mode the passages' KV comes from ``engine.store`` (see :func:`load_engine`) and only
+    the question is prefilled; in full mode the whole prompt is.
+    """
+    hits = retriever.retrieve(question, top_k)
+    nodes = retriever.index.nodes([node_id for node_id, _ in hits])
+    result = engine.generate(None, [n.text for n in nodes], question, mode=mode, max_new_tokens=max_new_tokens,
+                             **sampling)
+    scores = dict(hits)
+    return Answer(question, result, [(n, scores[n.id]) for n in nodes])
