@@ -207,12 +207,22 @@ class BlockEngine:
         return encode_blocks(self.model, [self.passage_token_ids(p, exact_text) for p in passages], past,
                              self.batch_size)
 
+    def _context(self, prefix: str | None, block_mode: BlockMode | None) -> tuple[Block | None, str]:
+        """The block passages are encoded after, and its :func:`context_id` (``""`` for naive blocks)."""
+        past = self.block_context(prefix, block_mode)
+        return past, context_id(past.token_ids) if past is not None else ""
+
+    def token_block_keys(self, token_lists: Sequence[Sequence[int]], *, prefix: str | None = None,
+                         block_mode: BlockMode | None = None) -> list[str]:
+        """The store keys of blocks of these token lists, encoded after ``prefix`` in ``block_mode``."""
+        _, context = self._context(prefix, block_mode)
+        return [block_key(self.fingerprint, context, ids) for ids in token_lists]
+
     def block_keys(self, passages: Sequence[str], *, prefix: str | None = None, block_mode: BlockMode | None = None,
                    exact_text: bool = False) -> list[str]:
         """The store keys :meth:`blocks` uses for ``passages`` (to find or delete their stored KV)."""
-        past = self.block_context(prefix, block_mode)
-        context = context_id(past.token_ids) if past is not None else ""
-        return [block_key(self.fingerprint, context, self.passage_token_ids(p, exact_text)) for p in passages]
+        return self.token_block_keys([self.passage_token_ids(p, exact_text) for p in passages], prefix=prefix,
+                                     block_mode=block_mode)
 
     def blocks(self, passages: Sequence[str | Block], *, prefix: str | None = None,
                block_mode: BlockMode | None = None, exact_text: bool = False) -> tuple[list[Block], int]:
@@ -220,12 +230,11 @@ class BlockEngine:
 
         Returns the blocks and how many of their tokens needed no model work in this call.
         """
-        past = self.block_context(prefix, block_mode)
-        context = context_id(past.token_ids) if past is not None else ""
+        past, context = self._context(prefix, block_mode)
         out: list[Block | None] = [p if isinstance(p, Block) else None for p in passages]
         todo = [i for i, p in enumerate(passages) if not isinstance(p, Block)]
         ids = {i: self.passage_token_ids(passages[i], exact_text) for i in todo}  # type: ignore[arg-type]
-        keys = {i: block_key(self.fingerprint, context, ids[i]) for i in todo}
+        keys = dict(zip(todo, self.token_block_keys([ids[i] for i in todo], prefix=prefix, block_mode=block_mode)))
         if self.store is not None and todo:
             for i, found in zip(todo, self.store.get_many([keys[i] for i in todo])):
                 # A store entry is served only if it really holds these tokens after this context.

@@ -15,7 +15,7 @@ from typing import Any
 from blockrag.engine import DEFAULT_MODEL, BlockEngine, PrefillMode
 
 from . import MissingExtraError
-from .matching import Passage, PassageIndex, block_keys, render_chat
+from .matching import Passage, PassageIndex, render_chat
 from .runner import Completion, GenerationOptions, PromptRunner, ReuseReport, aiter_in_thread, shared_engine
 
 try:
@@ -237,7 +237,7 @@ class BlockKVPrecomputer(TransformComponent):
             passages = [_node_passage(n) for n in batch]
             texts = [p.text for p in passages]
             engine.blocks(texts)  # in the engine's layout, the text and a blank line: as prompts list passages
-            for node, key in zip(batch, block_keys(engine, [engine.passage_token_ids(t) for t in texts])):
+            for node, key in zip(batch, engine.block_keys(texts)):
                 node.metadata[BLOCK_KEY_METADATA] = key
                 for excluded in (node.excluded_embed_metadata_keys, node.excluded_llm_metadata_keys):
                     if BLOCK_KEY_METADATA not in excluded:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from blockrag.engine import Block, BlockEngine, block_key, context_id
+from blockrag.engine import Block, BlockEngine
 from blockrag.engine.prompt import PASSAGE_SEPARATOR
 
 ANCHOR_CHARS = 32
@@ -121,13 +121,6 @@ def locate(prompt: str, hints: Sequence[Passage] = (), index: PassageIndex | Non
     return out
 
 
-def block_keys(engine: BlockEngine, token_lists: Sequence[Sequence[int]]) -> list[str]:
-    """Store keys of the blocks of these token lists in the engine's block context (prefix and block mode)."""
-    past = engine.block_context()
-    context = context_id(past.token_ids) if past is not None else ""
-    return [block_key(engine.fingerprint, context, ids) for ids in token_lists]
-
-
 @dataclass(frozen=True)
 class BlockUse:
     """A passage served as a block: its id (when known), token count, and whether the store already had it."""
@@ -160,7 +153,7 @@ def plan_prompt(engine: BlockEngine, prompt: str, hints: Sequence[Passage] = (),
     matches = locate(prompt, hints, index)
     texts = list(dict.fromkeys(prompt[m.start:m.end] for m in matches))
     token_ids = [engine.passage_token_ids(t, exact_text=True) for t in texts]
-    keys = block_keys(engine, token_ids)
+    keys = engine.token_block_keys(token_ids)
     found = engine.store.get_many(keys) if engine.store is not None and texts else [None] * len(texts)
     # A stored block is used only if it holds exactly these tokens: a wrong entry cannot change the input.
     stored = [b if b is not None and b.token_ids.tolist() == ids else None for b, ids in zip(found, token_ids)]

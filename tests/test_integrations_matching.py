@@ -17,7 +17,7 @@ from blockrag.engine import BlockEngine, LoadedModel, load_model, model_fingerpr
 from blockrag.engine.prompt import passage_text
 from blockrag.integrations import (GenerationOptions, GenerationTimeoutError, MissingExtraError, Passage, PassageIndex,
                                    PromptRunner, ReuseReport)
-from blockrag.integrations.matching import ANCHOR_CHARS, block_keys, locate, plan_prompt, render_chat
+from blockrag.integrations.matching import ANCHOR_CHARS, locate, plan_prompt, render_chat
 from blockrag.integrations.runner import aiter_in_thread, shared_engine
 
 ALPHA = "The Larkspur Observatory stands on Mount Tamsin in northern Wales and opened in 1962."
@@ -127,8 +127,8 @@ def test_stale_hints_change_nothing(engine):
 def test_blocks_stored_at_ingestion_are_served_by_content(engine):
     engine.blocks([ALPHA, BETA])  # what ingestion does: the engine's layout, passage then blank line
     stored = set(engine.store.blocks)
-    assert stored == set(block_keys(engine, [engine.passage_token_ids(passage_text(p), exact_text=True)
-                                             for p in (ALPHA, BETA)]))
+    assert stored == set(engine.token_block_keys([engine.passage_token_ids(passage_text(p), exact_text=True)
+                                                  for p in (ALPHA, BETA)]))
     runner = PromptRunner(engine, PassageIndex([Passage(ALPHA, "a"), Passage(BETA, "b"), Passage(GAMMA, "g")]))
     done = runner.complete(prompt_of(ALPHA, BETA, GAMMA), options=GenerationOptions(max_new_tokens=4))
     a, b, g = done.blocks
@@ -141,7 +141,7 @@ def test_blocks_stored_at_ingestion_are_served_by_content(engine):
 
 
 def test_a_wrong_stored_block_is_never_served(engine):
-    (key,) = block_keys(engine, [engine.passage_token_ids(ALPHA)])
+    (key,) = engine.token_block_keys([engine.passage_token_ids(ALPHA)])
     engine.store.put(key, engine.blocks([BETA])[0][0])  # a faulty store: BETA's block under ALPHA's key
     plan = plan_prompt(engine, prompt_of(ALPHA, GAMMA), [Passage(ALPHA, "a")])
     assert model_input(engine, plan.segments) == prompt_of(ALPHA, GAMMA)
