@@ -22,7 +22,7 @@ from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_k
 from .decoding import DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
-from .prompt import PromptTemplate, passage_text, tokenize
+from .prompt import PASSAGE_SEPARATOR, PromptTemplate, passage_text, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,14 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+def _layout(head: str | Block, passages: Sequence[str | Block], question: str) -> list[str | Block]:
+    """The engine's prompt as segments: head, each passage followed by a blank line, then the question."""
+    segments: list[str | Block] = [head]
+    for p in passages:
+        segments += [p, PASSAGE_SEPARATOR]
+    return [*segments, question]
+
+
 class BlockEngine:
     """A loaded model with the prompt layout and prefix blocks it answers with."""
 
@@ -195,8 +203,8 @@ class BlockEngine:
     def passage_token_ids(self, passage: str, exact_text: bool = False) -> list[int]:
         """Token ids of a passage's block, tokenized on its own.
 
-        By default the passage as the engine's own prompt lays it out (stripped, then a blank line);
-        with ``exact_text`` the text exactly as given, for prompts written by someone else.
+        By default the passage as the engine's own prompt quotes it (stripped); with ``exact_text``
+        the text exactly as given.
         """
         return tokenize(self.tokenizer, passage if exact_text else passage_text(passage))
 
@@ -307,11 +315,11 @@ class BlockEngine:
         question_text = self.template(prefix).question_text(question)
         if mode == "full":
             texts = [p if isinstance(p, Block) else passage_text(p) for p in passages]
-            return self._segment_prefill([self.template(prefix).head, *texts, question_text], mode)
+            return self._segment_prefill(_layout(self.template(prefix).head, texts, question_text), mode)
         fresh_prefix = prefix not in self._prefixes
         head = self.prefix_block(prefix)
         blocks, served = self.blocks(passages, prefix=prefix, block_mode=block_mode)
-        done = self._segment_prefill([head, *blocks, question_text], mode)
+        done = self._segment_prefill(_layout(head, blocks, question_text), mode)
         served += 0 if fresh_prefix else len(head)
         return _Prefill(done.cache, done.logits, served, done.prompt_tokens - served)
 

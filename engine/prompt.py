@@ -52,8 +52,11 @@ class PromptTemplate:
 
 
 def passage_text(passage: str) -> str:
-    """The exact text a passage block encodes: the passage and the separator that follows it."""
-    return passage.strip() + PASSAGE_SEPARATOR
+    """The exact text a passage block encodes: the passage alone, so that any prompt quoting it can reuse it.
+
+    The separator after each passage is prompt text, prefilled with the question.
+    """
+    return passage.strip()
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

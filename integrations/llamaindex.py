@@ -236,7 +236,7 @@ class BlockKVPrecomputer(TransformComponent):
             batch = [n for n in batch if _node_passage(n).text]
             passages = [_node_passage(n) for n in batch]
             texts = [p.text for p in passages]
-            engine.blocks(texts)  # in the engine's layout, the text and a blank line: as prompts list passages
+            engine.blocks(texts)  # each passage's exact text: found wherever a prompt quotes it
             for node, key in zip(batch, engine.block_keys(texts)):
                 node.metadata[BLOCK_KEY_METADATA] = key
                 for excluded in (node.excluded_embed_metadata_keys, node.excluded_llm_metadata_keys):

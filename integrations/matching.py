@@ -1,9 +1,10 @@
 """Content matching: find passages inside a prompt written by a framework and serve them as blocks.
 
 LlamaIndex and LangChain hand the LLM one finished prompt in which the passage boundaries are
-gone. A passage is served from its block only where its exact text is found in that prompt, so a
-stale or wrong hint can never change what the model reads: at worst a passage is prefilled like
-any other text. Everything around the passages (template, question, separators) is prefilled.
+gone. A passage is served from its stored block only where its exact text is found in that
+prompt, so a stale or wrong hint can never change what the model reads: at worst a passage is
+prefilled like any other text. Everything else (template, question, separators, passages with
+no stored block) is prefilled.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from blockrag.engine import Block, BlockEngine
-from blockrag.engine.prompt import PASSAGE_SEPARATOR
 
 ANCHOR_CHARS = 32
 """Passages are searched for by their first this many characters; shorter ones match only as hints."""
@@ -34,7 +34,7 @@ class Passage:
 
 @dataclass(frozen=True)
 class Match:
-    """A passage found at ``prompt[start:end]``; the span includes the blank line after it when there is one."""
+    """A passage found at ``prompt[start:end]``."""
 
     start: int
     end: int
@@ -93,9 +93,7 @@ class PassageIndex:
 def locate(prompt: str, hints: Sequence[Passage] = (), index: PassageIndex | None = None) -> list[Match]:
     """Where passages sit in ``prompt``: hinted passages first, then known ones in the gaps between them.
 
-    A span takes the blank line that follows its passage when the prompt has one, which is the
-    engine's own passage layout (so blocks stored at ingestion are found). A passage at the very
-    end of the prompt is left to prefill: generation needs text after the last block.
+    A passage at the very end of the prompt is left to prefill: generation needs text after the last block.
     """
     spans: list[Match] = []
     for hint in hints:
@@ -112,22 +110,15 @@ def locate(prompt: str, hints: Sequence[Passage] = (), index: PassageIndex | Non
         gaps = zip([0] + [m.end for m in spans], [m.start for m in spans] + [len(prompt)])
         spans += [m for lo, hi in list(gaps) for m in index.find(prompt, lo, hi)]
     spans.sort(key=lambda m: m.start)
-    out = []
-    for m in spans:
-        if prompt.startswith(PASSAGE_SEPARATOR, m.end):
-            m = Match(m.start, m.end + len(PASSAGE_SEPARATOR), m.passage)
-        if m.end < len(prompt):
-            out.append(m)
-    return out
+    return [m for m in spans if m.end < len(prompt)]
 
 
 @dataclass(frozen=True)
 class BlockUse:
-    """A passage served as a block: its id (when known), token count, and whether the store already had it."""
+    """A passage served from its stored block: its id (when known) and token count."""
 
     id: str | None
     tokens: int
-    from_store: bool
 
 
 @dataclass
@@ -139,38 +130,32 @@ class PromptPlan:
 
     @property
     def cached_tokens(self) -> int:
-        """Prompt tokens served from blocks that were in the store before this call."""
-        return sum(b.tokens for b in self.blocks if b.from_store)
+        """Prompt tokens served from stored blocks."""
+        return sum(b.tokens for b in self.blocks)
 
 
 def plan_prompt(engine: BlockEngine, prompt: str, hints: Sequence[Passage] = (),
                 index: PassageIndex | None = None) -> PromptPlan:
-    """Cut ``prompt`` at the passages found in it and fetch their blocks (encoding and storing missing ones).
+    """Cut ``prompt`` at the passages found in it whose blocks are stored; the rest stays text to prefill.
 
-    Blocks are keyed by their exact text, so a passage followed by a blank line in the prompt is
-    served by the block ingestion stored for it in the engine's own layout.
+    Blocks are keyed by their exact text, which is what ingestion stores for each passage, so a
+    passage is served wherever a prompt quotes it, whatever surrounds it.
     """
-    matches = locate(prompt, hints, index)
+    matches = locate(prompt, hints, index) if engine.store is not None else []
     texts = list(dict.fromkeys(prompt[m.start:m.end] for m in matches))
     token_ids = [engine.passage_token_ids(t, exact_text=True) for t in texts]
-    keys = engine.token_block_keys(token_ids)
-    found = engine.store.get_many(keys) if engine.store is not None and texts else [None] * len(texts)
+    found = engine.store.get_many(engine.token_block_keys(token_ids)) if texts else []
     # A stored block is used only if it holds exactly these tokens: a wrong entry cannot change the input.
-    stored = [b if b is not None and b.token_ids.tolist() == ids else None for b, ids in zip(found, token_ids)]
-    blocks = list(stored)
-    missing = [i for i, b in enumerate(blocks) if b is None]
-    for i, block in zip(missing, engine.encode([texts[i] for i in missing], exact_text=True)):
-        blocks[i] = block
-        if engine.store is not None:
-            engine.store.put(keys[i], block)
-    by_text = {t: (b, s is not None) for t, b, s in zip(texts, blocks, stored)}
+    by_text = {t: b for t, b, ids in zip(texts, found, token_ids) if b is not None and b.token_ids.tolist() == ids}
     segments: list[str | Block] = []
     uses: list[BlockUse] = []
     at = 0
     for m in matches:
-        block, from_store = by_text[prompt[m.start:m.end]]
+        block = by_text.get(prompt[m.start:m.end])
+        if block is None:
+            continue
         segments += [prompt[at:m.start], block] if m.start > at else [block]
-        uses.append(BlockUse(m.passage.id, len(block), from_store))
+        uses.append(BlockUse(m.passage.id, len(block)))
         at = m.end
     segments.append(prompt[at:])
     return PromptPlan(segments, uses)

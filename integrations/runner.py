@@ -71,12 +71,12 @@ class Completion:
     @property
     def reused_ids(self) -> list[str]:
         """Ids of the passages whose blocks came from the store, in prompt order."""
-        return [b.id for b in self.blocks if b.from_store and b.id is not None]
+        return [b.id for b in self.blocks if b.id is not None]
 
     def report(self) -> dict:
         """A JSON-ready summary, put by the adapters into their responses' metadata."""
         return {"usage": self.usage.as_openai(), "reused_ids": self.reused_ids,
-                "blocks": [{"id": b.id, "tokens": b.tokens, "from_store": b.from_store} for b in self.blocks],
+                "blocks": [{"id": b.id, "tokens": b.tokens} for b in self.blocks],
                 "ttft_s": round(self.ttft_s, 4), "total_s": round(self.total_s, 4)}
 
 

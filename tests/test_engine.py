@@ -14,6 +14,7 @@ from blockrag.engine import (Block, BlockEngine, BlockMismatchError, LoadedModel
                              model_fingerprint, rerotate)
 from blockrag.engine.model import check_supported
 from blockrag.engine.rope import rotary_module
+from blockrag.engine.prompt import PASSAGE_SEPARATOR
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
@@ -144,7 +145,8 @@ def _reference_rotate(keys, shift, config):
 
 
 def test_prefix_mode_equals_independent_reference(tiny_engine):
-    """Each passage prefilled after the prefix by the stock model, moved by a hand-written RoPE, then the question."""
+    """Each passage prefilled after the prefix by the stock model and moved by a hand-written RoPE; the blank line
+    after each passage and the question prefilled by the stock model over everything before them."""
     engine, model = tiny_engine, tiny_engine.model
     passages = ["Alpha passage about the river and the town.", "Beta: a second passage, somewhat longer than the first.",
                 "Gamma."]
@@ -154,8 +156,7 @@ def test_prefix_mode_equals_independent_reference(tiny_engine):
         head = engine.prefix_block().token_ids
         full = DynamicCache(config=model.config)
         model.model(input_ids=head[None], past_key_values=full, use_cache=True)
-        per_layer_k = [[layer.keys[0]] for layer in full.layers]
-        per_layer_v = [[layer.values[0]] for layer in full.layers]
+        separator = torch.tensor(engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"])
         offset = len(head)
         for text in passages:
             ids = torch.tensor(engine.passage_token_ids(text))
@@ -163,15 +164,13 @@ def test_prefix_mode_equals_independent_reference(tiny_engine):
             model.model(input_ids=torch.cat([head, ids])[None], past_key_values=c, use_cache=True)
             shift = torch.full((len(ids),), offset - len(head))
             for i, layer in enumerate(c.layers):
-                per_layer_k[i].append(_reference_rotate(layer.keys[0, :, len(head):], shift, model.config))
-                per_layer_v[i].append(layer.values[0, :, len(head):])
-            offset += len(ids)
-        cache = DynamicCache(config=model.config)
-        for i in range(len(per_layer_k)):
-            cache.update(torch.cat(per_layer_k[i], 1)[None], torch.cat(per_layer_v[i], 1)[None], i)
+                full.update(_reference_rotate(layer.keys[:, :, len(head):], shift, model.config),
+                            layer.values[:, :, len(head):], i)
+            model.model(input_ids=separator[None], past_key_values=full, use_cache=True)  # sees all before it
+            offset += len(ids) + len(separator)
         q = torch.tensor(engine.tokenizer(engine.template().question_text(question),
                                           add_special_tokens=False)["input_ids"])[None]
-        expected = model(input_ids=q, past_key_values=cache, use_cache=True).logits[0, -1]
+        expected = model(input_ids=q, past_key_values=full, use_cache=True).logits[0, -1]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
@@ -210,7 +209,7 @@ def test_full_mode_greedy_equals_hf_generate(smollm, passages, question):
     template = engine.template()
     ids = engine.tokenizer(template.head, add_special_tokens=False)["input_ids"]
     for p in passages:
-        ids += engine.passage_token_ids(p)
+        ids += engine.passage_token_ids(p) + engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"]
     ids += engine.tokenizer(template.question_text(question), add_special_tokens=False)["input_ids"]
     assert result.prompt_tokens == len(ids)
     with torch.no_grad():
@@ -226,9 +225,9 @@ def test_counts_stream_and_stop_strings(smollm):
     passages = ["The Velloran language is spoken by roughly 12,000 people on the island of Tesk."]
     blocks = engine.encode(passages)
     first = engine.generate(None, blocks, "How many people speak Velloran?", max_new_tokens=20)
-    question_tokens = len(engine.tokenizer(engine.template().question_text("How many people speak Velloran?"),
-                                           add_special_tokens=False)["input_ids"])
-    assert first.prefilled_tokens == question_tokens
+    question_tokens = len(engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"] + engine.tokenizer(
+        engine.template().question_text("How many people speak Velloran?"), add_special_tokens=False)["input_ids"])
+    assert first.prefilled_tokens == question_tokens  # the blank line after the passage, and the question
     assert first.block_tokens == len(blocks[0]) + len(engine.prefix_block())
     stream = engine.stream(None, blocks, "How many people speak Velloran?", max_new_tokens=20)
     deltas = list(stream)

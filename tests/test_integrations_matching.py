@@ -14,7 +14,6 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from blockrag.engine import BlockEngine, LoadedModel, load_model, model_fingerprint
-from blockrag.engine.prompt import passage_text
 from blockrag.integrations import (GenerationOptions, GenerationTimeoutError, MissingExtraError, Passage, PassageIndex,
                                    PromptRunner, ReuseReport)
 from blockrag.integrations.matching import ANCHOR_CHARS, locate, plan_prompt, render_chat
@@ -94,12 +93,12 @@ def test_index_finds_known_passages_leftmost_and_longest():
     assert len("Too short.") < ANCHOR_CHARS and not index.find("Too short. Too short.")
 
 
-def test_locate_prefers_hints_takes_the_blank_line_and_leaves_the_last_passage_to_prefill():
+def test_locate_prefers_hints_and_leaves_the_last_passage_to_prefill():
     prompt = prompt_of(ALPHA, BETA, GAMMA)
     index = PassageIndex([Passage(ALPHA, "indexed-a"), Passage(GAMMA, "g")])
     found = locate(prompt, [Passage(ALPHA, "hint-a"), Passage(BETA, "b"), Passage("not in the prompt", "stale")], index)
     assert [(prompt[m.start:m.end], m.passage.id) for m in found] == [
-        (ALPHA + "\n\n", "hint-a"), (BETA + "\n\n", "b"), (GAMMA, "g")]
+        (ALPHA, "hint-a"), (BETA, "b"), (GAMMA, "g")]
     assert locate("Context: " + ALPHA, [Passage(ALPHA, "a")]) == []  # nothing after it: generation needs text
 
 
@@ -108,36 +107,40 @@ def test_locate_prefers_hints_takes_the_blank_line_and_leaves_the_last_passage_t
     [Passage(ALPHA[:40], "partial")], [Passage(ALPHA, "a"), Passage(ALPHA[10:60], "overlapping")]])
 def test_the_model_reads_exactly_the_prompt_whatever_the_hints(engine, hints):
     prompt = prompt_of(ALPHA, BETA, GAMMA)
+    engine.blocks([GAMMA, BETA])
     index = PassageIndex([Passage(GAMMA, "g")])
     plan = plan_prompt(engine, prompt, hints, index)
     assert model_input(engine, plan.segments) == prompt
-    assert any(not isinstance(s, str) for s in plan.segments)  # GAMMA, known to the index, is always a block
+    assert [u.id for u in plan.blocks] == (["b", "g"] if hints[:1] == [Passage(BETA, "b")] else ["g"])
 
 
 def test_stale_hints_change_nothing(engine):
     runner = PromptRunner(engine, PassageIndex([Passage(BETA, "b")]))
     prompt = prompt_of(ALPHA, BETA, GAMMA)
     options = GenerationOptions(max_new_tokens=8)
-    runner.complete(prompt, options=options)  # stores BETA's block, so both calls below read it
+    engine.blocks([BETA])
     plain = runner.complete(prompt, options=options)
     stale = runner.complete(prompt, hints=[Passage(ALPHA.replace("1962", "1963"), "a")], options=options)
     assert stale.text == plain.text and stale.usage == plain.usage and stale.blocks == plain.blocks
 
 
-def test_blocks_stored_at_ingestion_are_served_by_content(engine):
-    engine.blocks([ALPHA, BETA])  # what ingestion does: the engine's layout, passage then blank line
+def test_blocks_stored_at_ingestion_are_served_by_content_and_nothing_else_is(engine):
+    engine.blocks([ALPHA, BETA])  # what ingestion does: each passage's exact text
     stored = set(engine.store.blocks)
-    assert stored == set(engine.token_block_keys([engine.passage_token_ids(passage_text(p), exact_text=True)
+    assert stored == set(engine.token_block_keys([engine.passage_token_ids(p, exact_text=True)
                                                   for p in (ALPHA, BETA)]))
     runner = PromptRunner(engine, PassageIndex([Passage(ALPHA, "a"), Passage(BETA, "b"), Passage(GAMMA, "g")]))
-    done = runner.complete(prompt_of(ALPHA, BETA, GAMMA), options=GenerationOptions(max_new_tokens=4))
-    a, b, g = done.blocks
-    assert (a.id, a.from_store, b.id, b.from_store, g.id, g.from_store) == ("a", True, "b", True, "g", False)
-    assert done.usage.cached_tokens == a.tokens + b.tokens == sum(len(engine.store.blocks[k]) for k in stored)
+    prompt = prompt_of(ALPHA, BETA, GAMMA)
+    done = runner.complete(prompt, options=GenerationOptions(max_new_tokens=4))
+    assert [(u.id, u.tokens) for u in done.blocks] == [("a", len(engine.passage_token_ids(ALPHA))),
+                                                       ("b", len(engine.passage_token_ids(BETA)))]
+    assert done.usage.cached_tokens == sum(len(engine.store.blocks[k]) for k in stored)
     assert done.reused_ids == ["a", "b"]
-    again = runner.complete(prompt_of(ALPHA, BETA, GAMMA), options=GenerationOptions(max_new_tokens=4))
-    assert [u.from_store for u in again.blocks] == [True, True, True]  # GAMMA was stored on first use
-    assert again.text == done.text and again.usage.prompt_tokens == done.usage.prompt_tokens
+    again = runner.complete(prompt, options=GenerationOptions(max_new_tokens=4))
+    assert set(engine.store.blocks) == stored  # GAMMA, known but not stored, was prefilled, not stored
+    assert again.text == done.text and again.blocks == done.blocks
+    engine.blocks([GAMMA])  # the last passage is followed by the template's rule, not a blank line: still served
+    assert [u.id for u in plan_prompt(engine, prompt, (), runner.passages).blocks] == ["a", "b", "g"]
 
 
 def test_a_wrong_stored_block_is_never_served(engine):
@@ -145,7 +148,7 @@ def test_a_wrong_stored_block_is_never_served(engine):
     engine.store.put(key, engine.blocks([BETA])[0][0])  # a faulty store: BETA's block under ALPHA's key
     plan = plan_prompt(engine, prompt_of(ALPHA, GAMMA), [Passage(ALPHA, "a")])
     assert model_input(engine, plan.segments) == prompt_of(ALPHA, GAMMA)
-    assert [(u.id, u.from_store) for u in plan.blocks] == [("a", False)]
+    assert plan.blocks == [] and plan.segments == [prompt_of(ALPHA, GAMMA)]
 
 
 def test_full_mode_prefills_everything_and_streams_the_same_text(engine):
