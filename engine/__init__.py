@@ -1,6 +1,7 @@
 """blockrag's engine: Block-Attention prefill over cached passage blocks, on a local Hugging Face model."""
 
-from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
+from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, StoppingCache, assemble, block_key, context_id,
+                     encode_blocks, write_kv)
 from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
                        RecycledDecoding, StreamingDecoding, start_decoding)
 from .errors import BlockragError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError
@@ -14,7 +15,7 @@ __all__ = [
     "BLOCK_MODES", "DEFAULT_MODEL", "PREFILL_MODES", "Block", "BlockEngine", "BlockMismatchError", "BlockMode",
     "BlockStore", "BlockragError", "GenerationResult", "LoadedModel", "ModelNotFoundError", "PrefillMode", "PromptTemplate",
     "PromptTooLongError", "SamplingOptions", "TextStream", "UnsupportedModelError", "assemble", "blockrag_home",
-    "block_key", "context_id", "encode_blocks", "load_model", "model_fingerprint", "rerotate",
+    "block_key", "context_id", "encode_blocks", "StoppingCache", "write_kv", "load_model", "model_fingerprint", "rerotate",
     "DECODE_MODES", "DecodeMode", "DecodeOptions", "Decoding", "FixedStride", "FullDecoding", "QuerySimilarity",
     "RecycledDecoding", "StreamingDecoding", "start_decoding",
 ]

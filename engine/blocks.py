@@ -73,12 +73,45 @@ class BlockStore(Protocol):
         ...
 
 
-def _batch_cache(model: PreTrainedModel, past: Block | None, batch: int) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
+class _KVWritten(Exception):
+    """Ends a forward pass once the layers whose KV was asked for have written it."""
+
+
+class StoppingCache(DynamicCache):
+    """A cache that ends the forward pass as soon as layer ``last_layer`` has written its KV.
+
+    Encoding a block needs only the KV: the last layer's attention output, MLP, final norm and
+    LM head would be computed for nothing. Use it through :func:`write_kv`.
+    """
+
+    def __init__(self, config, last_layer: int):
+        super().__init__(config=config)
+        self.last_layer = last_layer
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self.last_layer:
+            raise _KVWritten
+        return out
+
+
+def write_kv(model: PreTrainedModel, cache: StoppingCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None = None) -> None:
+    """Append the KV of ``input_ids`` to ``cache`` for layers up to its ``last_layer``, computing nothing after."""
+    try:
+        model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                    past_key_values=cache, use_cache=True)
+    except _KVWritten:
+        return
+    raise RuntimeError(f"{type(model).__name__} never wrote KV of layer {cache.last_layer}")
+
+
+def _batch_cache(model: PreTrainedModel, past: Block | None, batch: int) -> StoppingCache:
+    cache = StoppingCache(model.config, model.config.num_hidden_layers - 1)
     if past is not None:
         for i in range(past.keys.shape[0]):
-            cache.update(past.keys[i].unsqueeze(0).expand(batch, -1, -1, -1),
-                         past.values[i].unsqueeze(0).expand(batch, -1, -1, -1), i)
+            DynamicCache.update(cache, past.keys[i].unsqueeze(0).expand(batch, -1, -1, -1),
+                                past.values[i].unsqueeze(0).expand(batch, -1, -1, -1), i)
     return cache
 
 
@@ -92,7 +125,8 @@ def encode_blocks(
     """Encode each token list as an independent block, optionally after a shared ``past`` block.
 
     Lists are batched by similar length and right-padded: under causal attention no real token
-    attends to the padding after it, so padding changes nothing. Only the base model runs (no LM head).
+    attends to the padding after it, so padding changes nothing. The model runs only until the last
+    layer's KV is written (no attention output or MLP in that layer, no LM head).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -113,7 +147,7 @@ def encode_blocks(
             ids[row, : lengths[row]] = torch.as_tensor(list(token_lists[i]), dtype=torch.long)
         cache = _batch_cache(model, past, len(idx))
         positions = torch.arange(start, start + width, device=device).unsqueeze(0).expand(len(idx), -1)
-        model.model(input_ids=ids.to(device), past_key_values=cache, position_ids=positions, use_cache=True)
+        write_kv(model, cache, ids.to(device), positions)
         keys = torch.stack([layer.keys[:, :, start:] for layer in cache.layers], dim=1)
         values = torch.stack([layer.values[:, :, start:] for layer in cache.layers], dim=1)
         for row, i in enumerate(idx):
