@@ -39,6 +39,8 @@ STORE_DTYPES: tuple[StoreDtype, ...] = ("auto", "fp32", "bf16", "int8")
 _FLOAT_ENCODINGS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SOURCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SCALE_DTYPES = (torch.float16, torch.float32)
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                       torch.uint8: "U8"}
 #: Below this magnitude a group's low and step fit fp16 (max 65504) with room for rounding up.
 _FP16_SAFE = 2.0**15
 _HEADER_FIELDS = {"format": int, "fingerprint": str, "context": str, "start": int, "dtype": str,
@@ -121,7 +123,26 @@ def encode_entry(block: Block, fingerprint: str, dtype: StoreDtype = "auto") -> 
     header = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "context": block.context, "start": block.start,
               "dtype": encoding, "source_dtype": source, "shape": list(block.keys.shape)}
     header["checksum"] = _checksum(header, tensors)
-    return safetensors.torch.save(tensors, metadata={"blockrag": json.dumps(header)})
+    return _safetensors_bytes(tensors, {"blockrag": json.dumps(header)})
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``safetensors.torch.save`` in one copy of the tensor bytes (ingestion writes gigabytes of entries).
+
+    The layout: little-endian u64 header length, JSON header padded with spaces to 8 bytes, then
+    each tensor's bytes back to back in the order of the header's offsets.
+    """
+    described: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        described[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                           "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    head = json.dumps(described, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return b"".join([len(head).to_bytes(8, "little"), head,
+                     *(tensors[name].contiguous().view(-1).view(torch.uint8).numpy() for name in sorted(tensors))])
 
 
 def read_header(data: bytes) -> dict:

@@ -1,8 +1,9 @@
 """One pass over the passages that both embeds them into the index and stores their KV blocks.
 
 Work is planned from what the index and the block store already hold, so running it again does
-no model work for passages already there, and a run stopped part-way resumes where it stopped:
-each batch's KV is stored and its passages committed before the next batch starts.
+no model work for passages already there, and a run stopped part-way resumes where it stopped.
+A batch's KV is stored on a background thread while the model encodes the next batch, and its
+passages are committed once their KV is stored.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from blockrag.engine import DEFAULT_MODEL, BlockEngine
@@ -45,10 +48,10 @@ class IngestReport:
     encoded_tokens: int
     seconds: float
     kv_seconds: float
-    """Spent computing and storing KV."""
+    """Spent computing KV (storing it overlaps with the next batch's forward)."""
     embed_seconds: float
     write_seconds: float
-    """Spent committing passages and vectors."""
+    """Spent waiting for KV writes to finish and committing passages and vectors."""
 
     @property
     def model_work(self) -> bool:
@@ -133,6 +136,25 @@ def _storing_into(engine: BlockEngine, store: KVStore) -> Iterator[None]:
         engine.store = previous
 
 
+@dataclass
+class _Commit:
+    """A batch whose KV is being stored in the background, and its passages to commit after."""
+
+    puts: list[Future]
+    fresh: list[Node]
+    vectors: np.ndarray | None
+    passages: int
+
+    def finish(self, index: Index) -> float:
+        """Wait for the KV writes (raising their error, if any), then commit; seconds spent."""
+        started = time.perf_counter()
+        for put in self.puts:
+            put.result()
+        if self.fresh:
+            index.add(self.fresh, self.vectors)
+        return time.perf_counter() - started
+
+
 def _ingest(documents: list[Document], index: Index, engine: BlockEngine, embedder: Embedder | None,
             batch_passages: int, progress: bool, started: float) -> IngestReport:
     stale: list[str] = []
@@ -157,26 +179,37 @@ def _ingest(documents: list[Document], index: Index, engine: BlockEngine, embedd
     todo = sorted((n for n in wanted if n.id in new_ids or n.kv_key in missing_kv), key=lambda n: n.tokens)
     encoded = encoded_tokens = 0
     kv_s = embed_s = write_s = 0.0
-    with tqdm(total=len(todo), desc="ingesting", unit="passage", disable=not progress or not todo) as bar:
-        for lo in range(0, len(todo), batch_passages):
-            batch = todo[lo:lo + batch_passages]
-            t0 = time.perf_counter()
-            to_encode = {n.kv_key: n for n in batch if n.kv_key in missing_kv}
-            if to_encode:
-                engine.blocks([n.text for n in to_encode.values()])  # encodes the missing blocks and stores them
-                missing_kv -= to_encode.keys()
+    writing: _Commit | None = None
+    with tqdm(total=len(todo), desc="ingesting", unit="passage", disable=not progress or not todo) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockrag-ingest") as writer:
+        try:
+            for lo in range(0, len(todo), batch_passages):
+                batch = todo[lo:lo + batch_passages]
+                t0 = time.perf_counter()
+                to_encode = list({n.kv_key: n for n in batch if n.kv_key in missing_kv}.values())
+                blocks = engine.encode([n.text for n in to_encode])
+                missing_kv -= {n.kv_key for n in to_encode}
                 encoded += len(to_encode)
-                encoded_tokens += sum(n.tokens for n in to_encode.values())
-            t1 = time.perf_counter()
-            fresh = [n for n in batch if n.id in new_ids]
-            if fresh:
-                embedder = embedder or Embedder(index.config.embedding_model)
-                vectors = embedder.embed([n.text for n in fresh])
-            t2 = time.perf_counter()
-            if fresh:
-                index.add(fresh, vectors)
-            kv_s, embed_s, write_s = kv_s + t1 - t0, embed_s + t2 - t1, write_s + time.perf_counter() - t2
-            bar.update(len(batch))
+                encoded_tokens += sum(n.tokens for n in to_encode)
+                t1 = time.perf_counter()
+                fresh = [n for n in batch if n.id in new_ids]
+                if fresh:
+                    embedder = embedder or Embedder(index.config.embedding_model)
+                    vectors = embedder.embed([n.text for n in fresh])
+                t2 = time.perf_counter()
+                if writing is not None:
+                    done, writing = writing, None
+                    write_s += done.finish(index)
+                    bar.update(done.passages)
+                # This batch's KV is written while the next batch's forward runs; its passages are
+                # committed only once their KV is stored, so an index never lists a passage it cannot serve.
+                writing = _Commit([writer.submit(index.kv.put, n.kv_key, b) for n, b in zip(to_encode, blocks)],
+                                  fresh, vectors if fresh else None, len(batch))
+                kv_s, embed_s = kv_s + t1 - t0, embed_s + t2 - t1
+        finally:  # a batch already encoded is stored and committed even when a later one fails
+            if writing is not None:
+                write_s += writing.finish(index)
+                bar.update(writing.passages)
     t0 = time.perf_counter()
     index.save()
     write_s += time.perf_counter() - t0

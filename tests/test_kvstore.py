@@ -16,6 +16,7 @@ from pathlib import Path
 
 import diskcache
 import pytest
+import safetensors.torch
 import torch
 
 from blockrag.engine import Block, BlockEngine, LoadedModel, assemble, block_key, load_model
@@ -70,6 +71,22 @@ def int8_bound(x: torch.Tensor, dim: int) -> torch.Tensor:
 def test_fp32_entry_round_trips_exactly():
     block = make_block(0)
     assert_same_block(decode_entry(encode_entry(block, MODEL, "fp32"), key_of(block)), block)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_entries_are_standard_safetensors_files(tmp_path, dtype):
+    block = make_block(5)
+    data = encode_entry(block, MODEL, dtype)
+    assert int.from_bytes(data[:8], "little") % 8 == 0  # tensor data starts 8-byte aligned, as safetensors writes
+    (tmp_path / "entry.safetensors").write_bytes(data)
+    with safetensors.safe_open(tmp_path / "entry.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["blockrag"])["dtype"] == dtype
+        assert torch.equal(f.get_tensor("token_ids"), block.token_ids)
+        stored = {name: f.get_tensor(name) for name in f.keys()}
+    again = safetensors.torch.load(safetensors.torch.save(stored))
+    assert stored.keys() == again.keys() and all(torch.equal(stored[n], again[n]) for n in stored)
+    if dtype == "fp32":
+        assert torch.equal(stored["keys"], block.keys) and torch.equal(stored["values"], block.values)
 
 
 def test_bf16_entry_is_within_bf16_rounding():
