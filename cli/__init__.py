@@ -22,6 +22,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 #: the module behind ``blockrag ingest`` and ``blockrag query``
 RETRIEVER_COMMANDS = "blockrag.retriever.commands"
+#: the module behind ``blockrag eval``
+EVALUATE = "blockrag.retriever.evaluate"
+#: the module behind ``blockrag finetune``
+FINETUNE = "blockrag.retriever.finetune"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -31,6 +35,27 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    module = importlib.import_module(EVALUATE)
+    try:
+        result = module.run(args)
+    except KeyboardInterrupt:
+        where = module.results_path(args)
+        print(f"\nstopped; the answers so far are in {where}: run the same command again to resume"
+              if where else "\nstopped (pass --json or --results to keep answers for a later run to resume)",
+              file=sys.stderr)
+        return 130
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+        print(result["table"])
+        print(f"\nwritten to {args.json}")
+    else:
+        print(text)
     return 0
 
 
@@ -63,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--model", help="where to load the index's LLM from (default: as recorded in the index)")
     query.add_argument("--max-new-tokens", type=int, default=128)
     query.set_defaults(handler=lambda args: importlib.import_module(RETRIEVER_COMMANDS).query_command(args))
+    evaluate = commands.add_parser("eval", help="answer NQ-open questions in several modes; accuracy, tokens, TTFT")
+    evaluate.add_argument("--json", metavar="OUT.json", help="write the result here (and per-question results "
+                          "beside it, as OUT.results.jsonl, resumed by a later run)")
+    importlib.import_module(EVALUATE).add_arguments(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+    tune = commands.add_parser("finetune", help="train a LoRA adapter under the Block-Attention mask on QA questions")
+    importlib.import_module(FINETUNE).add_arguments(tune)
+    tune.set_defaults(handler=lambda args: importlib.import_module(FINETUNE).finetune_command(args))
     return parser
 
 

@@ -9,6 +9,7 @@ from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, Generatio
                        SamplingOptions, TextStream)
 from .model import DEFAULT_MODEL, LoadedModel, blockrag_home, load_model, model_fingerprint
 from .prompt import PromptTemplate
+from .recovery import Recovery
 from .rope import rerotate
 
 __all__ = [
@@ -17,5 +18,5 @@ __all__ = [
     "PromptTooLongError", "SamplingOptions", "TextStream", "UnsupportedModelError", "assemble", "blockrag_home",
     "block_key", "context_id", "encode_blocks", "StoppingCache", "write_kv", "load_model", "model_fingerprint", "rerotate",
     "DECODE_MODES", "DecodeMode", "DecodeOptions", "Decoding", "FixedStride", "FullDecoding", "QuerySimilarity",
-    "RecycledDecoding", "StreamingDecoding", "start_decoding",
+    "RecycledDecoding", "StreamingDecoding", "start_decoding", "Recovery",
 ]

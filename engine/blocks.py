@@ -157,6 +157,34 @@ def encode_blocks(
     return out  # type: ignore[return-value]
 
 
+SegmentKind = Literal["block", "text"]
+
+
+def block_attention_mask(segments: Sequence[tuple[int, SegmentKind]], dtype: torch.dtype = torch.float32,
+                         context: int = 0) -> torch.Tensor:
+    """The Block-Attention mask over one contiguous sequence, as an additive ``[1, 1, T, T]`` tensor.
+
+    ``"block"`` segments attend causally to themselves and to the first ``context`` tokens only (0 for
+    naive blocks, the prompt head's length for prefix blocks); ``"text"`` segments attend causally
+    to everything before them. At contiguous positions this is exactly what assembled naive blocks
+    compute (prefix blocks: see :mod:`blockrag.engine.finetune`); exactness tests and block
+    fine-tuning share this one definition.
+    """
+    total = sum(n for n, _ in segments)
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    pos = 0
+    for n, kind in segments:
+        if kind not in ("block", "text"):
+            raise ValueError(f"segment kind must be 'block' or 'text', got {kind!r}")
+        rows = slice(pos, pos + n)
+        allowed[rows, (pos if kind == "block" else 0): pos + n] = True
+        if kind == "block":
+            allowed[rows, :context] = True
+        pos += n
+    allowed &= torch.ones(total, total, dtype=torch.bool).tril()
+    return torch.zeros(total, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[int] | None = None) -> DynamicCache:
     """One cache holding ``blocks``, each re-rotated to the positions it now occupies.
 

@@ -15,3 +15,15 @@ class ModelNotFoundError(BlockragError):
 
 class PromptTooLongError(BlockragError):
     """The assembled prompt does not fit the model's context window."""
+
+
+class AdapterNotFoundError(BlockragError):
+    """A LoRA adapter folder is missing or holds no adapter saved as safetensors."""
+
+
+class AdapterMismatchError(BlockragError):
+    """A LoRA adapter was trained for another base model than the one it is applied to."""
+
+
+class ExtraNotInstalledError(BlockragError, ImportError):
+    """A feature needs an optional dependency group (an extra) that is not installed."""

@@ -23,6 +23,7 @@ from .decoding import DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import PASSAGE_SEPARATOR, PromptTemplate, passage_text, tokenize
+from .recovery import Recovery, drop_stale, positions_to_recompute
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ class GenerationResult:
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     block_tokens: int
-    """Prompt tokens served from blocks that existed before this call (no model work)."""
+    """Prompt tokens served from blocks that existed before this call (no model work), less any recomputed."""
     prefilled_tokens: int
-    """Prompt tokens that went through the model in this call (question, and any passage encoded now)."""
+    """Prompt tokens that went through the model in this call (question, any passage encoded now, and any
+    block token recomputed in context by a :class:`Recovery`)."""
     ttft_s: float
     total_s: float
 
@@ -86,12 +88,16 @@ class TextStream:
 
 @dataclass
 class _Prefill:
-    """The state after prefilling a prompt: its cache, the last position's logits, and token counts."""
+    """The state after prefilling a prompt: its cache, the last position's logits, and token counts.
+
+    ``recomputed`` counts the tokens of each block (in prompt order) that a :class:`Recovery` recomputed.
+    """
 
     cache: DynamicCache
     logits: torch.Tensor
     served: int
     prefilled: int
+    recomputed: tuple[int, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:
@@ -133,7 +139,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-def _layout(head: str | Block, passages: Sequence[str | Block], question: str) -> list[str | Block]:
+def prompt_layout(head: str | Block, passages: Sequence[str | Block], question: str) -> list[str | Block]:
     """The engine's prompt as segments: head, each passage followed by a blank line, then the question."""
     segments: list[str | Block] = [head]
     for p in passages:
@@ -238,6 +244,12 @@ class BlockEngine:
 
         Returns the blocks and how many of their tokens needed no model work in this call.
         """
+        out, reused = self._blocks(passages, prefix, block_mode, exact_text)
+        return out, sum(len(b) for b, r in zip(out, reused) if r)
+
+    def _blocks(self, passages: Sequence[str | Block], prefix: str | None, block_mode: BlockMode | None,
+                exact_text: bool) -> tuple[list[Block], list[bool]]:
+        """:meth:`blocks`, telling for each block whether it existed before this call (given or stored)."""
         past, context = self._context(prefix, block_mode)
         out: list[Block | None] = [p if isinstance(p, Block) else None for p in passages]
         todo = [i for i, p in enumerate(passages) if not isinstance(p, Block)]
@@ -250,7 +262,7 @@ class BlockEngine:
                     out[i] = found
                 elif found is not None:
                     log.warning("store entry %s holds other tokens or another context; recomputing it", keys[i])
-        served = sum(len(b) for b in out if b is not None)
+        reused = [b is not None for b in out]
         missing = [i for i in todo if out[i] is None]
         for i, block in zip(missing, encode_blocks(self.model, [ids[i] for i in missing], past, self.batch_size)):
             out[i] = block
@@ -261,22 +273,24 @@ class BlockEngine:
                 raise BlockMismatchError(
                     "a passage block was encoded after another prefix or block mode than this request uses; "
                     "re-encode it with `engine.encode(passages, prefix=..., block_mode=...)` matching the request.")
-        return out, served  # type: ignore[return-value]
+        return out, reused  # type: ignore[return-value]
 
     def generate(self, prefix: str | None, passages: Sequence[str | Block], question: str, *,
                  mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: Sequence[str] | None = None, decode: DecodeMode = "full", recycle_k: int | float = 1 / 8,
-                 stride: int = 10, dynamic_threshold: float | None = None) -> GenerationResult:
+                 stride: int = 10, dynamic_threshold: float | None = None,
+                 recovery: Recovery | None = None) -> GenerationResult:
         """Answer ``question`` over ``passages`` after the system prompt ``prefix`` (None: the engine's default).
 
         Passages may be texts or precomputed blocks from :meth:`encode`. ``decode`` picks what new
         tokens attend to: the whole prompt (``"full"``), Recycled Attention (``"recycled"``) or
         StreamingLLM (``"streaming"``), with ``recycle_k``, ``stride`` and ``dynamic_threshold`` as
-        :class:`DecodeOptions` describes.
+        :class:`DecodeOptions` describes. In block mode, ``recovery`` recomputes some passage tokens
+        in context to recover accuracy, at a cost in time to first token (see :class:`Recovery`).
         """
-        events = self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode), max_new_tokens,
-                           SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()),
+        events = self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode, recovery),
+                           max_new_tokens, SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()),
                            DecodeOptions(decode, recycle_k, stride, dynamic_threshold))
         return next(e for e in events if isinstance(e, GenerationResult))
 
@@ -284,47 +298,59 @@ class BlockEngine:
                mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: Sequence[str] | None = None, decode: DecodeMode = "full", recycle_k: int | float = 1 / 8,
-               stride: int = 10, dynamic_threshold: float | None = None) -> TextStream:
+               stride: int = 10, dynamic_threshold: float | None = None,
+               recovery: Recovery | None = None) -> TextStream:
         """Like :meth:`generate`, yielding text deltas; the stream's ``result`` holds the counts afterwards."""
-        return TextStream(self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode),
+        return TextStream(self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode, recovery),
                                     max_new_tokens, SamplingOptions(temperature, top_p, top_k, seed),
                                     tuple(stop or ()), DecodeOptions(decode, recycle_k, stride, dynamic_threshold)))
 
     def generate_segments(self, segments: Sequence[str | Block], *, mode: PrefillMode = "block",
                           max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                          seed: int | None = None, stop: Sequence[str] | None = None) -> GenerationResult:
+                          seed: int | None = None, stop: Sequence[str] | None = None,
+                          recovery: Recovery | None = None) -> GenerationResult:
         """Continue a prompt given as raw text pieces and blocks, in order (no chat template is added).
 
-        Text is prefilled normally, attending to everything before it; blocks are served as they are.
-        This is how a prompt written by a framework is answered with the blocks found inside it.
-        The prompt must end with text.
+        Text is prefilled normally, attending to everything before it; blocks are served as they are,
+        but for the tokens a ``recovery`` recomputes in context (every block not at the prompt's start
+        is eligible). This is how a prompt written by a framework is answered with the blocks found
+        inside it. The prompt must end with text.
         """
-        events = self._run(lambda: self._segment_prefill(segments, mode), max_new_tokens,
+        events = self._run(lambda: self._segment_prefill(segments, mode, recovery), max_new_tokens,
                            SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()))
         return next(e for e in events if isinstance(e, GenerationResult))
 
     def stream_segments(self, segments: Sequence[str | Block], *, mode: PrefillMode = "block",
                         max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        seed: int | None = None, stop: Sequence[str] | None = None) -> TextStream:
+                        seed: int | None = None, stop: Sequence[str] | None = None,
+                        recovery: Recovery | None = None) -> TextStream:
         """Like :meth:`generate_segments`, yielding text deltas."""
-        return TextStream(self._run(lambda: self._segment_prefill(segments, mode), max_new_tokens,
+        return TextStream(self._run(lambda: self._segment_prefill(segments, mode, recovery), max_new_tokens,
                                     SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ())))
 
     def _rag_prefill(self, prefix: str | None, passages: Sequence[str | Block], question: str, mode: PrefillMode,
-                     block_mode: BlockMode | None) -> _Prefill:
+                     block_mode: BlockMode | None, recovery: Recovery | None = None) -> _Prefill:
         question_text = self.template(prefix).question_text(question)
         if mode == "full":
             texts = [p if isinstance(p, Block) else passage_text(p) for p in passages]
-            return self._segment_prefill(_layout(self.template(prefix).head, texts, question_text), mode)
+            return self._segment_prefill(prompt_layout(self.template(prefix).head, texts, question_text), mode)
         fresh_prefix = prefix not in self._prefixes
         head = self.prefix_block(prefix)
-        blocks, served = self.blocks(passages, prefix=prefix, block_mode=block_mode)
-        done = self._segment_prefill(_layout(head, blocks, question_text), mode)
-        served += 0 if fresh_prefix else len(head)
-        return _Prefill(done.cache, done.logits, served, done.prompt_tokens - served)
+        blocks, reused = self._blocks(passages, prefix, block_mode, False)
+        done = self._segment_prefill(prompt_layout(head, blocks, question_text), mode, recovery)
+        # Served: the tokens of blocks that existed before this call, less those recomputed in context.
+        served = sum(len(b) - r for b, r, old in zip([head, *blocks], done.recomputed, [not fresh_prefix, *reused])
+                     if old)
+        return _Prefill(done.cache, done.logits, served, done.prompt_tokens - served, done.recomputed)
 
-    def _segment_prefill(self, segments: Sequence[str | Block], mode: PrefillMode) -> _Prefill:
-        """Prefill text segments over the blocks before them; in full mode, every token."""
+    def _segment_prefill(self, segments: Sequence[str | Block], mode: PrefillMode,
+                         recovery: Recovery | None = None) -> _Prefill:
+        """Prefill text segments over the blocks before them; in full mode, every token.
+
+        In block mode, the block tokens ``recovery`` picks are recomputed in the same forward pass as
+        the text: every token of it attends by position to the cached entries, but for the stale
+        ones it replaces, and to the other tokens of the pass. The stale entries are then dropped.
+        """
         if mode not in PREFILL_MODES:
             raise ValueError(f"mode must be one of {PREFILL_MODES}, got {mode!r}")
         pieces = [s if isinstance(s, Block) else torch.tensor(tokenize(self.tokenizer, s), dtype=torch.long)
@@ -334,28 +360,35 @@ class BlockEngine:
         lengths = [len(p) for p in pieces]
         total = sum(lengths)
         self._check_length(total)
+        ids = torch.cat([p.token_ids if isinstance(p, Block) else p for p in pieces]).to(self.device)
         if mode == "full":
-            ids = torch.cat([p.token_ids if isinstance(p, Block) else p for p in pieces]).unsqueeze(0)
             cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
             return _Prefill(cache, out.logits[0, -1], 0, total)
         starts = [sum(lengths[:i]) for i in range(len(pieces))]
         blocks = [(p, s) for p, s in zip(pieces, starts) if isinstance(p, Block)]
         texts = [(p, s) for p, s in zip(pieces, starts) if not isinstance(p, Block)]
         cache = assemble(self.model, [b for b, _ in blocks], [s for _, s in blocks])
-        ids = torch.cat([t for t, _ in texts]).unsqueeze(0).to(self.device)
-        positions = torch.cat([torch.arange(s, s + len(t)) for t, s in texts]).to(self.device)
+        in_block = torch.cat([torch.full((len(p),), isinstance(p, Block)) for p in pieces]).to(self.device)
+        fresh = ~in_block  # the positions this forward pass computes: the text, and block tokens recomputed
+        if recovery is not None:
+            fresh[positions_to_recompute(self.model, recovery, cache, ids, [(s, len(b)) for b, s in blocks])] = True
+        every = torch.arange(total, device=self.device)
+        positions, cached = every[fresh], every[in_block]  # the cache holds the blocks back to back
+        stale = fresh[cached]  # cache entries this pass recomputes
         mask = None
-        if blocks and blocks[-1][1] > texts[0][1]:  # text between blocks: causal by position over all entries
-            cached = torch.cat([torch.arange(s, s + len(b)) for b, s in blocks]).to(self.device)
+        if bool(stale.any()) or blocks and blocks[-1][1] > texts[0][1]:  # causal by position, stale entries unseen
             visible = torch.cat([cached, positions])[None, :] <= positions[:, None]
+            visible[:, : len(cached)] &= ~stale
             dtype = next(self.model.parameters()).dtype
             mask = torch.zeros(visible.shape, dtype=dtype, device=self.device)
             mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
-        out = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), attention_mask=mask,
+        out = self.model(input_ids=ids[positions][None], position_ids=positions[None], attention_mask=mask,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-        served = sum(len(b) for b, _ in blocks)
-        return _Prefill(cache, out.logits[0, -1], served, total - served)
+        drop_stale(cache, stale)
+        recomputed = tuple(int(m.sum()) for m in stale.split([len(b) for b, _ in blocks]))
+        served = len(cached) - sum(recomputed)
+        return _Prefill(cache, out.logits[0, -1], served, total - served, recomputed)
 
     def _check_length(self, tokens: int) -> None:
         if tokens >= self.max_positions:

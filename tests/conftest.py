@@ -5,6 +5,22 @@ import time
 
 import pytest
 
+from blockrag.engine import BlockEngine, LoadedModel, load_model, model_fingerprint
+from tiny_models import tiny_model
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LoadedModel:
+    """The bundled SmolLM2-135M, loaded once per session."""
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(smollm) -> BlockEngine:
+    """A tiny random Llama with the bundled model's tokenizer, for exactness through the public API."""
+    model = tiny_model("llama")
+    return BlockEngine(LoadedModel(model, smollm.tokenizer, model_fingerprint(model, smollm.tokenizer)))
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):

@@ -6,54 +6,16 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import DynamicCache, GPT2Config, Qwen2Config
 
-from blockrag.engine import (Block, BlockEngine, BlockMismatchError, LoadedModel, ModelNotFoundError,
+from blockrag.engine import (Block, BlockEngine, BlockMismatchError, ModelNotFoundError,
                              PromptTooLongError, UnsupportedModelError, assemble, encode_blocks, load_model,
                              model_fingerprint, rerotate)
+from blockrag.engine.blocks import block_attention_mask
 from blockrag.engine.model import check_supported
 from blockrag.engine.rope import rotary_module
 from blockrag.engine.prompt import PASSAGE_SEPARATOR
-
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
-ROPES = {
-    "default": {"rope_type": "default", "rope_theta": 10000.0},
-    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
-    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
-    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
-    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                 "long_factor": [1.0 + i / 4 for i in range(8)], "original_max_position_embeddings": 128},
-}
-FAMILIES = {
-    "llama": lambda **kw: LlamaConfig(**TINY, **kw),
-    "mistral": lambda **kw: MistralConfig(**TINY, sliding_window=None, **kw),
-    "qwen2": lambda **kw: Qwen2Config(**TINY, use_sliding_window=False, **kw),
-    "qwen3": lambda **kw: Qwen3Config(**TINY, head_dim=16, use_sliding_window=False, **kw),
-}
-
-
-def tiny_model(family: str = "llama", rope: str = "default", attn: str = "eager"):
-    torch.manual_seed(0)
-    config = FAMILIES[family](rope_parameters=dict(ROPES[rope]))
-    config._attn_implementation = attn
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-@pytest.fixture(scope="module")
-def smollm() -> LoadedModel:
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(smollm) -> BlockEngine:
-    """A tiny random Llama with the bundled model's tokenizer, for exactness through the public API."""
-    model = tiny_model("llama")
-    return BlockEngine(LoadedModel(model, smollm.tokenizer, model_fingerprint(model, smollm.tokenizer)))
-
+from tiny_models import FAMILIES, ROPES, TINY, tiny_model
 
 def keys_at(model, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Keys of every layer for ``ids`` encoded alone at positions ``start..``: [layers, kv_heads, n, head_dim]."""
@@ -87,19 +49,6 @@ def test_rerotation_every_family(family):
     ids = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(2))
     moved = rerotate(keys_at(model, ids, 3), torch.arange(3, 19), torch.arange(90, 106), rotary_module(model))
     torch.testing.assert_close(moved, keys_at(model, ids, 90), rtol=0, atol=1e-5)
-
-
-def block_attention_mask(segments: list[tuple[int, str]], dtype=torch.float32) -> torch.Tensor:
-    """Additive [1, 1, T, T] mask: "block" segments attend causally to themselves only, "text" to everything before."""
-    total = sum(n for n, _ in segments)
-    allowed = torch.zeros(total, total, dtype=torch.bool)
-    pos = 0
-    for n, kind in segments:
-        rows = slice(pos, pos + n)
-        allowed[rows, (pos if kind == "block" else 0): pos + n] = True
-        pos += n
-    allowed &= torch.ones(total, total, dtype=torch.bool).tril()
-    return torch.zeros(total, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

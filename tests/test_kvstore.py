@@ -19,7 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from blockrag.engine import Block, BlockEngine, LoadedModel, assemble, block_key, load_model
+from blockrag.engine import Block, BlockEngine, assemble, block_key
 from blockrag.kvstore import (CorruptEntryError, DiskKVStore, MemoryTier, RedisKVStore, StoreError, StoreFullError,
                               StoreUnavailableError, WrongModelError, decode_entry, encode_entry, open_store)
 from blockrag.kvstore.entry import read_header
@@ -493,11 +493,6 @@ PASSAGES = [
     "Mount Kilimanjaro in Tanzania is the highest mountain in Africa, rising 5,895 metres above sea level.",
     "The Danube flows through ten countries, more than any other river, before it reaches the Black Sea.",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm() -> LoadedModel:
-    return load_model("smollm2-135m")
 
 
 @pytest.mark.slow

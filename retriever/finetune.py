@@ -1,0 +1,88 @@
+"""The ``blockrag finetune`` command: block fine-tuning on questions of a QA file, over passages from its index.
+
+Each question from line ``--start`` on (so training never sees the questions ``blockrag eval``
+scores, which start at line 0) becomes one example: the ``--top-k`` passages retrieved from the
+index, best first, as the prompt, and the question's first gold answer as the target. The gold
+passage is always among them: if retrieval missed it, it replaces the last retrieved passage, at a
+seeded random position, so the model learns to read the answer from a passage rather than to guess.
+Prompts use ``blockrag eval``'s system prompt by default, so training sees what evaluation asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from blockrag.engine import BLOCK_MODES, DEFAULT_MODEL, BlockEngine, load_model
+from blockrag.engine.finetune import FinetuneSettings, TrainingExample, finetune
+
+from .errors import IndexMismatchError
+from .evaluate import DEFAULT_SYSTEM_PROMPT
+from .index import Index
+from .qa import QAItem, best_subspan_match, load_qa, retrieved_passages
+from .retrieve import Retriever
+
+
+def training_example(retriever: Retriever, item: QAItem, top_k: int, rng: random.Random) -> TrainingExample:
+    """``item``'s question over its ``top_k`` retrieved passages, the gold passage among them, and its first answer.
+
+    The gold passage is the index's passage of ``item``'s document that holds an answer (its first
+    passage if none does).
+    """
+    passages = retrieved_passages(retriever, item.question, top_k)
+    gold = [node.text for node in retriever.index.document_nodes(item.gold_id)]
+    if not gold:
+        raise IndexMismatchError(f"the index in {retriever.index.folder} does not hold document {item.gold_id!r}; "
+                                 "fine-tune over the index `blockrag eval` built for this QA file.")
+    if not set(passages) & set(gold):
+        passages = passages[:top_k - 1]
+        passages.insert(rng.randrange(len(passages) + 1),
+                        next((text for text in gold if best_subspan_match(text, item.answers)), gold[0]))
+    return TrainingExample(tuple(passages), item.question, item.answers[0])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("qa", metavar="QA.jsonl.gz", help="NQ-open questions with their gold passages")
+    parser.add_argument("--index", required=True, metavar="DIR", help="the index `blockrag eval` built for QA file")
+    parser.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="folder for the LoRA adapter")
+    parser.add_argument("--start", type=int, default=300, help="first question (line from 0) to train on")
+    parser.add_argument("--limit", type=int, help="questions to train on (default: all from --start)")
+    parser.add_argument("--top-k", type=int, default=5, help="passages per question")
+    defaults = FinetuneSettings()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
+    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (alpha is twice the rank)")
+    parser.add_argument("--full-fraction", type=float, default=defaults.full_fraction,
+                        help="share of steps trained with full attention, so one model serves both modes")
+    parser.add_argument("--block-mode", choices=BLOCK_MODES, default=defaults.block_mode, help="block mask to train")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--max-tokens", type=int, help="skip examples longer than this (default: model context)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="base model to train an adapter of")
+    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="as `blockrag eval` prompts")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (fp32 on CPU, bf16 on GPU); "
+                        "load the adapter's base model in the same dtype")
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    items = load_qa(args.qa, limit=args.limit, start=args.start)
+    if not items:
+        raise ValueError(f"{args.qa} has no questions from line {args.start}; lower --start.")
+    with Index.open(args.index) as index:
+        retriever = Retriever(index)
+        rng = random.Random(args.seed)
+        examples = [training_example(retriever, item, args.top_k, rng) for item in items]
+    engine = BlockEngine(load_model(args.model, dtype=args.dtype, device=args.device),
+                         system_prompt=args.system_prompt)
+    settings = FinetuneSettings(epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=2 * args.rank,
+                                full_fraction=args.full_fraction, block_mode=args.block_mode, seed=args.seed,
+                                max_tokens=args.max_tokens)
+    report = finetune(engine, examples, args.out, settings, base_model=args.model)
+    print(report)
+    print(f"Evaluate it with `blockrag eval {args.qa} --index {args.index} --model {args.model} --adapter {args.out}` "
+          f"(the same --dtype); the adapter's model has its own fingerprint, so it gets its own KV blocks.")
+    return 0

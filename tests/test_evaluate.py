@@ -1,0 +1,295 @@
+"""``blockrag eval``: NQ-open data, the scoring rule, the statistics, resuming, oracle passages, and one real run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from blockrag.cli import main as cli_main
+from blockrag.engine import GenerationResult, Recovery
+from blockrag.retriever import (DocumentFormatError, QAItem, best_subspan_match, first_line, load_qa,
+                                oracle_plus_random, qa_documents)
+from blockrag.retriever.evaluate import (EvalMode, EvalQuestion, EvaluationError, ResultsFile, evaluate,
+                                         markdown_table, mcnemar_exact, oracle_questions, parse_mode, parse_modes,
+                                         summarize, wilson_interval)
+
+NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq-open-dev.jsonl.gz"
+needs_nq = pytest.mark.skipif(not NQ.is_file(), reason=f"{NQ} is absent (project data, not shipped to users; "
+                              "see ../shared/data/README.md)")
+
+
+def write_qa(path: Path, rows: list[tuple[str, list[str], str, str]]) -> Path:
+    """An NQ-open file of (question, answers, title, passage text) rows."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for question, answers, title, text in rows:
+            f.write(json.dumps({"question": question, "answers": answers,
+                                "ctxs": [{"title": title, "text": text, "hasanswer": True, "isgold": True}]}) + "\n")
+    return path
+
+
+def item(i: int, gold: str | None = None) -> QAItem:
+    return QAItem(i, f"question {i}?", (f"answer {i}",), f"nq-{i}", gold or f"Page {i}\n\npassage {i}")
+
+
+# --- scoring --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction, answers, expected", [
+    ("Wilhelm Conrad Röntgen", ["Wilhelm Conrad Röntgen"], True),
+    ("The first Nobel Prize in Physics was awarded in 1901 to Wilhelm Conrad Röntgen, of Germany",
+     ["Wilhelm Conrad Röntgen"], True),
+    ("John Bardeen", ["Wilhelm Conrad Röntgen"], False),
+    ("It will be released on May 18 2018.", ["May 18, 2018"], True),  # punctuation dropped on both sides
+    ("the U.S.A.", ["USA"], True),
+    ("They were called Beatles", ["The Beatles"], True),  # articles dropped
+    ("WASHINGTON,   D.C.", ["Washington D.C."], True),  # case and whitespace
+    ("in 1990", ["1"], True),  # a plain substring test, as in the paper
+    ("Richard Nixon", ["Gerald Ford", "Nixon"], True),  # any of the answers
+    ("", ["Paris"], False),
+    ("the Handbook and a man", ["handbook and man"], True),  # "an" inside "and" is kept, the word "a" is not
+])
+def test_best_subspan_match_follows_lost_in_the_middle(prediction, answers, expected):
+    assert best_subspan_match(prediction, answers) is expected
+
+
+def test_only_the_first_line_is_scored():
+    assert first_line("  Paris \nThe documents also mention Lyon.") == "Paris"
+    assert not best_subspan_match(first_line("I do not know.\nParis is the capital."), ["Paris"])
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+# Wilson intervals and exact binomial p-values as computed by scipy.stats.binomtest (1.16).
+@pytest.mark.parametrize("k, n, low, high", [
+    (7, 10, 0.39677814746114526, 0.892208732593699),
+    (81, 263, 0.2552885198782742, 0.36620957698280004),
+    (54, 300, 0.14065830269666493, 0.22743319888704452),
+    (0, 20, 0.0, 0.16112515805281935),
+    (300, 300, 0.9873570287754541, 1.0),
+])
+def test_wilson_interval_matches_known_values(k, n, low, high):
+    assert wilson_interval(k, n) == pytest.approx((low, high), abs=1e-12)
+
+
+@pytest.mark.parametrize("b, c, p", [
+    (1, 6, 0.125), (0, 5, 0.0625), (10, 22, 0.050102459732443094), (40, 61, 0.046044066929342785),
+    (61, 40, 0.046044066929342785), (13, 13, 1.0), (3, 0, 0.25), (0, 0, 1.0),
+])
+def test_mcnemar_exact_matches_the_binomial_test(b, c, p):
+    assert mcnemar_exact(b, c) == pytest.approx(p, rel=1e-12)
+
+
+# --- modes -----------------------------------------------------------------------------------------------------
+
+
+def test_modes_parse_with_recovery_options():
+    modes = parse_modes("full, block,naive,prefix+recompute=0.15+check=1,prefix+sink=4")
+    assert modes == [
+        EvalMode("full", "full"), EvalMode("block", "block"), EvalMode("naive", "block", "naive"),
+        EvalMode("prefix+recompute=0.15+check=1", "block", "prefix", Recovery(recompute=0.15, check_layer=1)),
+        EvalMode("prefix+sink=4", "block", "prefix", Recovery(sink_tokens=4)),
+    ]
+    assert parse_mode("block+recompute=0.1+check=2+sink=3").recovery == Recovery(0.1, 2, 3)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fast", "unknown mode"), ("full+recompute=0.1", "nothing to recover"), ("prefix+recompute", "cannot read"),
+    ("prefix+speed=2", "cannot read"), ("prefix+recompute=lots", "fraction"), ("prefix+sink=1.5", "whole number"),
+    ("prefix+sink=1+sink=2", "twice"), ("prefix+recompute=1.5", "recompute"), ("naive+check=0", "check_layer"),
+])
+def test_bad_modes_say_what_is_wrong(spec, message):
+    with pytest.raises(EvaluationError, match=message):
+        parse_mode(spec)
+
+
+def test_modes_are_listed_once():
+    with pytest.raises(EvaluationError, match="twice"):
+        parse_modes("full,prefix,full")
+    with pytest.raises(EvaluationError, match="no modes"):
+        parse_modes(" , ")
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def test_load_qa_and_its_corpus(tmp_path):
+    path = write_qa(tmp_path / "qa.jsonl.gz", [("q0?", ["a0"], "T0", "text 0"), ("q1?", ["a1", "b1"], "T1", "text 1"),
+                                               ("q2?", ["a2"], "T2", "text 2")])
+    docs = qa_documents(path)
+    assert [(d.id, d.text, d.metadata) for d in docs] == [(f"nq-{i}", f"T{i}\n\ntext {i}", {"title": f"T{i}"})
+                                                          for i in range(3)]
+    items = load_qa(path, limit=1, start=1)
+    assert items == [QAItem(1, "q1?", ("a1", "b1"), "nq-1", "T1\n\ntext 1")]
+    assert [i.gold for i in load_qa(path)] == [d.text for d in docs]
+    (tmp_path / "bad.jsonl").write_text('{"question": "q?", "answers": []}\n')
+    with pytest.raises(DocumentFormatError, match="bad.jsonl:1 is not an NQ-open question"):
+        load_qa(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="nq-open"):
+        load_qa(tmp_path / "missing.jsonl.gz")
+
+
+@needs_nq
+def test_the_shared_dev_file_reads_as_a_corpus_of_its_gold_passages():
+    items, docs = load_qa(NQ), qa_documents(NQ)
+    assert len(items) == len(docs) == 1000
+    assert all(i.gold == d.text and i.gold_id == d.id for i, d in zip(items, docs))
+    assert items[0].answers == ("Wilhelm Conrad Röntgen",)
+    # Scored against its own passage, nearly every question finds an answer in it (the passages are gold).
+    assert sum(best_subspan_match(i.gold, i.answers) for i in items) >= 950
+
+
+# --- oracle passages --------------------------------------------------------------------------------------------
+
+
+def test_oracle_plus_random_places_the_gold_passage_among_distinct_others():
+    items = [item(i) for i in range(20)] + [item(20, gold=item(3).gold)]  # question 20 shares question 3's passage
+    for position in range(5):
+        passages = oracle_plus_random(items, items[3], 5, position, random.Random(7))
+        assert passages[position] == items[3].gold
+        others = passages[:position] + passages[position + 1:]
+        assert len(set(others)) == 4 and items[3].gold not in others
+    again = [oracle_plus_random(items, items[3], 5, 2, random.Random(7)) for _ in range(2)]
+    assert again[0] == again[1]
+    assert oracle_plus_random(items, items[3], 5, 2, random.Random(8)) != again[0]
+    with pytest.raises(ValueError, match="gold position"):
+        oracle_plus_random(items, items[3], 5, 5, random.Random(0))
+    with pytest.raises(ValueError, match="distractors"):
+        oracle_plus_random(items, items[3], 21, 0, random.Random(0))  # 19 other distinct passages only
+
+
+def test_oracle_questions_are_seeded_per_question():
+    corpus = [item(i) for i in range(30)]
+    whole = oracle_questions(corpus, corpus, 4, None, seed=1)
+    assert oracle_questions(corpus[5:9], corpus, 4, None, seed=1) == whole[5:9]  # any subset: the same passages
+    assert oracle_questions(corpus, corpus, 4, None, seed=2) != whole
+    assert len({q.gold_rank for q in whole}) > 1  # the gold position varies when not fixed
+    for q in whole + oracle_questions(corpus, corpus, 4, 3, seed=1)[:5]:
+        assert q.passages[q.gold_rank] == q.item.gold and q.passage_ids[q.gold_rank] == q.item.gold_id
+        assert [corpus[int(i.removeprefix("nq-"))].gold for i in q.passage_ids] == list(q.passages)
+    assert {q.gold_rank for q in oracle_questions(corpus, corpus, 4, 3, seed=1)} == {3}
+
+
+# --- resuming ---------------------------------------------------------------------------------------------------
+
+
+class FakeReader:
+    """Deterministic answers: a mode is right when (question + its name's length) is even; it can be stopped."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.calls: list[tuple[str, str]] = []
+        self.stop_after = stop_after
+
+    def answer(self, question, passages, mode):
+        if self.stop_after is not None and len(self.calls) >= self.stop_after:
+            raise KeyboardInterrupt
+        self.calls.append((question, mode.name))
+        i = int(question.split()[1].rstrip("?"))
+        right = (i + len(mode.name)) % 2 == 0
+        text = f"answer {i}\nmore" if right else "no idea"
+        return GenerationResult(text, [1] * (i % 5 + 1), "stop", 100 + i, 90 if mode.prefill == "block" else 0,
+                                10, 0.01 * (i + 1), 0.1)
+
+
+SETTINGS = {"passages": "oracle-plus-random", "oracle_plus_random": 2, "gold_position": None, "seed": 0,
+            "max_new_tokens": 8, "data": "qa.jsonl.gz", "start": 0, "questions": 12, "top_k": None,
+            "index_passages": None}
+
+
+def fake_questions(n: int = 12) -> list[EvalQuestion]:
+    corpus = [item(i) for i in range(n)]
+    return oracle_questions(corpus, corpus, 2, None, seed=0)
+
+
+def test_a_stopped_run_resumes_and_gives_the_same_summary(tmp_path):
+    questions, modes = fake_questions(), parse_modes("full,naive,prefix+sink=2")
+    whole = ResultsFile(tmp_path / "whole.jsonl", SETTINGS)
+    evaluate(questions, modes, FakeReader(), whole, progress=False)
+    expected = summarize(questions, modes, whole.done)
+
+    path = tmp_path / "stopped.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(questions, modes, FakeReader(stop_after=13), ResultsFile(path, SETTINGS), progress=False)
+    with path.open("a") as f:
+        f.write('{"question": 4, "mode": "pre')  # killed in the middle of a line
+    reader = FakeReader()
+    resumed = ResultsFile(path, SETTINGS)
+    assert len(resumed.done) == 13
+    evaluate(questions, modes, reader, resumed, progress=False)
+    assert len(reader.calls) == 36 - 13  # finished pairs are not answered again
+    assert summarize(questions, modes, ResultsFile(path, SETTINGS).done) == expected
+    assert path.read_text().splitlines()[1:] == (tmp_path / "whole.jsonl").read_text().splitlines()[1:]
+
+    again = FakeReader()
+    evaluate(questions, modes, again, ResultsFile(path, SETTINGS), progress=False)
+    assert again.calls == []
+    with pytest.raises(EvaluationError, match="max_new_tokens 8 \\(now 16\\)"):
+        ResultsFile(path, {**SETTINGS, "max_new_tokens": 16})
+    ResultsFile(path, {**SETTINGS, "questions": 3, "start": 5})  # another slice of questions resumes too
+
+
+def test_summary_pairs_every_mode_with_the_first():
+    questions, modes = fake_questions(10), parse_modes("full,naive,prefix")
+    results = ResultsFile(None, SETTINGS)
+    evaluate(questions, modes, FakeReader(), results, progress=False)
+    # "full" (4 letters) is right on even questions, "naive" (5) on odd ones, "prefix" (6) on even ones.
+    summary = summarize(questions, modes, results.done)
+    full, naive = summary["modes"]["full"], summary["modes"]["naive"]
+    assert (full["n"], full["correct"], full["accuracy"]) == (10, 5, 0.5)
+    assert full["mean_prompt_tokens"] == 104.5 and full["mean_block_tokens"] == 0 and naive["mean_block_tokens"] == 90
+    assert full["mean_ttft_s"] == pytest.approx(0.055) and full["mean_answer_tokens"] == 3.0
+    assert summary["paired"]["naive"] == {"against": "full", "n": 10, "b": 5, "c": 5, "p_value": 1.0,
+                                          "accuracy_difference": 0.0}
+    assert summary["paired"]["prefix"]["b"] == summary["paired"]["prefix"]["c"] == 0
+    assert summary["recall"] == 1.0  # oracle passages always hold the gold one
+    table = markdown_table(summary, SETTINGS | {"questions": 10})
+    assert table.splitlines()[2].startswith("| full | 10 | 50.0% | 23.7%–76.3% |")
+    assert "| naive | 10 | 50.0% |" in table and "+0.0 pts | 5 / 5 | 1 |" in table
+
+
+# --- the command, end to end on SmolLM2 ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_command_end_to_end(tmp_path, capsys):
+    data = write_qa(tmp_path / "qa.jsonl.gz", [
+        ("What colour is the Vardel lighthouse?", ["red"], "Vardel lighthouse",
+         "The Vardel lighthouse stands on the northern cape and is painted bright red."),
+        ("Who founded the town of Ostrel?", ["Mira Kolb"], "Ostrel",
+         "The town of Ostrel was founded in 1642 by the merchant Mira Kolb."),
+        ("What do the people of Quenby grow?", ["saffron"], "Quenby",
+         "Farmers in the valley of Quenby grow saffron on terraced fields."),
+        ("How long is the Tarn bridge?", ["340 metres"], "Tarn bridge",
+         "The Tarn bridge crosses the river in a single span of 340 metres."),
+    ])
+    out, index = tmp_path / "out" / "eval.json", tmp_path / "index"
+
+    def run(limit: int) -> dict:
+        assert cli_main(["eval", str(data), "--index", str(index), "--top-k", "2", "--max-new-tokens", "4",
+                         "--limit", str(limit), "--modes", "full,block,naive+sink=2", "--json", str(out),
+                         "--no-progress"]) == 0
+        return json.loads(out.read_text())
+
+    run(2)
+    results = out.with_suffix(".results.jsonl")
+    assert len(results.read_text().splitlines()) == 1 + 2 * 3
+    first = run(3)  # resumes: the first two questions are not answered again
+    lines = results.read_text().splitlines()
+    assert len(lines) == 1 + 3 * 3
+    assert run(3) == first and results.read_text().splitlines() == lines  # all done: nothing answered again
+
+    assert first["settings"]["questions"] == 3 and first["settings"]["index_passages"] == 4
+    assert first["retrieval"] == {"k": 2, "recall": 1.0}  # made-up facts, one passage each: easy to retrieve
+    assert list(first["modes"]) == ["full", "block", "naive+sink=2"]
+    full, block = first["modes"]["full"], first["modes"]["block"]
+    assert full["n"] == block["n"] == 3 and full["mean_prompt_tokens"] == block["mean_prompt_tokens"]
+    assert full["mean_block_tokens"] == 0 < block["mean_block_tokens"] < block["mean_prompt_tokens"]
+    assert set(first["paired"]) == {"block", "naive+sink=2"} and first["paired"]["block"]["n"] == 3
+    assert first["table"] in capsys.readouterr().out
+    rows = [json.loads(line) for line in lines[1:]]
+    for q in range(3):  # every mode of a question saw the same passages, the gold one first
+        assert len({tuple(r["passages"]) for r in rows if r["question"] == q}) == 1
+        assert all(r["gold_rank"] == 0 for r in rows if r["question"] == q)

@@ -1,0 +1,149 @@
+"""Block fine-tuning on a tiny random Llama: training computes what inference computes, and adapters round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from blockrag.engine import BlockEngine, LoadedModel, load_model, model_fingerprint
+from blockrag.engine.errors import AdapterMismatchError, AdapterNotFoundError
+from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingExample, answer_logits, example_loss,
+                                      example_tokens, finetune)
+from blockrag.engine.model import ADAPTER_SETTINGS
+
+EXAMPLE = TrainingExample(
+    passages=("The Pellam lighthouse was lit in 1871 and automated in 1990.",
+              "Marrowbridge is a market town on the river Esk, famous for its cider.",
+              "The Qelvar railway opened in 1902; it climbs 900 metres in 14 kilometres."),
+    question="When was the Pellam lighthouse lit?",
+    answer="In 1871.",
+)
+
+
+def tiny_llama(seed: int = 0, attn: str = "eager"):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
+    config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model("smollm2-135m").tokenizer
+
+
+def engine_for(model, tokenizer, block_mode="naive") -> BlockEngine:
+    return BlockEngine(LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer)), block_mode=block_mode)
+
+
+@torch.no_grad()
+def inference_logits(engine: BlockEngine, example: TrainingExample, mode: str, block_mode: str | None) -> torch.Tensor:
+    """What the engine computes for the answer tokens: the prefill's last logits, then the answer fed on its cache."""
+    tokens = example_tokens(engine, example)
+    done = engine._rag_prefill(example.prefix, list(example.passages), example.question, mode, block_mode)
+    assert done.prompt_tokens == tokens.answer_start  # the same prompt, token for token
+    answer = tokens.input_ids[tokens.answer_start:-1]  # the answer without its EOS: each predicts the next
+    positions = torch.arange(tokens.answer_start, len(tokens) - 1)[None]
+    rest = engine.model(input_ids=answer[None], position_ids=positions, past_key_values=done.cache,
+                        use_cache=True).logits[0]
+    return torch.cat([done.logits[None], rest])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_naive_block_training_equals_block_inference(tokenizer, attn):
+    engine = engine_for(tiny_llama(attn=attn), tokenizer, "naive")
+    tokens = example_tokens(engine, EXAMPLE)
+    with torch.no_grad():
+        trained = answer_logits(engine.model, tokens, "naive")
+        full = answer_logits(engine.model, tokens, "full")
+    expected = inference_logits(engine, EXAMPLE, "block", "naive")
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-4)
+    assert (full - expected).abs().max() > 1e-2  # the mask matters: full attention computes something else
+
+
+def test_full_attention_training_equals_full_inference(tokenizer):
+    engine = engine_for(tiny_llama(), tokenizer)
+    with torch.no_grad():
+        trained = answer_logits(engine.model, example_tokens(engine, EXAMPLE), "full")
+    torch.testing.assert_close(trained, inference_logits(engine, EXAMPLE, "full", None), rtol=0, atol=1e-4)
+
+
+def test_prefix_block_training_is_exact_for_one_passage(tokenizer):
+    engine = engine_for(tiny_llama(), tokenizer, "prefix")
+    one = TrainingExample(EXAMPLE.passages[:1], EXAMPLE.question, EXAMPLE.answer, prefix="Answer in one line.")
+    with torch.no_grad():
+        trained = answer_logits(engine.model, example_tokens(engine, one), "prefix")
+    torch.testing.assert_close(trained, inference_logits(engine, one, "block", "prefix"), rtol=0, atol=1e-4)
+
+
+def test_loss_covers_the_answer_and_eos_only(tokenizer):
+    engine = engine_for(tiny_llama(), tokenizer)
+    tokens = example_tokens(engine, EXAMPLE)
+    answer = tokenizer(EXAMPLE.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    labelled = (tokens.labels != IGNORE_INDEX).nonzero().flatten().tolist()
+    assert labelled == list(range(len(tokens) - len(answer), len(tokens))) and tokens.answer_start == labelled[0]
+    assert tokens.labels[labelled].tolist() == tokens.input_ids[labelled].tolist() == answer
+    assert [kind for _, kind in tokens.segments] == ["text", "block", "text", "block", "text", "block", "text", "text",
+                                                      "text"]
+    with torch.no_grad():
+        ours = example_loss(engine.model, tokens, "naive")
+        hf = engine.model(input_ids=tokens.input_ids[None], attention_mask=tokens.attention_mask("naive"),
+                          labels=tokens.labels[None]).loss  # transformers' shifted loss over the labelled tokens
+    torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer, tmp_path_factory):
+    """A tiny model saved as a model folder, and an adapter trained on it for a few steps."""
+    base = tmp_path_factory.mktemp("base")
+    tiny_llama().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    engine = BlockEngine(load_model(str(base)), block_mode="naive")
+    before = engine.fingerprint
+    settings = FinetuneSettings(epochs=12, lr=3e-3, rank=4, full_fraction=0.5, block_mode="naive", seed=1)
+    adapter = tmp_path_factory.mktemp("adapter")
+    report = finetune(engine, [EXAMPLE], adapter, settings, base_model=str(base), progress=False)
+    assert model_fingerprint(engine.model, tokenizer) == before  # the engine's model is the base model again
+    return base, adapter, report, engine
+
+
+def test_training_lowers_the_loss_and_saves_safetensors(trained):
+    base, adapter, report, engine = trained
+    assert sorted(p.name for p in adapter.iterdir()) == sorted(
+        ["adapter_model.safetensors", "adapter_config.json", ADAPTER_SETTINGS, "README.md"])
+    record = json.loads((adapter / ADAPTER_SETTINGS).read_text())
+    assert record["base_fingerprint"] == engine.fingerprint and record["settings"]["rank"] == 4
+    assert len(report.losses) == 12 and 0 < report.full_steps < 12
+    tuned = load_model(str(base), adapter=adapter).model
+    tokens = example_tokens(engine, EXAMPLE)
+    with torch.no_grad():
+        for attention in ("naive", "full"):
+            assert example_loss(tuned, tokens, attention) < example_loss(engine.model, tokens, attention) - 1.0
+
+
+def test_adapter_loads_merged_and_renames_the_model(trained):
+    base, adapter, _, engine = trained
+    loaded = load_model(str(base), adapter=adapter)
+    assert loaded.fingerprint != engine.fingerprint
+    assert not any("lora" in name for name in loaded.model.state_dict())  # a plain model
+    reference = PeftModel.from_pretrained(load_model(str(base)).model, adapter).eval()  # unmerged
+    ids = example_tokens(engine, EXAMPLE).input_ids[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=0, atol=1e-4)
+
+
+def test_adapter_of_another_base_or_no_adapter_is_refused(trained, tokenizer, tmp_path):
+    _, adapter, _, _ = trained
+    other = tmp_path / "other"
+    tiny_llama(seed=5).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(AdapterMismatchError, match="trained on a base model"):
+        load_model(str(other), adapter=adapter)
+    with pytest.raises(AdapterNotFoundError, match="holds no LoRA adapter"):
+        load_model(str(other), adapter=tmp_path / "empty")
