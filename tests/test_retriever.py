@@ -212,6 +212,30 @@ def test_update_replaces_changed_passages_and_delete_removes_everything(built, t
         assert index.vector_count == count - 1 and index.document_nodes(tesk.id)[1] == new
 
 
+def test_a_failed_kv_write_stops_ingestion_without_listing_passages_it_cannot_serve(built, tmp_path, engine,
+                                                                                    embedder):
+    class Full(Exception):
+        pass
+
+    with open_store(tmp_path / "kv") as store:
+        put, written = store.put, []
+
+        def failing_put(key, block):  # runs on ingestion's writer thread
+            if len(written) == 6:
+                raise Full
+            put(key, block)
+            written.append(key)
+
+        store.put = failing_put
+        with pytest.raises(Full):
+            ingest(bundled_corpus(), tmp_path / "index", engine=engine, embedder=embedder, batch_passages=4,
+                   kv_store=store, progress=False)
+        with Index.open(tmp_path / "index", kv_store=store) as index:
+            listed = [n for d in index.document_ids() for n in index.document_nodes(d)]
+            assert len(listed) == len(index) == index.vector_count == 4  # the first batch; the second failed
+            assert all(store.contains(n.kv_key) for n in listed)
+
+
 def test_a_stopped_run_keeps_its_batches_and_the_next_run_resumes(built, tmp_path, engine, embedder, model_calls,
                                                                   caplog):
     class Stopped(Exception):
