@@ -4,7 +4,8 @@ from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, StoppingCache, a
                      encode_blocks, write_kv)
 from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
                        RecycledDecoding, StreamingDecoding, start_decoding)
-from .errors import BlockragError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError
+from .errors import (AdapterMismatchError, AdapterNotFoundError, BlockragError, ExtraNotInstalledError,
+                     ModelNotFoundError, PromptTooLongError, UnsupportedModelError)
 from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationResult, PrefillMode,
                        SamplingOptions, TextStream)
 from .model import DEFAULT_MODEL, LoadedModel, blockrag_home, load_model, model_fingerprint
@@ -13,10 +14,10 @@ from .recovery import Recovery
 from .rope import rerotate
 
 __all__ = [
-    "BLOCK_MODES", "DEFAULT_MODEL", "PREFILL_MODES", "Block", "BlockEngine", "BlockMismatchError", "BlockMode",
-    "BlockStore", "BlockragError", "GenerationResult", "LoadedModel", "ModelNotFoundError", "PrefillMode", "PromptTemplate",
-    "PromptTooLongError", "SamplingOptions", "TextStream", "UnsupportedModelError", "assemble", "blockrag_home",
-    "block_key", "context_id", "encode_blocks", "StoppingCache", "write_kv", "load_model", "model_fingerprint", "rerotate",
-    "DECODE_MODES", "DecodeMode", "DecodeOptions", "Decoding", "FixedStride", "FullDecoding", "QuerySimilarity",
-    "RecycledDecoding", "StreamingDecoding", "start_decoding", "Recovery",
+    "AdapterMismatchError", "AdapterNotFoundError", "ExtraNotInstalledError", "assemble", "Block", "block_key", "BLOCK_MODES", "BlockEngine", "BlockMismatchError", "BlockMode",
+    "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES", "DecodeMode", "DecodeOptions",
+    "Decoding", "DEFAULT_MODEL", "encode_blocks", "FixedStride", "FullDecoding", "GenerationResult", "load_model",
+    "LoadedModel", "model_fingerprint", "ModelNotFoundError", "PREFILL_MODES", "PrefillMode", "PromptTemplate",
+    "PromptTooLongError", "QuerySimilarity", "Recovery", "RecycledDecoding", "rerotate", "SamplingOptions",
+    "start_decoding", "StoppingCache", "StreamingDecoding", "TextStream", "UnsupportedModelError", "write_kv",
 ]
