@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from blockrag.engine.errors import AdapterMismatchError, AdapterNotFoundError
 from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingExample, answer_logits, example_loss,
                                       example_tokens, finetune)
 from blockrag.engine.model import ADAPTER_SETTINGS
+from blockrag.retriever import IndexMismatchError, QAItem
+from blockrag.retriever.finetune import training_example
 
 EXAMPLE = TrainingExample(
     passages=("The Pellam lighthouse was lit in 1871 and automated in 1990.",
@@ -147,3 +151,42 @@ def test_adapter_of_another_base_or_no_adapter_is_refused(trained, tokenizer, tm
         load_model(str(other), adapter=adapter)
     with pytest.raises(AdapterNotFoundError, match="holds no LoRA adapter"):
         load_model(str(other), adapter=tmp_path / "empty")
+
+
+class _Index:
+    """The parts of an Index that building training examples reads: passages by node and by document."""
+
+    folder = "fake-index"
+
+    def __init__(self, docs: dict[str, list[str]]):
+        self.by_id = {f"{d}:{i}": (d, text) for d, texts in docs.items() for i, text in enumerate(texts)}
+
+    def nodes(self, ids):
+        return [SimpleNamespace(id=i, doc_id=self.by_id[i][0], text=self.by_id[i][1]) for i in ids]
+
+    def document_nodes(self, doc_id):
+        return self.nodes([i for i, (d, _) in self.by_id.items() if d == doc_id])
+
+
+class _Retriever:
+    def __init__(self, index: _Index, ranking: list[str]):
+        self.index, self.ranking = index, ranking
+
+    def retrieve(self, question, top_k):
+        return [(i, 1.0) for i in self.ranking[:top_k]]
+
+
+def test_training_examples_always_hold_the_gold_passage():
+    index = _Index({"gold": ["Intro of the page.", "The telescope is named Cassandra."],
+                    "a": ["Passage A."], "b": ["Passage B."], "c": ["Passage C."]})
+    item = QAItem(7, "What is the telescope called?", ("Cassandra",), "gold", "unused")
+    found = training_example(_Retriever(index, ["b:0", "gold:1", "a:0"]), item, 3, random.Random(0))
+    assert found == TrainingExample(("Passage B.", "The telescope is named Cassandra.", "Passage A."),
+                                    item.question, "Cassandra")  # retrieved: kept as ranked
+    missed = [training_example(_Retriever(index, ["a:0", "b:0", "c:0"]), item, 3, random.Random(seed))
+              for seed in range(8)]
+    for example in missed:  # the answering gold passage replaces the last retrieved one, at a seeded position
+        assert sorted(example.passages) == sorted(["Passage A.", "Passage B.", "The telescope is named Cassandra."])
+    assert len({e.passages.index("The telescope is named Cassandra.") for e in missed}) > 1
+    with pytest.raises(IndexMismatchError, match="does not hold document"):
+        training_example(_Retriever(index, ["a:0"]), QAItem(8, "q", ("x",), "absent", ""), 1, random.Random(0))
