@@ -1,6 +1,8 @@
+import asyncio
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -54,3 +56,35 @@ def redis_server(tmp_path_factory):
     server.terminate()
     server.wait(timeout=10)
     log.close()
+
+
+@pytest.fixture
+def loop_gate(monkeypatch):
+    """``gate(runner)`` makes a PromptRunner's generation wait until a coroutine on the event loop has run, and
+    returns ``await run(coroutine)``, which awaits the adapter's call with that coroutine scheduled beside it.
+
+    An async call that blocked the loop would never let the coroutine run: the generation fails after 30 s.
+    """
+    def gate(runner):
+        opened = threading.Event()
+        stream = runner.stream
+
+        def gated(*args, **kwargs):
+            assert opened.wait(30), "the event loop was blocked"  # opened only by a coroutine on the loop
+            yield from stream(*args, **kwargs)
+
+        monkeypatch.setattr(runner, "stream", gated)
+
+        async def open_gate():
+            opened.set()
+
+        async def run(call):
+            opened.clear()
+            opener = asyncio.create_task(open_gate())
+            result = await call
+            await opener
+            return result
+
+        return run
+
+    return gate

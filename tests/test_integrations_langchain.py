@@ -4,7 +4,6 @@ with documents as content blocks and as plain text."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
@@ -185,29 +184,15 @@ def test_batch_and_timeout(engine):
         ChatBlockAttention(engine=engine, max_tokens=50, timeout=1e-9).invoke("Count to twenty.")
 
 
-def test_async_calls_leave_the_event_loop_free(engine, monkeypatch):
+def test_async_calls_leave_the_event_loop_free(engine, loop_gate):
     chat = ChatBlockAttention(engine=engine, max_tokens=6, passages=PassageIndex())
-    gate = threading.Event()
-    stream = chat._runner.stream
+    run = loop_gate(chat._runner)
 
-    def gated(*args, **kwargs):
-        assert gate.wait(30), "the event loop was blocked"  # opened only by a coroutine on the loop
-        yield from stream(*args, **kwargs)
-
-    monkeypatch.setattr(chat._runner, "stream", gated)
-
-    async def open_gate():
-        gate.set()
+    async def collect(stream):
+        return [c async for c in stream]
 
     async def main():
-        opener = asyncio.create_task(open_gate())
-        message = await chat.ainvoke(with_passage())
-        await opener
-        gate.clear()
-        opener = asyncio.create_task(open_gate())
-        chunks = [c async for c in chat.astream(with_passage())]
-        await opener
-        return message, chunks
+        return await run(chat.ainvoke(with_passage())), await run(collect(chat.astream(with_passage())))
 
     message, chunks = asyncio.run(main())
     assert "".join(c.content for c in chunks) == message.content

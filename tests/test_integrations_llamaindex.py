@@ -4,7 +4,6 @@ block-aware query engines (sync, streaming, async), and the LLM's own API."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import faiss
 import pytest
@@ -212,28 +211,15 @@ def test_passages_can_be_added_after_reloading_an_index(index, engine):
     assert response.metadata["blockrag"].usage.cached_tokens > 0
 
 
-def test_async_llm_calls_leave_the_event_loop_free(llm, monkeypatch):
-    gate = threading.Event()
-    stream = llm._runner.stream
+def test_async_llm_calls_leave_the_event_loop_free(llm, loop_gate):
+    run = loop_gate(llm._runner)
 
-    def gated(*args, **kwargs):
-        assert gate.wait(30), "the event loop was blocked"  # opened only by a coroutine on the loop
-        yield from stream(*args, **kwargs)
-
-    monkeypatch.setattr(llm._runner, "stream", gated)
-
-    async def open_gate():
-        gate.set()
+    async def collect(stream):
+        return [c async for c in await stream]
 
     async def main():
-        opener = asyncio.create_task(open_gate())
-        done = await llm.acomplete("Say yes.")
-        await opener
-        gate.clear()
-        opener = asyncio.create_task(open_gate())
-        chunks = [c async for c in await llm.astream_chat([ChatMessage(role="user", content="Say yes.")])]
-        await opener
-        return done, chunks
+        return (await run(llm.acomplete("Say yes.")),
+                await run(collect(llm.astream_chat([ChatMessage(role="user", content="Say yes.")]))))
 
     done, chunks = asyncio.run(main())
     assert chunks[-1].message.content == done.text and chunks[-1].raw["usage"] == done.raw["usage"]
