@@ -148,12 +148,11 @@ def encode_blocks(
         cache = _batch_cache(model, past, len(idx))
         positions = torch.arange(start, start + width, device=device).unsqueeze(0).expand(len(idx), -1)
         write_kv(model, cache, ids.to(device), positions)
-        keys = torch.stack([layer.keys[:, :, start:] for layer in cache.layers], dim=1)
-        values = torch.stack([layer.values[:, :, start:] for layer in cache.layers], dim=1)
-        for row, i in enumerate(idx):
+        for row, i in enumerate(idx):  # each block's KV copied once, out of the batch's cache
             n = lengths[row]
-            out[i] = Block(ids[row, :n].clone(), keys[row, :, :, :n].clone(), values[row, :, :, :n].clone(), start,
-                           context)
+            keys = torch.stack([layer.keys[row, :, start:start + n] for layer in cache.layers])
+            values = torch.stack([layer.values[row, :, start:start + n] for layer in cache.layers])
+            out[i] = Block(ids[row, :n].clone(), keys, values, start, context)
     return out  # type: ignore[return-value]
 
 

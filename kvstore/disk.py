@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import sqlite3
@@ -49,6 +50,8 @@ class SafeDisk(diskcache.Disk):
         return b""
 
     def _write(self, full_path, iterator, mode, encoding=None):
+        if isinstance(iterator, io.BytesIO):  # diskcache would write its bytes line by line
+            iterator = [iterator.getvalue()]  # the stored bytes object itself, not a copy
         try:
             return super()._write(full_path, iterator, mode, encoding)
         except OSError:

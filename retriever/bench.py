@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 from transformers import DynamicCache
@@ -25,7 +26,7 @@ from blockrag.engine.model import package_versions
 
 from .chunking import split_text
 from .documents import Document
-from .embedding import DEFAULT_EMBEDDING_MODEL, Embedder
+from .embedding import DEFAULT_EMBEDDING_MODEL, Embedder, EmbeddingDtype
 from .ingest import DEFAULT_BATCH_PASSAGES, ingest
 from .qa import qa_documents
 
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="use only the first N passages")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--embedding-model", default=DEFAULT_EMBEDDING_MODEL)
+    parser.add_argument("--embedding-dtype", default="auto", choices=get_args(EmbeddingDtype),
+                        help="auto: bf16 where the hardware computes it natively, else fp32")
     parser.add_argument("--batch-size", type=int, default=8, help="passages per LLM forward pass")
     parser.add_argument("--batch-passages", type=int, default=DEFAULT_BATCH_PASSAGES, help="passages per commit")
     parser.add_argument("--slices", type=int, default=10, help="bare and pipeline alternate over this many slices")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         engine = BlockEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                              batch_size=args.batch_size)
     with _Clock() as load_embedder:
-        embedder = Embedder(args.embedding_model, device=args.device)
+        embedder = Embedder(args.embedding_model, device=args.device, dtype=args.embedding_dtype)
     _bare_forward(engine, [engine.passage_token_ids("A warm-up passage.")] * engine.batch_size)
     embedder.embed(["A warm-up passage."])
 
@@ -146,7 +149,8 @@ def run(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"the second run should find all {passages} passages stored, got: {again}")
     return {
         "benchmark": "ingest",
-        "model": args.model, "embedding_model": args.embedding_model, "device": str(engine.device),
+        "model": args.model, "embedding_model": args.embedding_model, "embedding_dtype": str(embedder.dtype),
+        "device": str(engine.device),
         "dtype": str(next(engine.model.parameters()).dtype),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None},

@@ -505,5 +505,5 @@ def _retrieve(stack: ExitStack, index: Index, engine: BlockEngine, args: argpars
     engine.store = store
     settings["kv_store"] = store.location
     settings.update(block_mode=config.block_mode, index_passages=len(index), embedding_model=config.embedding_model)
-    retriever = Retriever(index, Embedder(config.embedding_model, device=args.device))
+    retriever = Retriever(index, Embedder(config.embedding_model, device=args.device, dtype="float32"))
     return retrieved_questions(items, retriever, args.top_k)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from blockrag.engine import DEFAULT_MODEL, BlockEngine
@@ -136,6 +137,15 @@ def _storing_into(engine: BlockEngine, store: KVStore) -> Iterator[None]:
         engine.store = previous
 
 
+def _one_openmp_thread() -> None:
+    """Keep the writer's tensor ops (the store's dtype conversion) on the writer's own thread.
+
+    OpenMP gives each calling thread a team of its own: at the default size, the writer's team
+    would spin on the cores the model's forward is using.
+    """
+    threadpool_limits(1, user_api="openmp")  # OpenMP limits apply to the calling thread only
+
+
 @dataclass
 class _Commit:
     """A batch whose KV is being stored in the background, and its passages to commit after."""
@@ -181,7 +191,8 @@ def _ingest(documents: list[Document], index: Index, engine: BlockEngine, embedd
     kv_s = embed_s = write_s = 0.0
     writing: _Commit | None = None
     with tqdm(total=len(todo), desc="ingesting", unit="passage", disable=not progress or not todo) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockrag-ingest") as writer:
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockrag-ingest",
+                               initializer=_one_openmp_thread) as writer:
         try:
             for lo in range(0, len(todo), batch_passages):
                 batch = todo[lo:lo + batch_passages]

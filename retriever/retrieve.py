@@ -15,7 +15,8 @@ class Retriever:
     """Finds the passages of an index nearest to a query in the index's embedding space."""
 
     def __init__(self, index: Index, embedder: Embedder | None = None):
-        embedder = embedder or Embedder(index.config.embedding_model)
+        # Queries come one at a time, where bf16 saves nothing: fp32 keeps their rankings exact.
+        embedder = embedder or Embedder(index.config.embedding_model, dtype="float32")
         if embedder.dimension != index.config.dimension:
             raise IndexMismatchError(
                 f"the index in {index.folder} holds {index.config.dimension}-dimensional vectors of "
