@@ -14,7 +14,8 @@ from .recovery import Recovery
 from .rope import rerotate
 
 __all__ = [
-    "AdapterMismatchError", "AdapterNotFoundError", "ExtraNotInstalledError", "assemble", "Block", "block_key", "BLOCK_MODES", "BlockEngine", "BlockMismatchError", "BlockMode",
+    "AdapterMismatchError", "AdapterNotFoundError", "ExtraNotInstalledError", "assemble", "Block", "block_key",
+    "BLOCK_MODES", "BlockEngine", "BlockMismatchError", "BlockMode",
     "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES", "DecodeMode", "DecodeOptions",
     "Decoding", "DEFAULT_MODEL", "encode_blocks", "FixedStride", "FullDecoding", "GenerationResult", "load_model",
     "LoadedModel", "model_fingerprint", "ModelNotFoundError", "PREFILL_MODES", "PrefillMode", "PromptTemplate",

@@ -20,8 +20,8 @@ from .retrieve import Answer, Retriever, answer, load_engine
 __all__ = [
     "DEFAULT_CHUNK_TOKENS", "DEFAULT_EMBEDDING_MODEL", "VECTOR_INDEX_KINDS", "Answer", "Document",
     "DocumentFormatError", "Embedder", "EmbeddingDtype", "EmbeddingModelNotFoundError", "Index", "IndexConfig",
-    "IndexMismatchError", "IndexNotFoundError", "IngestReport", "Node", "NodeNotFoundError", "Retriever", "RetrieverError",
-    "SampleQuestion", "VectorIndexKind", "answer", "bundled_corpus", "bundled_questions", "ingest", "load_documents",
+    "IndexMismatchError", "IndexNotFoundError", "IngestReport", "Node", "NodeNotFoundError", "Retriever",
+    "RetrieverError", "SampleQuestion", "VectorIndexKind", "answer", "bundled_corpus", "bundled_questions", "ingest", "load_documents",
     "load_engine", "node_id", "read_config", "split_text",
     "QAItem", "best_subspan_match", "first_line", "load_qa", "normalize_answer", "oracle_plus_random", "qa_documents",
     "retrieved_nodes", "retrieved_passages",

@@ -33,7 +33,6 @@ from blockrag.engine import (BLOCK_MODES, BlockEngine, BlockMode, GenerationResu
 from blockrag.engine.model import package_versions
 from blockrag.kvstore import KVStore, open_store
 
-from .embedding import Embedder
 from .errors import RetrieverError
 from .index import Index
 from .ingest import ingest
@@ -505,5 +504,5 @@ def _retrieve(stack: ExitStack, index: Index, engine: BlockEngine, args: argpars
     engine.store = store
     settings["kv_store"] = store.location
     settings.update(block_mode=config.block_mode, index_passages=len(index), embedding_model=config.embedding_model)
-    retriever = Retriever(index, Embedder(config.embedding_model, device=args.device, dtype="float32"))
+    retriever = Retriever(index, device=args.device)
     return retrieved_questions(items, retriever, args.top_k)

@@ -14,9 +14,9 @@ from .index import Index, Node
 class Retriever:
     """Finds the passages of an index nearest to a query in the index's embedding space."""
 
-    def __init__(self, index: Index, embedder: Embedder | None = None):
+    def __init__(self, index: Index, embedder: Embedder | None = None, *, device: str = "cpu"):
         # Queries come one at a time, where bf16 saves nothing: fp32 keeps their rankings exact.
-        embedder = embedder or Embedder(index.config.embedding_model, dtype="float32")
+        embedder = embedder or Embedder(index.config.embedding_model, device=device, dtype="float32")
         if embedder.dimension != index.config.dimension:
             raise IndexMismatchError(
                 f"the index in {index.folder} holds {index.config.dimension}-dimensional vectors of "
