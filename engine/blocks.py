@@ -124,64 +124,46 @@ def encode_blocks(
 ) -> list[Block]:
     """Encode each token list as an independent block, optionally after a shared ``past`` block.
 
-    Lists are batched by similar length and right-padded: under causal attention no real token
-    attends to the padding after it, so padding changes nothing. The model runs only until the last
-    layer's KV is written (no attention output or MLP in that layer, no LM head).
+    Lists are batched by similar length (see :func:`encode_batch`). The model runs only until the
+    last layer's KV is written (no attention output or MLP in that layer, no LM head).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    device = next(model.parameters()).device
-    start = len(past) if past is not None else 0
-    context = context_id(past.token_ids) if past is not None else ""
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     out: list[Block | None] = [None] * len(token_lists)
-    pad_id = 0
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
-        lengths = [len(token_lists[i]) for i in idx]
-        if min(lengths) == 0:
-            raise ValueError("cannot encode an empty block: every passage needs at least one token")
-        width = max(lengths)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, : lengths[row]] = torch.as_tensor(list(token_lists[i]), dtype=torch.long)
-        cache = _batch_cache(model, past, len(idx))
-        positions = torch.arange(start, start + width, device=device).unsqueeze(0).expand(len(idx), -1)
-        write_kv(model, cache, ids.to(device), positions)
-        for row, i in enumerate(idx):  # each block's KV copied once, out of the batch's cache
-            n = lengths[row]
-            keys = torch.stack([layer.keys[row, :, start:start + n] for layer in cache.layers])
-            values = torch.stack([layer.values[row, :, start:start + n] for layer in cache.layers])
-            out[i] = Block(ids[row, :n].clone(), keys, values, start, context)
+        for i, block in zip(idx, encode_batch(model, [token_lists[i] for i in idx], past)):
+            out[i] = block
     return out  # type: ignore[return-value]
 
 
-SegmentKind = Literal["block", "text"]
+def encode_batch(model: PreTrainedModel, token_lists: Sequence[Sequence[int]],
+                 past: Block | None = None) -> list[Block]:
+    """Encode token lists as independent blocks in one right-padded forward pass, keeping autograd history.
 
-
-def block_attention_mask(segments: Sequence[tuple[int, SegmentKind]], dtype: torch.dtype = torch.float32,
-                         context: int = 0) -> torch.Tensor:
-    """The Block-Attention mask over one contiguous sequence, as an additive ``[1, 1, T, T]`` tensor.
-
-    ``"block"`` segments attend causally to themselves and to the first ``context`` tokens only (0 for
-    naive blocks, the prompt head's length for prefix blocks); ``"text"`` segments attend causally
-    to everything before them. At contiguous positions this is exactly what assembled naive blocks
-    compute (prefix blocks: see :mod:`blockrag.engine.finetune`); exactness tests and block
-    fine-tuning share this one definition.
+    Under causal attention no real token attends to the padding after it, so padding changes
+    nothing. Block fine-tuning calls this with gradients on; :func:`encode_blocks` without.
     """
-    total = sum(n for n, _ in segments)
-    allowed = torch.zeros(total, total, dtype=torch.bool)
-    pos = 0
-    for n, kind in segments:
-        if kind not in ("block", "text"):
-            raise ValueError(f"segment kind must be 'block' or 'text', got {kind!r}")
-        rows = slice(pos, pos + n)
-        allowed[rows, (pos if kind == "block" else 0): pos + n] = True
-        if kind == "block":
-            allowed[rows, :context] = True
-        pos += n
-    allowed &= torch.ones(total, total, dtype=torch.bool).tril()
-    return torch.zeros(total, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    lengths = [len(ids) for ids in token_lists]
+    if min(lengths) == 0:
+        raise ValueError("cannot encode an empty block: every passage needs at least one token")
+    device = next(model.parameters()).device
+    start = len(past) if past is not None else 0
+    context = context_id(past.token_ids) if past is not None else ""
+    width = max(lengths)
+    ids = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, token_ids in enumerate(token_lists):
+        ids[row, : lengths[row]] = torch.as_tensor(list(token_ids), dtype=torch.long)
+    cache = _batch_cache(model, past, len(token_lists))
+    positions = torch.arange(start, start + width, device=device).unsqueeze(0).expand(len(token_lists), -1)
+    write_kv(model, cache, ids.to(device), positions)
+    out = []
+    for row, n in enumerate(lengths):  # each block's KV copied once, out of the batch's cache
+        keys = torch.stack([layer.keys[row, :, start:start + n] for layer in cache.layers])
+        values = torch.stack([layer.values[row, :, start:start + n] for layer in cache.layers])
+        out.append(Block(ids[row, :n].clone(), keys, values, start, context))
+    return out
 
 
 def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[int] | None = None) -> DynamicCache:
@@ -215,3 +197,18 @@ def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[i
         layer.lazy_initialization(keys[i], values[i])
         layer.keys, layer.values = keys[i], values[i]
     return cache
+
+
+def positional_mask(cached: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive ``[1, 1, new, cached + new]`` mask of a forward pass over an assembled cache.
+
+    The cache holds entries at the ``cached`` positions (in cache order), then the pass appends its
+    own tokens at ``positions``. Each new token attends to every entry at a position up to its own,
+    whatever its place in the cache, except the ``hidden`` cached entries (ones the pass recomputes).
+    """
+    visible = torch.cat([cached, positions])[None, :] <= positions[:, None]
+    if hidden is not None:
+        visible[:, : len(cached)] &= ~hidden
+    mask = torch.zeros(visible.shape, dtype=dtype, device=positions.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]

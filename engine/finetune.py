@@ -1,22 +1,17 @@
-"""Block fine-tuning: LoRA training under the Block-Attention mask, so a model answers well from blocks.
+"""Block fine-tuning: LoRA training under Block-Attention, so a model answers well from blocks.
 
 Without fine-tuning, passages that never attended to each other cost accuracy (see README). Each
 training example is laid out exactly as :class:`BlockEngine` prompts (head, each passage then the
 blank-line separator, the question), by the engine's own :func:`prompt_layout` and tokenization,
 followed by the answer and the EOS token; the loss is cross-entropy on the answer tokens only.
 
-The forward runs the whole example at contiguous positions under :func:`block_attention_mask`:
-each passage attends only to itself (``naive``) or to the head and itself (``prefix``); the head,
-separators, question and answer attend causally to everything before them. A seeded fraction of
-examples (``full_fraction``, the paper's ``train_full_attention``) trains with plain causal
+A block-mode step computes what inference computes, differentiably: the head and the passages are
+encoded as blocks (passages alone in ``naive`` mode, after the head in ``prefix`` mode), assembled
+at their places with re-rotated keys, and the separators, question and answer prefilled over them.
+So training sees exactly the positions inference sees: a prefix block's KV always comes from right
+after the head, wherever the passage then sits (tested: equal logits). A seeded fraction of steps
+(``full_fraction``, the paper's ``train_full_attention``) trains the same example with plain causal
 attention instead, so one model serves both block and full mode.
-
-Exactness. A naive block is encoded from position 0 and re-rotated to where it sits; RoPE depends
-only on relative positions, so the contiguous masked forward computes what inference computes
-(tested: equal logits). A prefix block is encoded right after the head and then re-rotated: at
-inference every passage sits next to the head as far as its own KV is concerned, whereas in the
-contiguous layout later passages sit farther from it. Prefix-mode training is therefore exact for
-the first passage (one-passage prompts are exact, tested) and a close approximation for the others.
 
 Only LoRA weights are trained (peft); :func:`finetune` saves them with ``save_pretrained`` as
 safetensors plus a JSON record of the settings and the base model's fingerprint, and
@@ -40,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .blocks import BLOCK_MODES, BlockMode, SegmentKind, block_attention_mask
+from .blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, positional_mask
 from .errors import ExtraNotInstalledError
 from .generate import BlockEngine, prompt_layout
 from .model import ADAPTER_SETTINGS, package_versions
@@ -48,6 +43,8 @@ from .prompt import tokenize
 
 #: What an example attends to in training: a block mode, or plain causal attention.
 TrainAttention = Literal["naive", "prefix", "full"]
+#: A piece of an example: a passage (``"block"``) or prompt text around it (``"text"``).
+SegmentKind = Literal["block", "text"]
 #: Label of tokens without loss (PyTorch's and transformers' convention).
 IGNORE_INDEX = -100
 #: Attention and MLP projections of every supported family (Llama, Mistral, Qwen2, Qwen3).
@@ -79,13 +76,14 @@ class ExampleTokens:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def attention_mask(self, attention: TrainAttention, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The additive ``[1, 1, T, T]`` mask of this example under ``attention``."""
-        if attention == "full":
-            return block_attention_mask([(len(self), "text")], dtype)
-        if attention not in BLOCK_MODES:
-            raise ValueError(f"attention must be 'full' or one of {BLOCK_MODES}, got {attention!r}")
-        return block_attention_mask(self.segments, dtype, context=self.head_tokens if attention == "prefix" else 0)
+    def passage_spans(self) -> list[tuple[int, int]]:
+        """``(start, length)`` of each passage in the example."""
+        spans, at = [], 0
+        for n, kind in self.segments:
+            if kind == "block":
+                spans.append((at, n))
+            at += n
+        return spans
 
 
 class _Passage(str):
@@ -116,15 +114,30 @@ def example_tokens(engine: BlockEngine, example: TrainingExample) -> ExampleToke
 
 
 def answer_logits(model: PreTrainedModel, tokens: ExampleTokens, attention: TrainAttention) -> torch.Tensor:
-    """Logits predicting each answer token and the EOS, ``[answer tokens + 1, vocab]``, from one forward.
+    """Logits predicting each answer token and the EOS, ``[answer tokens + 1, vocab]``, under ``attention``.
 
-    Positions are contiguous; only the rows that predict labelled tokens go through the LM head.
+    Only the rows that predict labelled tokens go through the LM head.
     """
-    param = next(model.parameters())
-    out = model(input_ids=tokens.input_ids[None].to(param.device),
-                position_ids=torch.arange(len(tokens), device=param.device)[None],
-                attention_mask=tokens.attention_mask(attention, param.dtype).to(param.device),
-                logits_to_keep=len(tokens) - tokens.answer_start + 1, use_cache=False)
+    if attention != "full" and attention not in BLOCK_MODES:
+        raise ValueError(f"attention must be 'full' or one of {BLOCK_MODES}, got {attention!r}")
+    device = next(model.parameters()).device
+    ids, keep = tokens.input_ids.to(device), len(tokens) - tokens.answer_start + 1
+    if attention == "full":
+        out = model(input_ids=ids[None], logits_to_keep=keep, use_cache=False)
+        return out.logits[0, :-1]
+    head = encode_batch(model, [tokens.input_ids[:tokens.head_tokens].tolist()])[0]
+    spans = tokens.passage_spans()
+    passages = encode_batch(model, [tokens.input_ids[s:s + n].tolist() for s, n in spans],
+                            head if attention == "prefix" else None)
+    cache = assemble(model, [head, *passages], [0, *(s for s, _ in spans)])
+    in_block = torch.zeros(len(tokens), dtype=torch.bool, device=device)
+    for s, n in [(0, tokens.head_tokens), *spans]:
+        in_block[s:s + n] = True
+    every = torch.arange(len(tokens), device=device)
+    positions = every[~in_block]
+    out = model(input_ids=ids[positions][None], position_ids=positions[None], past_key_values=cache, use_cache=True,
+                attention_mask=positional_mask(every[in_block], positions, dtype=next(model.parameters()).dtype),
+                logits_to_keep=keep)
     return out.logits[0, :-1]
 
 

@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
+from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks,
+                     positional_mask)
 from .decoding import DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
@@ -378,11 +379,7 @@ class BlockEngine:
         stale = fresh[cached]  # cache entries this pass recomputes
         mask = None
         if bool(stale.any()) or blocks and blocks[-1][1] > texts[0][1]:  # causal by position, stale entries unseen
-            visible = torch.cat([cached, positions])[None, :] <= positions[:, None]
-            visible[:, : len(cached)] &= ~stale
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(visible.shape, dtype=dtype, device=self.device)
-            mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
+            mask = positional_mask(cached, positions, stale, next(self.model.parameters()).dtype)
         out = self.model(input_ids=ids[positions][None], position_ids=positions[None], attention_mask=mask,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         drop_stale(cache, stale)

@@ -11,11 +11,11 @@ from transformers import DynamicCache, GPT2Config, Qwen2Config
 from blockrag.engine import (Block, BlockEngine, BlockMismatchError, ModelNotFoundError,
                              PromptTooLongError, UnsupportedModelError, assemble, encode_blocks, load_model,
                              model_fingerprint, rerotate)
-from blockrag.engine.blocks import block_attention_mask
 from blockrag.engine.model import check_supported
 from blockrag.engine.rope import rotary_module
 from blockrag.engine.prompt import PASSAGE_SEPARATOR
-from tiny_models import FAMILIES, ROPES, TINY, tiny_model
+from tiny_models import FAMILIES, ROPES, TINY, block_attention_mask, tiny_model
+
 
 def keys_at(model, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Keys of every layer for ``ids`` encoded alone at positions ``start..``: [layers, kv_heads, n, head_dim]."""

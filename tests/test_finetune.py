@@ -18,6 +18,7 @@ from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingEx
 from blockrag.engine.model import ADAPTER_SETTINGS
 from blockrag.retriever import IndexMismatchError, QAItem
 from blockrag.retriever.finetune import training_example
+from tiny_models import block_attention_mask
 
 EXAMPLE = TrainingExample(
     passages=("The Pellam lighthouse was lit in 1871 and automated in 1990.",
@@ -77,12 +78,31 @@ def test_full_attention_training_equals_full_inference(tokenizer):
     torch.testing.assert_close(trained, inference_logits(engine, EXAMPLE, "full", None), rtol=0, atol=1e-4)
 
 
-def test_prefix_block_training_is_exact_for_one_passage(tokenizer):
+def test_prefix_block_training_equals_block_inference(tokenizer):
     engine = engine_for(tiny_llama(), tokenizer, "prefix")
-    one = TrainingExample(EXAMPLE.passages[:1], EXAMPLE.question, EXAMPLE.answer, prefix="Answer in one line.")
+    example = TrainingExample(EXAMPLE.passages, EXAMPLE.question, EXAMPLE.answer, prefix="Answer in one line.")
+    tokens = example_tokens(engine, example)
     with torch.no_grad():
-        trained = answer_logits(engine.model, example_tokens(engine, one), "prefix")
-    torch.testing.assert_close(trained, inference_logits(engine, one, "block", "prefix"), rtol=0, atol=1e-4)
+        trained = answer_logits(engine.model, tokens, "prefix")
+        naive = answer_logits(engine.model, tokens, "naive")
+    expected = inference_logits(engine, example, "block", "prefix")
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-4)
+    assert (naive - expected).abs().max() > 1e-2  # what passages are encoded after matters
+
+
+def test_block_training_gradients_equal_the_masked_forward(tokenizer):
+    """Gradients reach every weight through the assembled blocks (re-rotation and cache included): in naive mode
+    they equal those of the paper's contiguous forward under the Block-Attention mask."""
+    engine = engine_for(tiny_llama(), tokenizer, "naive")
+    model, tokens = engine.model, example_tokens(engine, EXAMPLE)
+    example_loss(model, tokens, "naive").backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    mask = block_attention_mask([(n, kind) for n, kind in tokens.segments])
+    model(input_ids=tokens.input_ids[None], attention_mask=mask, labels=tokens.labels[None]).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert ours["model.layers.0.self_attn.k_proj.weight"].abs().max() > 0  # passages' keys are trained
 
 
 def test_loss_covers_the_answer_and_eos_only(tokenizer):
@@ -95,9 +115,9 @@ def test_loss_covers_the_answer_and_eos_only(tokenizer):
     assert [kind for _, kind in tokens.segments] == ["text", "block", "text", "block", "text", "block", "text", "text",
                                                       "text"]
     with torch.no_grad():
-        ours = example_loss(engine.model, tokens, "naive")
-        hf = engine.model(input_ids=tokens.input_ids[None], attention_mask=tokens.attention_mask("naive"),
-                          labels=tokens.labels[None]).loss  # transformers' shifted loss over the labelled tokens
+        ours = example_loss(engine.model, tokens, "full")
+        # transformers' own shifted loss over the labelled tokens
+        hf = engine.model(input_ids=tokens.input_ids[None], labels=tokens.labels[None]).loss
     torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
 
 
@@ -107,9 +127,9 @@ def trained(tokenizer, tmp_path_factory):
     base = tmp_path_factory.mktemp("base")
     tiny_llama().save_pretrained(base)
     tokenizer.save_pretrained(base)
-    engine = BlockEngine(load_model(str(base)), block_mode="naive")
+    engine = BlockEngine(load_model(str(base)), block_mode="prefix")
     before = engine.fingerprint
-    settings = FinetuneSettings(epochs=12, lr=3e-3, rank=4, full_fraction=0.5, block_mode="naive", seed=1)
+    settings = FinetuneSettings(epochs=20, lr=3e-3, rank=4, full_fraction=0.5, block_mode="prefix", seed=1)
     adapter = tmp_path_factory.mktemp("adapter")
     report = finetune(engine, [EXAMPLE], adapter, settings, base_model=str(base), progress=False)
     assert model_fingerprint(engine.model, tokenizer) == before  # the engine's model is the base model again
@@ -122,11 +142,11 @@ def test_training_lowers_the_loss_and_saves_safetensors(trained):
         ["adapter_model.safetensors", "adapter_config.json", ADAPTER_SETTINGS, "README.md"])
     record = json.loads((adapter / ADAPTER_SETTINGS).read_text())
     assert record["base_fingerprint"] == engine.fingerprint and record["settings"]["rank"] == 4
-    assert len(report.losses) == 12 and 0 < report.full_steps < 12
+    assert len(report.losses) == 20 and 0 < report.full_steps < 20
     tuned = load_model(str(base), adapter=adapter).model
     tokens = example_tokens(engine, EXAMPLE)
     with torch.no_grad():
-        for attention in ("naive", "full"):
+        for attention in ("prefix", "full"):
             assert example_loss(tuned, tokens, attention) < example_loss(engine.model, tokens, attention) - 1.0
 
 

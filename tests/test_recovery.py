@@ -7,9 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from blockrag.engine import BlockEngine, LoadedModel, Recovery, assemble, encode_blocks
-from blockrag.engine.blocks import block_attention_mask
 from blockrag.engine.recovery import positions_to_recompute
-from tiny_models import tiny_model
+from tiny_models import block_attention_mask, tiny_model
 
 PASSAGES = ["Alpha passage about the river and the town.", "Beta: a second passage, somewhat longer than the first.",
             "Gamma."]

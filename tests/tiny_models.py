@@ -30,3 +30,22 @@ def tiny_model(family: str = "llama", rope: str = "default", attn: str = "eager"
     config = FAMILIES[family](rope_parameters=dict(ROPES[rope]))
     config._attn_implementation = attn
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def block_attention_mask(segments: list[tuple[int, str]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The naive Block-Attention mask over one contiguous sequence, as an additive ``[1, 1, T, T]`` tensor: the
+    paper's training mask, an independent reference for what assembled naive blocks compute.
+
+    ``"block"`` segments attend causally to themselves only; ``"text"`` segments to everything before them.
+    """
+    total = sum(n for n, _ in segments)
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    pos = 0
+    for n, kind in segments:
+        if kind not in ("block", "text"):
+            raise ValueError(f"segment kind must be 'block' or 'text', got {kind!r}")
+        rows = slice(pos, pos + n)
+        allowed[rows, (pos if kind == "block" else 0): pos + n] = True
+        pos += n
+    allowed &= torch.ones(total, total, dtype=torch.bool).tril()
+    return torch.zeros(total, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
