@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .rope import rerotation, rotary_module
 
@@ -199,16 +200,27 @@ def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[i
     return cache
 
 
-def positional_mask(cached: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The additive ``[1, 1, new, cached + new]`` mask of a forward pass over an assembled cache.
 
-    The cache holds entries at the ``cached`` positions (in cache order), then the pass appends its
-    own tokens at ``positions``. Each new token attends to every entry at a position up to its own,
-    whatever its place in the cache, except the ``hidden`` cached entries (ones the pass recomputes).
+def prefill_over_blocks(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, in_block: torch.Tensor,
+                        fresh: torch.Tensor, logits_to_keep: int = 1) -> tuple[CausalLMOutputWithPast, torch.Tensor]:
+    """Run the tokens of ``ids`` at the ``fresh`` positions over ``cache``, which holds the KV of the
+    ``in_block`` positions back to back (as :func:`assemble` leaves it).
+
+    Each fresh token attends by position: to every entry at a position up to its own, wherever it
+    sits in the cache, except the entries of fresh block positions, which this pass recomputes.
+    Returns the model's output and which cache entries went stale (for :func:`~.recovery.drop_stale`).
+    Where no cached entry follows a fresh token and none goes stale, the model's own causal mask is the same.
     """
-    visible = torch.cat([cached, positions])[None, :] <= positions[:, None]
-    if hidden is not None:
-        visible[:, : len(cached)] &= ~hidden
-    mask = torch.zeros(visible.shape, dtype=dtype, device=positions.device)
-    return mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
+    every = torch.arange(len(ids), device=ids.device)
+    positions, cached = every[fresh], every[in_block]
+    stale = fresh[cached]
+    mask = None
+    if bool(stale.any()) or len(cached) and bool(cached[-1] > positions[0]):
+        visible = torch.cat([cached, positions])[None, :] <= positions[:, None]
+        visible[:, : len(cached)] &= ~stale
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device)
+        mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
+    out = model(input_ids=ids[positions][None], position_ids=positions[None], attention_mask=mask,
+                past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    return out, stale

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, positional_mask
+from .blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, prefill_over_blocks
 from .errors import ExtraNotInstalledError
 from .generate import BlockEngine, prompt_layout
 from .model import ADAPTER_SETTINGS, package_versions
@@ -133,11 +133,7 @@ def answer_logits(model: PreTrainedModel, tokens: ExampleTokens, attention: Trai
     in_block = torch.zeros(len(tokens), dtype=torch.bool, device=device)
     for s, n in [(0, tokens.head_tokens), *spans]:
         in_block[s:s + n] = True
-    every = torch.arange(len(tokens), device=device)
-    positions = every[~in_block]
-    out = model(input_ids=ids[positions][None], position_ids=positions[None], past_key_values=cache, use_cache=True,
-                attention_mask=positional_mask(every[in_block], positions, dtype=next(model.parameters()).dtype),
-                logits_to_keep=keep)
+    out, _ = prefill_over_blocks(model, ids, cache, in_block, ~in_block, keep)
     return out.logits[0, :-1]
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks,
-                     positional_mask)
+                     prefill_over_blocks)
 from .decoding import DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
@@ -368,23 +368,15 @@ class BlockEngine:
             return _Prefill(cache, out.logits[0, -1], 0, total)
         starts = [sum(lengths[:i]) for i in range(len(pieces))]
         blocks = [(p, s) for p, s in zip(pieces, starts) if isinstance(p, Block)]
-        texts = [(p, s) for p, s in zip(pieces, starts) if not isinstance(p, Block)]
         cache = assemble(self.model, [b for b, _ in blocks], [s for _, s in blocks])
         in_block = torch.cat([torch.full((len(p),), isinstance(p, Block)) for p in pieces]).to(self.device)
         fresh = ~in_block  # the positions this forward pass computes: the text, and block tokens recomputed
         if recovery is not None:
             fresh[positions_to_recompute(self.model, recovery, cache, ids, [(s, len(b)) for b, s in blocks])] = True
-        every = torch.arange(total, device=self.device)
-        positions, cached = every[fresh], every[in_block]  # the cache holds the blocks back to back
-        stale = fresh[cached]  # cache entries this pass recomputes
-        mask = None
-        if bool(stale.any()) or blocks and blocks[-1][1] > texts[0][1]:  # causal by position, stale entries unseen
-            mask = positional_mask(cached, positions, stale, next(self.model.parameters()).dtype)
-        out = self.model(input_ids=ids[positions][None], position_ids=positions[None], attention_mask=mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out, stale = prefill_over_blocks(self.model, ids, cache, in_block, fresh)
         drop_stale(cache, stale)
         recomputed = tuple(int(m.sum()) for m in stale.split([len(b) for b, _ in blocks]))
-        served = len(cached) - sum(recomputed)
+        served = int(in_block.sum()) - sum(recomputed)
         return _Prefill(cache, out.logits[0, -1], served, total - served, recomputed)
 
     def _check_length(self, tokens: int) -> None:

@@ -98,7 +98,7 @@ def test_block_training_gradients_equal_the_masked_forward(tokenizer):
     example_loss(model, tokens, "naive").backward()
     ours = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    mask = block_attention_mask([(n, kind) for n, kind in tokens.segments])
+    mask = block_attention_mask(list(tokens.segments))
     model(input_ids=tokens.input_ids[None], attention_mask=mask, labels=tokens.labels[None]).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
