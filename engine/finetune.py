@@ -15,7 +15,8 @@ attention instead, so one model serves both block and full mode.
 
 Only LoRA weights are trained (peft); :func:`finetune` saves them with ``save_pretrained`` as
 safetensors plus a JSON record of the settings and the base model's fingerprint, and
-``load_model(..., adapter=folder)`` merges them back into a plain model.
+``load_model(..., adapter=folder)`` merges them back into a plain model. Training can go on from
+a saved adapter (``resume``), so a run can be extended with more epochs or other examples later.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, prefill_over_blocks
-from .errors import ExtraNotInstalledError
+from .errors import AdapterNotFoundError, ExtraNotInstalledError
 from .generate import BlockEngine, prompt_layout
-from .model import ADAPTER_SETTINGS, package_versions
+from .model import ADAPTER_CONFIG, ADAPTER_SETTINGS, check_adapter, package_versions
 from .prompt import tokenize
 
 #: What an example attends to in training: a block mode, or plain causal attention.
@@ -192,6 +193,17 @@ class FinetuneReport:
                 f"{self.mean_loss('first'):.3f} -> {self.mean_loss('last'):.3f}; adapter in {self.folder}")
 
 
+def lora_shape(adapter: str | os.PathLike) -> dict:
+    """The LoRA settings an adapter folder was saved with, as :class:`FinetuneSettings` fields."""
+    path = Path(adapter).expanduser() / ADAPTER_CONFIG
+    if not path.is_file():
+        raise AdapterNotFoundError(f"{path.parent} holds no LoRA adapter ({ADAPTER_CONFIG}); pass the folder "
+                                   "`blockrag finetune --out` wrote.")
+    config = json.loads(path.read_text())
+    return {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
+            "target_modules": tuple(sorted(config["target_modules"]))}
+
+
 def _peft():
     try:
         import peft
@@ -203,15 +215,29 @@ def _peft():
 
 def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str | os.PathLike,
              settings: FinetuneSettings = FinetuneSettings(), *, base_model: str | None = None,
-             progress: bool = True) -> FinetuneReport:
+             resume: str | os.PathLike | None = None, progress: bool = True) -> FinetuneReport:
     """Train a LoRA adapter of ``engine``'s model on ``examples`` and save it in the folder ``out``.
 
     One example per optimizer step (AdamW, constant learning rate), in a seeded order; each step
     trains under the block mask, or with probability ``full_fraction`` under full attention. The
     engine's model is restored to its base weights afterwards: apply the adapter with
     ``load_model(..., adapter=out)``. ``base_model`` (how to load the base model) is recorded.
+    ``resume`` is an adapter folder of the same base model and LoRA shape to go on training
+    (the optimizer starts afresh); the new record keeps the old one under ``resumed_from``.
     """
     peft = _peft()
+    previous = None
+    if resume is not None:
+        resume = check_adapter(resume, engine.fingerprint, next(engine.model.parameters()).dtype)
+        shape = lora_shape(resume)
+        wanted = {**{k: getattr(settings, k) for k in shape}, "target_modules": tuple(sorted(settings.target_modules))}
+        if shape != wanted:
+            raise ValueError(f"the adapter in {resume} has LoRA settings {shape}, but these settings ask for {wanted}; "
+                             "train on with the adapter's own (blockrag.engine.finetune.lora_shape gives them)")
+        record_file = resume / ADAPTER_SETTINGS
+        previous = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        previous = {"folder": str(resume), **{k: v for k, v in previous.items() if k not in ("losses", "versions")},
+                    "steps": len(previous.get("losses", []))}
     limit = min(settings.max_tokens or engine.max_positions, engine.max_positions)
     all_tokens = [example_tokens(engine, e) for e in examples]
     tokens = [t for t in all_tokens if len(t) <= limit]
@@ -223,7 +249,9 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
     base_fingerprint = engine.fingerprint
     lora = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                            target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
-    model = peft.get_peft_model(engine.model, lora)  # injects LoRA layers into engine.model in place
+    # Both inject LoRA layers into engine.model in place.
+    model = (peft.PeftModel.from_pretrained(engine.model, resume, is_trainable=True) if resume is not None
+             else peft.get_peft_model(engine.model, lora))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
     losses: list[float] = []
@@ -257,6 +285,8 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
                   "settings": asdict(settings), "examples": report.examples, "skipped": report.skipped,
                   "full_steps": full_steps, "seconds": round(report.seconds, 1),
                   "losses": [round(x, 4) for x in losses], "versions": package_versions()}
+        if previous is not None:
+            record["resumed_from"] = previous
         (folder / ADAPTER_SETTINGS).write_text(json.dumps(record, indent=1) + "\n")
     finally:
         model.unload()  # removes the LoRA layers: engine.model is the base model again

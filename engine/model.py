@@ -175,6 +175,27 @@ def load_model(
     return LoadedModel(model, tokenizer, fingerprint)
 
 
+def check_adapter(adapter: str | os.PathLike, fingerprint: str, dtype: torch.dtype) -> Path:
+    """The adapter folder, once it holds an adapter recorded as trained on the model ``fingerprint`` (in ``dtype``)."""
+    folder = Path(adapter).expanduser()
+    if not (folder / ADAPTER_WEIGHTS).is_file() or not (folder / ADAPTER_CONFIG).is_file():
+        raise AdapterNotFoundError(f"{folder} holds no LoRA adapter ({ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}); pass "
+                                   "the folder `blockrag finetune --out` wrote.")
+    record = folder / ADAPTER_SETTINGS
+    if record.is_file():
+        trained = json.loads(record.read_text())
+        base, base_dtype = trained.get("base_fingerprint"), trained.get("base_dtype")
+        if base != fingerprint:
+            raise AdapterMismatchError(
+                f"the adapter in {folder} was trained on a base model with fingerprint {base} ({base_dtype}), but "
+                f"this model's is {fingerprint} ({dtype}); load the model the adapter was trained on, in that dtype "
+                f"(see 'base_model' in {record}).")
+    else:
+        log.warning("%s has no %s: cannot check that the adapter was trained on this base model", folder,
+                    ADAPTER_SETTINGS)
+    return folder
+
+
 def merge_adapter(model: PreTrainedModel, fingerprint: str,
                   adapter: str | os.PathLike) -> tuple[PreTrainedModel, str]:
     """Merge a LoRA adapter into ``model`` (fingerprint ``fingerprint``): a plain model, so the engine needs no peft.
@@ -182,23 +203,8 @@ def merge_adapter(model: PreTrainedModel, fingerprint: str,
     Returns the merged model and its fingerprint, which names the adapter's weights too. An
     adapter recorded as trained on another base model is refused.
     """
-    folder = Path(adapter).expanduser()
+    folder = check_adapter(adapter, fingerprint, next(model.parameters()).dtype)
     weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file() or not (folder / ADAPTER_CONFIG).is_file():
-        raise AdapterNotFoundError(f"{folder} holds no LoRA adapter ({ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}); pass "
-                                   "the folder `blockrag finetune --out` wrote.")
-    record = folder / ADAPTER_SETTINGS
-    if record.is_file():
-        trained = json.loads(record.read_text())
-        base, dtype = trained.get("base_fingerprint"), trained.get("base_dtype")
-        if base != fingerprint:
-            raise AdapterMismatchError(
-                f"the adapter in {folder} was trained on a base model with fingerprint {base} ({dtype}), but this "
-                f"model's is {fingerprint} ({next(model.parameters()).dtype}); load the model the adapter was "
-                f"trained on, in that dtype (see 'base_model' in {record}).")
-    else:
-        log.warning("%s has no %s: cannot check that the adapter was trained on this base model", folder,
-                    ADAPTER_SETTINGS)
     try:
         from peft import PeftModel
     except ImportError as exc:

@@ -16,7 +16,7 @@ import random
 import torch
 
 from blockrag.engine import BLOCK_MODES, DEFAULT_MODEL, BlockEngine, load_model
-from blockrag.engine.finetune import FinetuneSettings, TrainingExample, finetune
+from blockrag.engine.finetune import FinetuneSettings, TrainingExample, finetune, lora_shape
 
 from .errors import IndexMismatchError
 from .evaluate import DEFAULT_SYSTEM_PROMPT
@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = FinetuneSettings()
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
-    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (alpha is twice the rank)")
+    parser.add_argument("--rank", type=int, help=f"LoRA rank, alpha twice the rank (default: {defaults.rank}, or "
+                        "the resumed adapter's LoRA settings)")
+    parser.add_argument("--resume", metavar="ADAPTER_DIR", help="go on training this adapter (of the same base model)")
     parser.add_argument("--full-fraction", type=float, default=defaults.full_fraction,
                         help="share of steps trained with full attention, so one model serves both modes")
     parser.add_argument("--block-mode", choices=BLOCK_MODES, default=defaults.block_mode, help="block mask to train")
@@ -78,10 +80,13 @@ def finetune_command(args: argparse.Namespace) -> int:
         examples = [training_example(retriever, item, args.top_k, rng) for item in items]
     engine = BlockEngine(load_model(args.model, dtype=args.dtype, device=args.device),
                          system_prompt=args.system_prompt)
-    settings = FinetuneSettings(epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=2 * args.rank,
-                                full_fraction=args.full_fraction, block_mode=args.block_mode, seed=args.seed,
-                                max_tokens=args.max_tokens)
-    report = finetune(engine, examples, args.out, settings, base_model=args.model)
+    if args.rank is not None:
+        shape = {"rank": args.rank, "alpha": 2 * args.rank}
+    else:
+        shape = lora_shape(args.resume) if args.resume else {}
+    settings = FinetuneSettings(epochs=args.epochs, lr=args.lr, full_fraction=args.full_fraction,
+                                block_mode=args.block_mode, seed=args.seed, max_tokens=args.max_tokens, **shape)
+    report = finetune(engine, examples, args.out, settings, base_model=args.model, resume=args.resume)
     print(report)
     print(f"Evaluate it with `blockrag eval {args.qa} --index {args.index} --model {args.model} --adapter {args.out}` "
           f"(the same --dtype); the adapter's model has its own fingerprint, so it gets its own KV blocks.")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from blockrag.engine import BlockEngine, LoadedModel, load_model, model_fingerprint
 from blockrag.engine.errors import AdapterMismatchError, AdapterNotFoundError
 from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingExample, answer_logits, example_loss,
-                                      example_tokens, finetune)
+                                      example_tokens, finetune, lora_shape)
 from blockrag.engine.model import ADAPTER_SETTINGS
 from blockrag.retriever import IndexMismatchError, QAItem
 from blockrag.retriever.finetune import training_example
@@ -171,6 +171,40 @@ def test_adapter_of_another_base_or_no_adapter_is_refused(trained, tokenizer, tm
         load_model(str(other), adapter=adapter)
     with pytest.raises(AdapterNotFoundError, match="holds no LoRA adapter"):
         load_model(str(other), adapter=tmp_path / "empty")
+
+
+def test_training_resumes_from_a_saved_adapter(trained, tmp_path):
+    base, adapter, _, engine = trained
+    settings = FinetuneSettings(epochs=2, lr=3e-3, rank=4, full_fraction=0.0, block_mode="prefix", seed=2)
+    tokens = example_tokens(engine, EXAMPLE)
+    with torch.no_grad():
+        base_loss = example_loss(engine.model, tokens, "prefix").item()
+    report = finetune(engine, [EXAMPLE], tmp_path / "more", settings, base_model=str(base), resume=adapter,
+                      progress=False)
+    # The first step already runs with the trained adapter, which lowers the loss by more than 1 (test above);
+    # a fresh LoRA starts at the base model's loss (its B matrices are zero), up to dropout.
+    assert report.losses[0] < base_loss - 1.0
+    record = json.loads((tmp_path / "more" / ADAPTER_SETTINGS).read_text())
+    assert record["resumed_from"]["folder"] == str(adapter) and record["resumed_from"]["steps"] == 20
+    assert record["resumed_from"]["settings"]["epochs"] == 20 and record["settings"]["epochs"] == 2
+    assert lora_shape(tmp_path / "more") == lora_shape(adapter)
+    assert load_model(str(base), adapter=tmp_path / "more").fingerprint != load_model(str(base), adapter=adapter).fingerprint
+    assert model_fingerprint(engine.model, engine.tokenizer) == engine.fingerprint  # base weights restored
+
+
+def test_resuming_needs_the_adapter_shape_and_base_model(trained, tokenizer, tmp_path):
+    base, adapter, _, engine = trained
+    with pytest.raises(ValueError, match="LoRA settings"):
+        finetune(engine, [EXAMPLE], tmp_path / "out", FinetuneSettings(rank=8), resume=adapter, progress=False)
+    with pytest.raises(AdapterNotFoundError, match="holds no LoRA adapter"):
+        finetune(engine, [EXAMPLE], tmp_path / "out", FinetuneSettings(rank=4), resume=tmp_path, progress=False)
+    other = tmp_path / "other"
+    tiny_llama(seed=5).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(AdapterMismatchError, match="trained on a base model"):
+        finetune(BlockEngine(load_model(str(other))), [EXAMPLE], tmp_path / "out", FinetuneSettings(rank=4),
+                 resume=adapter, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 class _Index:
