@@ -200,7 +200,6 @@ def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[i
     return cache
 
 
-
 def prefill_over_blocks(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, in_block: torch.Tensor,
                         fresh: torch.Tensor, logits_to_keep: int = 1) -> tuple[CausalLMOutputWithPast, torch.Tensor]:
     """Run the tokens of ``ids`` at the ``fresh`` positions over ``cache``, which holds the KV of the

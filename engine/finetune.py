@@ -162,6 +162,11 @@ class FinetuneSettings:
     """Examples longer than this (prompt and answer) are skipped; None: the model's context."""
     target_modules: tuple[str, ...] = LORA_TARGETS
 
+    def lora_shape(self) -> dict:
+        """The LoRA settings an adapter is saved with, in the form :func:`lora_shape` reads them back."""
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": tuple(sorted(self.target_modules))}
+
     def __post_init__(self) -> None:
         if self.block_mode not in BLOCK_MODES:
             raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
@@ -229,15 +234,14 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
     previous = None
     if resume is not None:
         resume = check_adapter(resume, engine.fingerprint, next(engine.model.parameters()).dtype)
-        shape = lora_shape(resume)
-        wanted = {**{k: getattr(settings, k) for k in shape}, "target_modules": tuple(sorted(settings.target_modules))}
-        if shape != wanted:
-            raise ValueError(f"the adapter in {resume} has LoRA settings {shape}, but these settings ask for {wanted}; "
-                             "train on with the adapter's own (blockrag.engine.finetune.lora_shape gives them)")
+        if lora_shape(resume) != settings.lora_shape():
+            raise ValueError(f"the adapter in {resume} has LoRA settings {lora_shape(resume)}, but these settings ask "
+                             f"for {settings.lora_shape()}; train on with the adapter's own "
+                             "(blockrag.engine.finetune.lora_shape gives them)")
         record_file = resume / ADAPTER_SETTINGS
-        previous = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        previous = {"folder": str(resume), **{k: v for k, v in previous.items() if k not in ("losses", "versions")},
-                    "steps": len(previous.get("losses", []))}
+        old = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        previous = {"folder": str(resume), **{k: v for k, v in old.items() if k not in ("losses", "versions")},
+                    "steps": len(old.get("losses", []))}
     limit = min(settings.max_tokens or engine.max_positions, engine.max_positions)
     all_tokens = [example_tokens(engine, e) for e in examples]
     tokens = [t for t in all_tokens if len(t) <= limit]
@@ -247,11 +251,13 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)  # LoRA initialisation and dropout
     base_fingerprint = engine.fingerprint
-    lora = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                           target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
     # Both inject LoRA layers into engine.model in place.
-    model = (peft.PeftModel.from_pretrained(engine.model, resume, is_trainable=True) if resume is not None
-             else peft.get_peft_model(engine.model, lora))
+    if resume is not None:
+        model = peft.PeftModel.from_pretrained(engine.model, resume, is_trainable=True)
+    else:
+        lora = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                               target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(engine.model, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
     losses: list[float] = []

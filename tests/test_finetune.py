@@ -188,7 +188,8 @@ def test_training_resumes_from_a_saved_adapter(trained, tmp_path):
     assert record["resumed_from"]["folder"] == str(adapter) and record["resumed_from"]["steps"] == 20
     assert record["resumed_from"]["settings"]["epochs"] == 20 and record["settings"]["epochs"] == 2
     assert lora_shape(tmp_path / "more") == lora_shape(adapter)
-    assert load_model(str(base), adapter=tmp_path / "more").fingerprint != load_model(str(base), adapter=adapter).fingerprint
+    resumed, first = load_model(str(base), adapter=tmp_path / "more"), load_model(str(base), adapter=adapter)
+    assert resumed.fingerprint != first.fingerprint
     assert model_fingerprint(engine.model, engine.tokenizer) == engine.fingerprint  # base weights restored
 
 
