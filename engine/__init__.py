@@ -9,7 +9,7 @@ from .errors import (AdapterMismatchError, AdapterNotFoundError, BlockragError, 
 from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationResult, PrefillMode,
                        SamplingOptions, TextStream)
 from .model import DEFAULT_MODEL, LoadedModel, blockrag_home, load_model, model_fingerprint
-from .prompt import PromptTemplate
+from .prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, PromptTemplate, in_prompt_order
 from .recovery import Recovery
 from .rope import rerotate
 
@@ -17,8 +17,9 @@ __all__ = [
     "AdapterMismatchError", "AdapterNotFoundError", "ExtraNotInstalledError", "assemble", "Block", "block_key",
     "BLOCK_MODES", "BlockEngine", "BlockMismatchError", "BlockMode",
     "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES", "DecodeMode", "DecodeOptions",
-    "Decoding", "DEFAULT_MODEL", "encode_blocks", "FixedStride", "FullDecoding", "GenerationResult", "load_model",
-    "LoadedModel", "model_fingerprint", "ModelNotFoundError", "PREFILL_MODES", "PrefillMode", "PromptTemplate",
+    "Decoding", "DEFAULT_MODEL", "DEFAULT_PASSAGE_ORDER", "encode_blocks", "FixedStride", "FullDecoding",
+    "GenerationResult", "in_prompt_order", "load_model", "LoadedModel", "model_fingerprint", "ModelNotFoundError",
+    "PASSAGE_ORDERS", "PassageOrder", "PREFILL_MODES", "PrefillMode", "PromptTemplate",
     "PromptTooLongError", "QuerySimilarity", "Recovery", "RecycledDecoding", "rerotate", "SamplingOptions",
     "start_decoding", "StoppingCache", "StreamingDecoding", "TextStream", "UnsupportedModelError", "write_kv",
 ]

@@ -284,7 +284,9 @@ class BlockEngine:
                  recovery: Recovery | None = None) -> GenerationResult:
         """Answer ``question`` over ``passages`` after the system prompt ``prefix`` (None: the engine's default).
 
-        Passages may be texts or precomputed blocks from :meth:`encode`. ``decode`` picks what new
+        Passages may be texts or precomputed blocks from :meth:`encode`, placed in the order given: for
+        retrieval results, :func:`~blockrag.engine.in_prompt_order` puts the best next to the question,
+        where blocks answer best (see ``DEFAULT_PASSAGE_ORDER``). ``decode`` picks what new
         tokens attend to: the whole prompt (``"full"``), Recycled Attention (``"recycled"``) or
         StreamingLLM (``"streaming"``), with ``recycle_k``, ``stride`` and ``dynamic_threshold`` as
         :class:`DecodeOptions` describes. In block mode, ``recovery`` recomputes some passage tokens

@@ -8,7 +8,9 @@ its own, as Block-Attention requires.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -18,6 +20,14 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 _SENTINEL = "\x00BLOCKRAG-PASSAGES\x00"
 PASSAGE_SEPARATOR = "\n\n"
+
+PassageOrder = Literal["best-last", "best-first"]
+PASSAGE_ORDERS: tuple[PassageOrder, ...] = ("best-last", "best-first")
+#: Blocks answer best when the best passage sits next to the question: on 300 NQ questions with 10 retrieved
+#: passages, SmolLM2-135M's prefix blocks answered 4.3% best first and 20.7% best last, where full attention answered
+#: 17.7% best first and 13.3% best last (benchmarks/RESULTS.md).
+DEFAULT_PASSAGE_ORDER: PassageOrder = "best-last"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,14 @@ class PromptTemplate:
 
     def question_text(self, question: str) -> str:
         return self.before_question + question + self.after_question
+
+
+def in_prompt_order(ranked: Sequence[_T], order: PassageOrder = DEFAULT_PASSAGE_ORDER) -> list[_T]:
+    """Passages ranked best first, in the order a prompt places them: ``"best-last"`` puts the best next to the
+    question."""
+    if order not in PASSAGE_ORDERS:
+        raise ValueError(f"order must be one of {PASSAGE_ORDERS}, got {order!r}")
+    return list(reversed(ranked)) if order == "best-last" else list(ranked)
 
 
 def passage_text(passage: str) -> str:

@@ -11,7 +11,8 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, PrefillMode
+from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, PassageOrder, PrefillMode,
+                             in_prompt_order)
 
 from . import MissingExtraError
 from .matching import Passage, PassageIndex, render_chat
@@ -225,12 +226,18 @@ def document_blocks(documents: Sequence[Document]) -> list[dict[str, Any]]:
             for d in documents]
 
 
-def rag_chain(retriever: BaseRetriever, llm: BaseChatModel, *,
-              system_prompt: str = DEFAULT_RAG_SYSTEM_PROMPT) -> Runnable:
-    """question -> ``{"question", "context": [Document], "answer": AIMessage}``, documents passed as content blocks."""
+def rag_chain(retriever: BaseRetriever, llm: BaseChatModel, *, system_prompt: str = DEFAULT_RAG_SYSTEM_PROMPT,
+              passage_order: PassageOrder = DEFAULT_PASSAGE_ORDER) -> Runnable:
+    """question -> ``{"question", "context": [Document], "answer": AIMessage}``, documents passed as content blocks.
+
+    ``context`` keeps the retriever's order (best first); the prompt places the documents by ``passage_order``
+    (by default the best last, next to the question: see :data:`blockrag.engine.DEFAULT_PASSAGE_ORDER`).
+    """
+    in_prompt_order([], passage_order)  # a bad order fails here, not at the first question
 
     def messages(inputs: dict[str, Any]) -> list[BaseMessage]:
-        content = [{"type": "text", "text": "Documents:"}, *document_blocks(inputs["context"]),
+        documents = in_prompt_order(inputs["context"], passage_order)
+        content = [{"type": "text", "text": "Documents:"}, *document_blocks(documents),
                    {"type": "text", "text": f"Question: {inputs['question']}"}]
         return [SystemMessage(system_prompt), HumanMessage(content=content)]
 

@@ -12,7 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, PrefillMode
+from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, PassageOrder, PrefillMode,
+                             in_prompt_order)
 
 from . import MissingExtraError
 from .matching import Passage, PassageIndex, render_chat
@@ -254,10 +255,15 @@ class BlockAttentionSynthesizer(BaseSynthesizer):
 
     Each query gets its own :meth:`BlockAttentionLLM.with_passages` copy, so hints never leak into
     other queries. ``response.metadata["blockrag"]`` is a :class:`ReuseReport` of the query's LLM
-    calls (complete once a streaming response has been consumed).
+    calls (complete once a streaming response has been consumed). The prompt places the nodes by
+    ``passage_order`` (by default the best last, next to the question: see
+    :data:`blockrag.engine.DEFAULT_PASSAGE_ORDER`); ``response.source_nodes`` keep the retriever's order.
     """
 
-    def __init__(self, llm: BlockAttentionLLM, **synthesizer_kwargs: Any):
+    def __init__(self, llm: BlockAttentionLLM, *, passage_order: PassageOrder = DEFAULT_PASSAGE_ORDER,
+                 **synthesizer_kwargs: Any):
+        in_prompt_order([], passage_order)  # a bad order fails here, not at the first query
+        self._passage_order = passage_order
         self._kwargs = synthesizer_kwargs
         self._template = get_response_synthesizer(llm=llm, **synthesizer_kwargs)
         super().__init__(llm=llm, callback_manager=self._template.callback_manager,
@@ -276,21 +282,26 @@ class BlockAttentionSynthesizer(BaseSynthesizer):
         return synthesizer, llm.report
 
     @staticmethod
-    def _with_report(response: RESPONSE_TYPE, report: ReuseReport) -> RESPONSE_TYPE:
+    def _with_report(response: RESPONSE_TYPE, report: ReuseReport, nodes: list[NodeWithScore],
+                     additional_source_nodes: Sequence[NodeWithScore] | None) -> RESPONSE_TYPE:
         response.metadata = {**(response.metadata or {}), "blockrag": report}
+        response.source_nodes = [*nodes, *(additional_source_nodes or ())]
         return response
 
     def synthesize(self, query: QueryType, nodes: list[NodeWithScore],
                    additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any) -> RESPONSE_TYPE:
         synthesizer, report = self._for(nodes)
-        return self._with_report(synthesizer.synthesize(query, nodes, additional_source_nodes, **kwargs), report)
+        response = synthesizer.synthesize(query, in_prompt_order(nodes, self._passage_order),
+                                          additional_source_nodes, **kwargs)
+        return self._with_report(response, report, nodes, additional_source_nodes)
 
     async def asynthesize(self, query: QueryType, nodes: list[NodeWithScore],
                           additional_source_nodes: Sequence[NodeWithScore] | None = None,
                           **kwargs: Any) -> RESPONSE_TYPE:
         synthesizer, report = self._for(nodes)
-        response = await synthesizer.asynthesize(query, nodes, additional_source_nodes, **kwargs)
-        return self._with_report(response, report)
+        response = await synthesizer.asynthesize(query, in_prompt_order(nodes, self._passage_order),
+                                                 additional_source_nodes, **kwargs)
+        return self._with_report(response, report, nodes, additional_source_nodes)
 
     def get_response(self, query_str: str, text_chunks: Sequence[str], **kwargs: Any) -> Any:
         return self._template.get_response(query_str, text_chunks, **kwargs)
@@ -338,7 +349,8 @@ def block_query_engine(index: BaseIndex, llm: BlockAttentionLLM, *, similarity_t
                        **synthesizer_kwargs: Any) -> RetrieverQueryEngine:
     """``index.as_query_engine(llm=llm)`` with a :class:`BlockAttentionSynthesizer`.
 
-    ``synthesizer_kwargs`` (``response_mode``, ``streaming``, templates, ...) go to ``get_response_synthesizer``.
+    ``synthesizer_kwargs`` (``passage_order``, ``response_mode``, ``streaming``, templates, ...) go to the
+    synthesizer.
     """
     return RetrieverQueryEngine(retriever=index.as_retriever(similarity_top_k=similarity_top_k),
                                 response_synthesizer=BlockAttentionSynthesizer(llm, **synthesizer_kwargs))

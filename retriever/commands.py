@@ -30,7 +30,7 @@ def query_command(args: argparse.Namespace) -> int:
         engine = load_engine(index, args.model)
         head = engine.block_context()  # the prompt's head: encoded once per process, as a server would
         result = answer(Retriever(index), engine, args.question, top_k=args.top_k, mode=args.mode,
-                        max_new_tokens=args.max_new_tokens)
+                        order=args.order, max_new_tokens=args.max_new_tokens)
     r = result.result
     print(f"Answer: {result.text}\n\nPassages used:")
     print_passages(result)

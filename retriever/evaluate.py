@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from blockrag.engine import (BLOCK_MODES, BlockEngine, BlockMode, GenerationResult, PrefillMode, Recovery,
                              load_model)
 from blockrag.engine.model import package_versions
+from blockrag.engine.prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, in_prompt_order
 from blockrag.kvstore import KVStore, open_store
 
 from .errors import RetrieverError
@@ -152,15 +153,16 @@ class EvalQuestion:
 
     @property
     def gold_rank(self) -> int | None:
-        """Where the gold passage sits among the passages (from 0), None if it was not retrieved."""
+        """Where the gold passage sits among the passages in the prompt (from 0), None if it was not retrieved."""
         return self.passage_ids.index(self.item.gold_id) if self.item.gold_id in self.passage_ids else None
 
 
-def retrieved_questions(items: Sequence[QAItem], retriever: Retriever, top_k: int) -> list[EvalQuestion]:
-    """Each question with its ``top_k`` passages from the index, best first."""
+def retrieved_questions(items: Sequence[QAItem], retriever: Retriever, top_k: int,
+                        order: PassageOrder = DEFAULT_PASSAGE_ORDER) -> list[EvalQuestion]:
+    """Each question with its ``top_k`` passages from the index, placed in the prompt by ``order``."""
     out = []
     for item in items:
-        nodes = retrieved_nodes(retriever, item.question, top_k)
+        nodes = in_prompt_order(retrieved_nodes(retriever, item.question, top_k), order)
         out.append(EvalQuestion(item, tuple(n.text for n in nodes), tuple(n.doc_id for n in nodes)))
     return out
 
@@ -217,8 +219,9 @@ class EngineReader:
 # --- the results file -------------------------------------------------------------------------------------------
 
 #: Settings a results file must share with a run that resumes it: anything that changes an answer or its cost.
-RESUME_KEYS = ("data_sha256", "passages", "top_k", "oracle_plus_random", "gold_position", "seed", "max_new_tokens",
-               "system_prompt", "fingerprint", "block_mode", "embedding_model", "index_passages", "device")
+RESUME_KEYS = ("data_sha256", "passages", "top_k", "passage_order", "oracle_plus_random", "gold_position", "seed",
+               "max_new_tokens", "system_prompt", "fingerprint", "block_mode", "embedding_model", "index_passages",
+               "device")
 
 
 class ResultsFile:
@@ -351,7 +354,7 @@ def markdown_table(summary: dict[str, Any], settings: dict[str, Any]) -> str:
                      f"{diff} | {bc} | {p} | {tokens[0]} | {tokens[1]} | {ttft} | {tokens[2]} |")
     if settings["passages"] == "retrieved":
         source = f"top-{settings['top_k']} of {settings['index_passages']} passages (recall@{settings['top_k']} " \
-                 f"{_pct(summary['recall'])})"
+                 f"{_pct(summary['recall'])}), {settings['passage_order']}"
     else:
         where = "a random position" if settings["gold_position"] is None else f"position {settings['gold_position']}"
         source = f"gold passage at {where} among {settings['oracle_plus_random']}"
@@ -371,6 +374,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", metavar="DIR", help="index over the file's passages (built here if missing); "
                         "needed unless --oracle-plus-random")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="passages retrieved per question")
+    parser.add_argument("--order", choices=PASSAGE_ORDERS, default=DEFAULT_PASSAGE_ORDER,
+                        help="where the retrieved passages' best goes in the prompt: last, next to the question "
+                        "(default), or first")
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma separated; {MODE_HELP}")
     parser.add_argument("--limit", type=int, help="evaluate at most N questions")
     parser.add_argument("--start", type=int, default=0, help="first question's line (from 0)")
@@ -458,7 +464,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "data": str(args.data), "data_sha256": _file_sha256(args.data), "start": args.start, "limit": args.limit,
         "questions": len(items), "passages": "oracle-plus-random" if oracle else "retrieved",
-        "top_k": None if oracle else args.top_k, "oracle_plus_random": args.oracle_plus_random,
+        "top_k": None if oracle else args.top_k, "passage_order": None if oracle else args.order,
+        "oracle_plus_random": args.oracle_plus_random,
         "gold_position": args.gold_position, "seed": args.seed, "index": args.index, "index_passages": None,
         "embedding_model": None, "kv_store": None, "max_new_tokens": args.max_new_tokens,
         "decoding": "greedy, up to the first newline",
@@ -505,4 +512,4 @@ def _retrieve(stack: ExitStack, index: Index, engine: BlockEngine, args: argpars
     settings["kv_store"] = store.location
     settings.update(block_mode=config.block_mode, index_passages=len(index), embedding_model=config.embedding_model)
     retriever = Retriever(index, device=args.device)
-    return retrieved_questions(items, retriever, args.top_k)
+    return retrieved_questions(items, retriever, args.top_k, args.order)

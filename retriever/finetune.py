@@ -2,7 +2,8 @@
 
 Each question from line ``--start`` on (so training never sees the questions ``blockrag eval``
 scores, which start at line 0) becomes one example: the ``--top-k`` passages retrieved from the
-index, best first, as the prompt, and the question's first gold answer as the target. The gold
+index, placed as ``blockrag eval`` places them (``--order``), as the prompt, and the question's first gold
+answer as the target. The gold
 passage is always among them: if retrieval missed it, it replaces the last retrieved passage, at a
 seeded random position, so the model learns to read the answer from a passage rather than to guess.
 Prompts use ``blockrag eval``'s system prompt and passage count by default, so training sees what
@@ -19,6 +20,7 @@ import torch
 
 from blockrag.engine import BLOCK_MODES, DEFAULT_MODEL, BlockEngine, load_model
 from blockrag.engine.finetune import FinetuneSettings, TrainingExample, finetune, lora_shape
+from blockrag.engine.prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, in_prompt_order
 
 from .errors import IndexMismatchError
 from .evaluate import DEFAULT_SYSTEM_PROMPT, DEFAULT_TOP_K
@@ -27,11 +29,12 @@ from .qa import QAItem, best_subspan_match, load_qa, retrieved_passages
 from .retrieve import Retriever
 
 
-def training_example(retriever: Retriever, item: QAItem, top_k: int, rng: random.Random) -> TrainingExample:
+def training_example(retriever: Retriever, item: QAItem, top_k: int, rng: random.Random,
+                     order: PassageOrder = DEFAULT_PASSAGE_ORDER) -> TrainingExample:
     """``item``'s question over its ``top_k`` retrieved passages, the gold passage among them, and its first answer.
 
     The gold passage is the index's passage of ``item``'s document that holds an answer (its first
-    passage if none does).
+    passage if none does). The passages are placed in the prompt by ``order``.
     """
     passages = retrieved_passages(retriever, item.question, top_k)
     gold = [node.text for node in retriever.index.document_nodes(item.gold_id)]
@@ -42,7 +45,7 @@ def training_example(retriever: Retriever, item: QAItem, top_k: int, rng: random
         passages = passages[:top_k - 1]
         passages.insert(rng.randrange(len(passages) + 1),
                         next((text for text in gold if best_subspan_match(text, item.answers)), gold[0]))
-    return TrainingExample(tuple(passages), item.question, item.answers[0])
+    return TrainingExample(tuple(in_prompt_order(passages, order)), item.question, item.answers[0])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="questions to train on (default: all from --start)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
                         help="passages per question: as many as the model will read (default: as `blockrag eval`)")
+    parser.add_argument("--order", choices=PASSAGE_ORDERS, default=DEFAULT_PASSAGE_ORDER,
+                        help="where the best passage goes in the prompt (default: as `blockrag eval`)")
     defaults = FinetuneSettings()
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
@@ -80,7 +85,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     with Index.open(args.index) as index:
         retriever = Retriever(index)
         rng = random.Random(args.seed)
-        examples = [training_example(retriever, item, args.top_k, rng) for item in items]
+        examples = [training_example(retriever, item, args.top_k, rng, args.order) for item in items]
     engine = BlockEngine(load_model(args.model, dtype=args.dtype, device=args.device),
                          system_prompt=args.system_prompt)
     if args.rank is not None:
@@ -91,6 +96,7 @@ def finetune_command(args: argparse.Namespace) -> int:
                                 block_mode=args.block_mode, seed=args.seed, max_tokens=args.max_tokens, **shape)
     report = finetune(engine, examples, args.out, settings, base_model=args.model, resume=args.resume)
     print(report)
-    print(f"Evaluate it with `blockrag eval {args.qa} --index {args.index} --model {args.model} --adapter {args.out}` "
-          f"(the same --dtype); the adapter's model has its own fingerprint, so it gets its own KV blocks.")
+    print(f"Evaluate it with `blockrag eval {args.qa} --index {args.index} --model {args.model} --adapter {args.out} "
+          f"--order {args.order}` (the same --dtype); the adapter's model has its own fingerprint, so it gets its own "
+          "KV blocks.")
     return 0

@@ -11,11 +11,11 @@ import pytest
 
 from blockrag.cli import main as cli_main
 from blockrag.engine import GenerationResult, Recovery
-from blockrag.retriever import (DocumentFormatError, QAItem, best_subspan_match, first_line, load_qa,
+from blockrag.retriever import (DocumentFormatError, Node, QAItem, answer, best_subspan_match, first_line, load_qa,
                                 oracle_plus_random, qa_documents)
 from blockrag.retriever.evaluate import (EvalMode, EvalQuestion, EvaluationError, ResultsFile, evaluate,
                                          markdown_table, mcnemar_exact, oracle_questions, parse_mode, parse_modes,
-                                         summarize, wilson_interval)
+                                         retrieved_questions, summarize, wilson_interval)
 
 NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq-open-dev.jsonl.gz"
 needs_nq = pytest.mark.skipif(not NQ.is_file(), reason=f"{NQ} is absent (project data, not shipped to users; "
@@ -173,6 +173,47 @@ def test_oracle_questions_are_seeded_per_question():
     assert {q.gold_rank for q in oracle_questions(corpus, corpus, 4, 3, seed=1)} == {3}
 
 
+# --- placing retrieved passages ---------------------------------------------------------------------------------
+
+
+class RankedIndex:
+    """Retrieval that ranks the nodes ``n0, n1, ...`` in that order, whatever the question."""
+
+    def __init__(self, n: int):
+        self.index = self
+        self._nodes = {f"n{i}": Node(f"n{i}", f"doc{i}", 0, f"Passage {i}.", 3, f"key{i}") for i in range(n)}
+
+    def retrieve(self, question, top_k):
+        return [(i, 1.0 - k / 10) for k, i in enumerate(list(self._nodes)[:top_k])]
+
+    def nodes(self, ids):
+        return [self._nodes[i] for i in ids]
+
+
+class PassageRecorder:
+    """An engine stand-in that keeps the passages it was asked to answer over."""
+
+    def generate(self, prefix, passages, question, **kwargs):
+        self.passages = passages
+        return GenerationResult("ok", [1], "stop", 10, 0, 10, 0.01, 0.01)
+
+
+def test_retrieved_passages_are_placed_best_last_by_default():
+    retriever, items = RankedIndex(3), [QAItem(0, "q?", ("x",), "doc0", "Passage 0.")]
+    (question,) = retrieved_questions(items, retriever, 3)
+    assert question.passages == ("Passage 2.", "Passage 1.", "Passage 0.") and question.gold_rank == 2
+    (question,) = retrieved_questions(items, retriever, 3, "best-first")
+    assert question.passage_ids == ("doc0", "doc1", "doc2") and question.gold_rank == 0
+    with pytest.raises(ValueError, match="order must be one of"):
+        retrieved_questions(items, retriever, 3, "best-middle")
+    engine = PassageRecorder()
+    answered = answer(retriever, engine, "q?", top_k=2)
+    assert engine.passages == ["Passage 1.", "Passage 0."]  # the prompt: best last, next to the question
+    assert [node.id for node, _ in answered.passages] == ["n0", "n1"]  # the answer lists them best first
+    answer(retriever, engine, "q?", top_k=2, order="best-first")
+    assert engine.passages == ["Passage 0.", "Passage 1."]
+
+
 # --- resuming ---------------------------------------------------------------------------------------------------
 
 
@@ -290,6 +331,6 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert set(first["paired"]) == {"block", "naive+sink=2"} and first["paired"]["block"]["n"] == 3
     assert first["table"] in capsys.readouterr().out
     rows = [json.loads(line) for line in lines[1:]]
-    for q in range(3):  # every mode of a question saw the same passages, the gold one first
+    for q in range(3):  # every mode of a question saw the same passages, the gold one last (the default order)
         assert len({tuple(r["passages"]) for r in rows if r["question"] == q}) == 1
-        assert all(r["gold_rank"] == 0 for r in rows if r["question"] == q)
+        assert all(r["gold_rank"] == 1 for r in rows if r["question"] == q)

@@ -235,9 +235,11 @@ def test_training_examples_always_hold_the_gold_passage():
     index = _Index({"gold": ["Intro of the page.", "The telescope is named Cassandra."],
                     "a": ["Passage A."], "b": ["Passage B."], "c": ["Passage C."]})
     item = QAItem(7, "What is the telescope called?", ("Cassandra",), "gold", "unused")
-    found = training_example(_Retriever(index, ["b:0", "gold:1", "a:0"]), item, 3, random.Random(0))
-    assert found == TrainingExample(("Passage B.", "The telescope is named Cassandra.", "Passage A."),
-                                    item.question, "Cassandra")  # retrieved: kept as ranked
+    ranked = _Retriever(index, ["b:0", "gold:1", "a:0"])
+    found = training_example(ranked, item, 3, random.Random(0))
+    assert found == TrainingExample(("Passage A.", "The telescope is named Cassandra.", "Passage B."),
+                                    item.question, "Cassandra")  # retrieved: placed best last, as eval places them
+    assert training_example(ranked, item, 3, random.Random(0), "best-first").passages == found.passages[::-1]
     missed = [training_example(_Retriever(index, ["a:0", "b:0", "c:0"]), item, 3, random.Random(seed))
               for seed in range(8)]
     for example in missed:  # the answering gold passage replaces the last retrieved one, at a seeded position

@@ -136,7 +136,12 @@ def test_content_block_chain_answers_from_stored_blocks(chat, retriever):
     ids = [d.id for d in out["context"]]
     assert out["context"][0].metadata["doc_id"] == question.document and question.answer in out["answer"].content
     report = out["answer"].response_metadata["blockrag"]
-    assert report["reused_ids"] == ids  # ingestion stored every passage; the chain's layout finds them all
+    # Ingestion stored every passage; the chain's layout finds them all, placed best last by default.
+    assert report["reused_ids"] == ids[::-1]
+    first = rag_chain(retriever, chat, passage_order="best-first").invoke(question.question)
+    assert first["answer"].response_metadata["blockrag"]["reused_ids"] == ids
+    with pytest.raises(ValueError, match="order must be one of"):
+        rag_chain(retriever, chat, passage_order="best-middle")
     assert out["answer"].usage_metadata["input_token_details"]["cache_read"] == sum(
         b["tokens"] for b in report["blocks"])
 

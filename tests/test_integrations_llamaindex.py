@@ -126,10 +126,16 @@ def test_block_query_engine_passes_node_ids_and_reports_reuse(index, llm):
     engine = block_query_engine(index, llm, similarity_top_k=3)
     first = engine.query(MARROWBRIDGE.question)
     second = engine.query(MARROWBRIDGE.question)
-    ids = [n.node.node_id for n in first.source_nodes]
-    assert MARROWBRIDGE.answer in first.response
-    assert [b.id for b in first.metadata["blockrag"].completions[0].blocks] == ids  # every passage is a block
-    assert first.metadata["blockrag"].reused_ids == second.metadata["blockrag"].reused_ids == ids
+    ids = [n.node.node_id for n in first.source_nodes]  # best first, as retrieved
+    assert first.source_nodes[0].score >= first.source_nodes[-1].score and MARROWBRIDGE.answer in first.response
+    placed = ids[::-1]  # the prompt puts the best node last, next to the question
+    assert [b.id for b in first.metadata["blockrag"].completions[0].blocks] == placed  # every passage is a block
+    assert first.metadata["blockrag"].reused_ids == second.metadata["blockrag"].reused_ids == placed
+    best_first = block_query_engine(index, llm, similarity_top_k=3, passage_order="best-first").query(
+        MARROWBRIDGE.question)
+    assert best_first.metadata["blockrag"].reused_ids == [n.node.node_id for n in best_first.source_nodes] == ids
+    with pytest.raises(ValueError, match="order must be one of"):
+        block_query_engine(index, llm, passage_order="best-middle")
     usage = second.metadata["blockrag"].usage
     assert usage.cached_tokens == sum(b.tokens for b in second.metadata["blockrag"].completions[0].blocks)
     assert first.metadata[ids[0]] == first.source_nodes[0].node.metadata  # LlamaIndex's own metadata is kept
@@ -141,7 +147,8 @@ def test_streaming_gives_the_same_answer_and_report(index, llm):
     streaming = block_query_engine(index, llm, similarity_top_k=3, streaming=True).query(LARKSPUR.question)
     assert "".join(streaming.response_gen) == plain.response
     report = streaming.metadata["blockrag"]
-    assert report.reused_ids == plain.metadata["blockrag"].reused_ids == [n.node.node_id for n in plain.source_nodes]
+    assert report.reused_ids == plain.metadata["blockrag"].reused_ids == [n.node.node_id
+                                                                         for n in plain.source_nodes][::-1]
     assert report.usage == plain.metadata["blockrag"].usage
 
 
@@ -157,6 +164,7 @@ def test_other_response_modes(index, llm, mode):
 def test_async_query_engines_give_the_sync_answers(index, llm):
     # Synchronously first: the store then holds every block (in its dtype) that the async runs will read.
     expected = index.as_query_engine(llm=llm, similarity_top_k=3).query(LARKSPUR.question).response
+    expected_block = block_query_engine(index, llm, similarity_top_k=3).query(LARKSPUR.question).response
 
     async def main():
         stock = await index.as_query_engine(llm=llm, similarity_top_k=3).aquery(LARKSPUR.question)
@@ -166,8 +174,8 @@ def test_async_query_engines_give_the_sync_answers(index, llm):
         return stock, block, "".join([t async for t in streamed.async_response_gen()])
 
     stock, block, streamed = asyncio.run(main())
-    assert stock.response == block.response == streamed == expected
-    assert block.metadata["blockrag"].reused_ids == [n.node.node_id for n in block.source_nodes]
+    assert stock.response == expected and block.response == streamed == expected_block
+    assert block.metadata["blockrag"].reused_ids == [n.node.node_id for n in block.source_nodes][::-1]
 
 
 def test_llm_api_usage_and_callbacks(engine):
