@@ -60,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from blockrag.engine.prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS
+    from blockrag.engine.prompt import PASSAGE_ORDERS
 
     parser = argparse.ArgumentParser(prog="blockrag", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("question")
     query.add_argument("--top-k", type=int, default=5)
     query.add_argument("--mode", choices=("block", "full"), default="block")
-    query.add_argument("--order", choices=PASSAGE_ORDERS, default=DEFAULT_PASSAGE_ORDER,
-                       help="where the best passage goes in the prompt (default: last, next to the question)")
+    query.add_argument("--order", choices=PASSAGE_ORDERS,
+                       help="where the best passage goes in the prompt (default: the model's, best last unless an "
+                       "adapter was trained otherwise)")
     query.add_argument("--model", help="where to load the index's LLM from (default: as recorded in the index)")
     query.add_argument("--max-new-tokens", type=int, default=128)
     query.set_defaults(handler=lambda args: importlib.import_module(RETRIEVER_COMMANDS).query_command(args))

@@ -39,8 +39,8 @@ from transformers import PreTrainedModel
 from .blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, prefill_over_blocks
 from .errors import AdapterNotFoundError, ExtraNotInstalledError
 from .generate import BlockEngine, prompt_layout
-from .model import ADAPTER_CONFIG, ADAPTER_SETTINGS, check_adapter, package_versions
-from .prompt import tokenize
+from .model import ADAPTER_CONFIG, ADAPTER_SETTINGS, adapter_passage_order, check_adapter, package_versions
+from .prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, tokenize
 
 #: What an example attends to in training: a block mode, or plain causal attention.
 TrainAttention = Literal["naive", "prefix", "full"]
@@ -161,6 +161,9 @@ class FinetuneSettings:
     max_tokens: int | None = None
     """Examples longer than this (prompt and answer) are skipped; None: the model's context."""
     target_modules: tuple[str, ...] = LORA_TARGETS
+    passage_order: PassageOrder = DEFAULT_PASSAGE_ORDER
+    """How the examples place their passages. Recorded, and the adapter's model places them so: an adapter
+    trained best first answered 1.0% of NQ best last, against 38.7% best first."""
 
     def lora_shape(self) -> dict:
         """The LoRA settings an adapter is saved with, in the form :func:`lora_shape` reads them back."""
@@ -170,6 +173,8 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.block_mode not in BLOCK_MODES:
             raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
+        if self.passage_order not in PASSAGE_ORDERS:
+            raise ValueError(f"passage_order must be one of {PASSAGE_ORDERS}, got {self.passage_order!r}")
         if self.epochs < 1 or self.rank < 1 or not self.lr > 0 or not 0 <= self.full_fraction <= 1:
             raise ValueError("need epochs >= 1, rank >= 1, lr > 0 and 0 <= full_fraction <= 1, got "
                              f"{self.epochs}, {self.rank}, {self.lr}, {self.full_fraction}")
@@ -238,6 +243,10 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
             raise ValueError(f"the adapter in {resume} has LoRA settings {lora_shape(resume)}, but these settings ask "
                              f"for {settings.lora_shape()}; train on with the adapter's own "
                              "(blockrag.engine.finetune.lora_shape gives them)")
+        trained_order = adapter_passage_order(resume)
+        if trained_order != settings.passage_order:
+            raise ValueError(f"the adapter in {resume} was trained with passages placed {trained_order}, but these "
+                             f"settings place them {settings.passage_order}; train on in the adapter's order")
         record_file = resume / ADAPTER_SETTINGS
         old = json.loads(record_file.read_text()) if record_file.is_file() else {}
         previous = {"folder": str(resume), **{k: v for k, v in old.items() if k not in ("losses", "versions")},

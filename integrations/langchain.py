@@ -227,12 +227,15 @@ def document_blocks(documents: Sequence[Document]) -> list[dict[str, Any]]:
 
 
 def rag_chain(retriever: BaseRetriever, llm: BaseChatModel, *, system_prompt: str = DEFAULT_RAG_SYSTEM_PROMPT,
-              passage_order: PassageOrder = DEFAULT_PASSAGE_ORDER) -> Runnable:
+              passage_order: PassageOrder | None = None) -> Runnable:
     """question -> ``{"question", "context": [Document], "answer": AIMessage}``, documents passed as content blocks.
 
     ``context`` keeps the retriever's order (best first); the prompt places the documents by ``passage_order``
-    (by default the best last, next to the question: see :data:`blockrag.engine.DEFAULT_PASSAGE_ORDER`).
+    (by default a :class:`ChatBlockAttention`'s engine's: the best last, next to the question, unless its adapter
+    was trained otherwise; see :data:`blockrag.engine.DEFAULT_PASSAGE_ORDER`).
     """
+    if passage_order is None:
+        passage_order = llm.engine.passage_order if isinstance(llm, ChatBlockAttention) else DEFAULT_PASSAGE_ORDER
     in_prompt_order([], passage_order)  # a bad order fails here, not at the first question
 
     def messages(inputs: dict[str, Any]) -> list[BaseMessage]:

@@ -12,8 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, PassageOrder, PrefillMode,
-                             in_prompt_order)
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, PassageOrder, PrefillMode, in_prompt_order
 
 from . import MissingExtraError
 from .matching import Passage, PassageIndex, render_chat
@@ -256,14 +255,14 @@ class BlockAttentionSynthesizer(BaseSynthesizer):
     Each query gets its own :meth:`BlockAttentionLLM.with_passages` copy, so hints never leak into
     other queries. ``response.metadata["blockrag"]`` is a :class:`ReuseReport` of the query's LLM
     calls (complete once a streaming response has been consumed). The prompt places the nodes by
-    ``passage_order`` (by default the best last, next to the question: see
-    :data:`blockrag.engine.DEFAULT_PASSAGE_ORDER`); ``response.source_nodes`` keep the retriever's order.
+    ``passage_order`` (by default the engine's: the best last, next to the question, unless its adapter was
+    trained otherwise); ``response.source_nodes`` keep the retriever's order.
     """
 
-    def __init__(self, llm: BlockAttentionLLM, *, passage_order: PassageOrder = DEFAULT_PASSAGE_ORDER,
+    def __init__(self, llm: BlockAttentionLLM, *, passage_order: PassageOrder | None = None,
                  **synthesizer_kwargs: Any):
-        in_prompt_order([], passage_order)  # a bad order fails here, not at the first query
-        self._passage_order = passage_order
+        self._passage_order = passage_order or llm.engine.passage_order
+        in_prompt_order([], self._passage_order)  # a bad order fails here, not at the first query
         self._kwargs = synthesizer_kwargs
         self._template = get_response_synthesizer(llm=llm, **synthesizer_kwargs)
         super().__init__(llm=llm, callback_manager=self._template.callback_manager,

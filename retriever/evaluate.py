@@ -374,9 +374,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", metavar="DIR", help="index over the file's passages (built here if missing); "
                         "needed unless --oracle-plus-random")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="passages retrieved per question")
-    parser.add_argument("--order", choices=PASSAGE_ORDERS, default=DEFAULT_PASSAGE_ORDER,
-                        help="where the retrieved passages' best goes in the prompt: last, next to the question "
-                        "(default), or first")
+    parser.add_argument("--order", choices=PASSAGE_ORDERS,
+                        help="where the retrieved passages' best goes in the prompt (default: the model's: last, "
+                        "next to the question, unless --adapter was trained otherwise)")
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma separated; {MODE_HELP}")
     parser.add_argument("--limit", type=int, help="evaluate at most N questions")
     parser.add_argument("--start", type=int, default=0, help="first question's line (from 0)")
@@ -464,7 +464,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "data": str(args.data), "data_sha256": _file_sha256(args.data), "start": args.start, "limit": args.limit,
         "questions": len(items), "passages": "oracle-plus-random" if oracle else "retrieved",
-        "top_k": None if oracle else args.top_k, "passage_order": None if oracle else args.order,
+        "top_k": None if oracle else args.top_k,
+        "passage_order": None if oracle else args.order or engine.passage_order,
         "oracle_plus_random": args.oracle_plus_random,
         "gold_position": args.gold_position, "seed": args.seed, "index": args.index, "index_passages": None,
         "embedding_model": None, "kv_store": None, "max_new_tokens": args.max_new_tokens,
@@ -512,4 +513,4 @@ def _retrieve(stack: ExitStack, index: Index, engine: BlockEngine, args: argpars
     settings["kv_store"] = store.location
     settings.update(block_mode=config.block_mode, index_passages=len(index), embedding_model=config.embedding_model)
     retriever = Retriever(index, device=args.device)
-    return retrieved_questions(items, retriever, args.top_k, args.order)
+    return retrieved_questions(items, retriever, args.top_k, settings["passage_order"])

@@ -20,6 +20,7 @@ import torch
 
 from blockrag.engine import BLOCK_MODES, DEFAULT_MODEL, BlockEngine, load_model
 from blockrag.engine.finetune import FinetuneSettings, TrainingExample, finetune, lora_shape
+from blockrag.engine.model import adapter_passage_order
 from blockrag.engine.prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, in_prompt_order
 
 from .errors import IndexMismatchError
@@ -56,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="questions to train on (default: all from --start)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
                         help="passages per question: as many as the model will read (default: as `blockrag eval`)")
-    parser.add_argument("--order", choices=PASSAGE_ORDERS, default=DEFAULT_PASSAGE_ORDER,
-                        help="where the best passage goes in the prompt (default: as `blockrag eval`)")
+    parser.add_argument("--order", choices=PASSAGE_ORDERS,
+                        help=f"where the best passage goes in the prompt, recorded in the adapter (default: "
+                        f"{DEFAULT_PASSAGE_ORDER}, or the resumed adapter's order)")
     defaults = FinetuneSettings()
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
@@ -82,10 +84,11 @@ def finetune_command(args: argparse.Namespace) -> int:
     items = load_qa(args.qa, limit=args.limit, start=args.start)
     if not items:
         raise ValueError(f"{args.qa} has no questions from line {args.start}; lower --start.")
+    order = args.order or (adapter_passage_order(args.resume) if args.resume else DEFAULT_PASSAGE_ORDER)
     with Index.open(args.index) as index:
         retriever = Retriever(index)
         rng = random.Random(args.seed)
-        examples = [training_example(retriever, item, args.top_k, rng, args.order) for item in items]
+        examples = [training_example(retriever, item, args.top_k, rng, order) for item in items]
     engine = BlockEngine(load_model(args.model, dtype=args.dtype, device=args.device),
                          system_prompt=args.system_prompt)
     if args.rank is not None:
@@ -93,10 +96,11 @@ def finetune_command(args: argparse.Namespace) -> int:
     else:
         shape = lora_shape(args.resume) if args.resume else {}
     settings = FinetuneSettings(epochs=args.epochs, lr=args.lr, full_fraction=args.full_fraction,
-                                block_mode=args.block_mode, seed=args.seed, max_tokens=args.max_tokens, **shape)
+                                block_mode=args.block_mode, seed=args.seed, max_tokens=args.max_tokens,
+                                passage_order=order, **shape)
     report = finetune(engine, examples, args.out, settings, base_model=args.model, resume=args.resume)
     print(report)
-    print(f"Evaluate it with `blockrag eval {args.qa} --index {args.index} --model {args.model} --adapter {args.out} "
-          f"--order {args.order}` (the same --dtype); the adapter's model has its own fingerprint, so it gets its own "
-          "KV blocks.")
+    print(f"Evaluate it with `blockrag eval {args.qa} --index {args.index} --model {args.model} --adapter {args.out}` "
+          f"(the same --dtype; passages placed {order}, as trained); the adapter's model has its own fingerprint, so "
+          "it gets its own KV blocks.")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blockrag.engine import BlockEngine, GenerationResult, LoadedModel, PrefillMode, load_model
-from blockrag.engine.prompt import DEFAULT_PASSAGE_ORDER, PassageOrder, in_prompt_order
+from blockrag.engine.prompt import PassageOrder, in_prompt_order
 
 from .embedding import Embedder
 from .errors import IndexMismatchError
@@ -64,17 +64,18 @@ class Answer:
 
 
 def answer(retriever: Retriever, engine: BlockEngine, question: str, *, top_k: int = 5,
-           mode: PrefillMode = "block", order: PassageOrder = DEFAULT_PASSAGE_ORDER, max_new_tokens: int = 128,
+           mode: PrefillMode = "block", order: PassageOrder | None = None, max_new_tokens: int = 128,
            **sampling) -> Answer:
-    """Retrieve ``top_k`` passages and answer over them, placed in the prompt by ``order`` (best last: next to
-    the question).
+    """Retrieve ``top_k`` passages and answer over them, placed in the prompt by ``order`` (None: the engine's
+    ``passage_order``, by default the best last, next to the question).
 
     In block mode the passages' KV comes from ``engine.store`` (see :func:`load_engine`) and only
     the question is prefilled; in full mode the whole prompt is.
     """
     hits = retriever.retrieve(question, top_k)
     nodes = retriever.index.nodes([node_id for node_id, _ in hits])
-    result = engine.generate(None, [n.text for n in in_prompt_order(nodes, order)], question, mode=mode,
+    result = engine.generate(None, [n.text for n in in_prompt_order(nodes, order or engine.passage_order)], question,
+                             mode=mode,
                              max_new_tokens=max_new_tokens, **sampling)
     scores = dict(hits)
     return Answer(question, result, [(n, scores[n.id]) for n in nodes])

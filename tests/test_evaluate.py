@@ -193,6 +193,8 @@ class RankedIndex:
 class PassageRecorder:
     """An engine stand-in that keeps the passages it was asked to answer over."""
 
+    passage_order = "best-last"
+
     def generate(self, prefix, passages, question, **kwargs):
         self.passages = passages
         return GenerationResult("ok", [1], "stop", 10, 0, 10, 0.01, 0.01)
@@ -211,6 +213,9 @@ def test_retrieved_passages_are_placed_best_last_by_default():
     assert engine.passages == ["Passage 1.", "Passage 0."]  # the prompt: best last, next to the question
     assert [node.id for node, _ in answered.passages] == ["n0", "n1"]  # the answer lists them best first
     answer(retriever, engine, "q?", top_k=2, order="best-first")
+    assert engine.passages == ["Passage 0.", "Passage 1."]
+    engine.passage_order = "best-first"  # a model fine-tuned best first reads them in its own order
+    answer(retriever, engine, "q?", top_k=2)
     assert engine.passages == ["Passage 0.", "Passage 1."]
 
 

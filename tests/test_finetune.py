@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -154,6 +155,7 @@ def test_adapter_loads_merged_and_renames_the_model(trained):
     base, adapter, _, engine = trained
     loaded = load_model(str(base), adapter=adapter)
     assert loaded.fingerprint != engine.fingerprint
+    assert loaded.passage_order == engine.passage_order == "best-last"  # as trained (the default)
     assert not any("lora" in name for name in loaded.model.state_dict())  # a plain model
     reference = PeftModel.from_pretrained(load_model(str(base)).model, adapter).eval()  # unmerged
     ids = example_tokens(engine, EXAMPLE).input_ids[None]
@@ -191,6 +193,21 @@ def test_training_resumes_from_a_saved_adapter(trained, tmp_path):
     resumed, first = load_model(str(base), adapter=tmp_path / "more"), load_model(str(base), adapter=adapter)
     assert resumed.fingerprint != first.fingerprint
     assert model_fingerprint(engine.model, engine.tokenizer) == engine.fingerprint  # base weights restored
+
+
+def test_an_adapter_keeps_the_passage_order_it_was_trained_with(trained, tmp_path):
+    base, adapter, _, engine = trained
+    old = tmp_path / "old"  # an adapter recorded before the order was: trained best first
+    shutil.copytree(adapter, old)
+    record = json.loads((old / ADAPTER_SETTINGS).read_text())
+    del record["settings"]["passage_order"]
+    (old / ADAPTER_SETTINGS).write_text(json.dumps(record))
+    loaded = load_model(str(base), adapter=old)
+    assert loaded.passage_order == BlockEngine(loaded).passage_order == "best-first"
+    with pytest.raises(ValueError, match="trained with passages placed best-first"):
+        finetune(engine, [EXAMPLE], tmp_path / "out", FinetuneSettings(rank=4), resume=old, progress=False)
+    with pytest.raises(ValueError, match="passage_order must be one of"):
+        FinetuneSettings(passage_order="best-middle")
 
 
 def test_resuming_needs_the_adapter_shape_and_base_model(trained, tokenizer, tmp_path):
