@@ -2,10 +2,10 @@
 
 Each question from line ``--start`` on (so training never sees the questions ``blockrag eval``
 scores, which start at line 0) becomes one example: the ``--top-k`` passages retrieved from the
-index, placed as ``blockrag eval`` places them (``--order``), as the prompt, and the question's first gold
-answer as the target. The gold
-passage is always among them: if retrieval missed it, it replaces the last retrieved passage, at a
-seeded random position, so the model learns to read the answer from a passage rather than to guess.
+index, placed by ``--order`` (recorded in the adapter, whose model then answers in that order), as
+the prompt, and the question's first gold answer as the target. The gold passage is always among
+them: if retrieval missed it, it replaces the last retrieved passage, at a seeded random position,
+so the model learns to read the answer from a passage rather than to guess.
 Prompts use ``blockrag eval``'s system prompt and passage count by default, so training sees what
 evaluation asks: on NQ, a second pass with 10 passages an example lifted block accuracy from 14.7% to
 38.7%, where the same pass with 5 reached 18.7% (benchmarks/RESULTS.md).

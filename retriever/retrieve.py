@@ -74,8 +74,8 @@ def answer(retriever: Retriever, engine: BlockEngine, question: str, *, top_k: i
     """
     hits = retriever.retrieve(question, top_k)
     nodes = retriever.index.nodes([node_id for node_id, _ in hits])
-    result = engine.generate(None, [n.text for n in in_prompt_order(nodes, order or engine.passage_order)], question,
-                             mode=mode,
-                             max_new_tokens=max_new_tokens, **sampling)
+    placed = in_prompt_order(nodes, order or engine.passage_order)
+    result = engine.generate(None, [n.text for n in placed], question, mode=mode, max_new_tokens=max_new_tokens,
+                             **sampling)
     scores = dict(hits)
     return Answer(question, result, [(n, scores[n.id]) for n in nodes])
