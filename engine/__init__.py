@@ -1,25 +1,26 @@
 """blockrag's engine: Block-Attention prefill over cached passage blocks, on a local Hugging Face model."""
 
-from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, StoppingCache, assemble, block_key, context_id,
-                     encode_blocks, write_kv)
+from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
 from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
                        RecycledDecoding, StreamingDecoding, start_decoding)
 from .errors import (AdapterMismatchError, AdapterNotFoundError, BlockragError, ExtraNotInstalledError,
                      ModelNotFoundError, PromptTooLongError, UnsupportedModelError)
-from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationResult, PrefillMode,
-                       SamplingOptions, TextStream)
+from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationOptions, GenerationResult,
+                       PrefillMode, SamplingOptions, TextStream)
 from .model import DEFAULT_MODEL, LoadedModel, blockrag_home, load_model, model_fingerprint
 from .prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, PromptTemplate, in_prompt_order
 from .recovery import Recovery
 from .rope import rerotate
+from .transformer import KVCache
 
 __all__ = [
     "AdapterMismatchError", "AdapterNotFoundError", "ExtraNotInstalledError", "assemble", "Block", "block_key",
     "BLOCK_MODES", "BlockEngine", "BlockMismatchError", "BlockMode",
     "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES", "DecodeMode", "DecodeOptions",
     "Decoding", "DEFAULT_MODEL", "DEFAULT_PASSAGE_ORDER", "encode_blocks", "FixedStride", "FullDecoding",
-    "GenerationResult", "in_prompt_order", "load_model", "LoadedModel", "model_fingerprint", "ModelNotFoundError",
-    "PASSAGE_ORDERS", "PassageOrder", "PREFILL_MODES", "PrefillMode", "PromptTemplate",
+    "GenerationOptions", "GenerationResult", "in_prompt_order", "KVCache", "load_model", "LoadedModel",
+    "model_fingerprint", "ModelNotFoundError", "PASSAGE_ORDERS", "PassageOrder", "PREFILL_MODES", "PrefillMode",
+    "PromptTemplate",
     "PromptTooLongError", "QuerySimilarity", "Recovery", "RecycledDecoding", "rerotate", "SamplingOptions",
-    "start_decoding", "StoppingCache", "StreamingDecoding", "TextStream", "UnsupportedModelError", "write_kv",
+    "start_decoding", "StreamingDecoding", "TextStream", "UnsupportedModelError",
 ]

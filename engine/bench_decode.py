@@ -1,19 +1,13 @@
 """``blockrag bench decode``: speed and fidelity of Recycled Attention and StreamingLLM against full decoding.
 
 For each context length, prompts are built from real passages (Natural Questions, ``../shared/data``)
-and each is prefilled once; every strategy decodes from a shallow copy of that cache (decoding never
-writes into the prefilled tensors). Full decoding runs greedily, with end-of-sequence suppressed so
-that every run has ``--new-tokens`` steps; the other strategies are teacher-forced along its output,
-so each step compares next-token predictions in the same context: top-1 agreement and
-KL(full || strategy). Speed is decode tokens per second, the setup of a strategy's cache included.
-As the machine may be shared, the strategies take turns step by step, and every step (and setup)
-keeps its fastest time over ``--rounds`` rounds.
-
-``full_preallocated`` is a control: Recycled Attention with K covering the whole context and no full
-step after the first, i.e. full attention (exactly the logits of ``full``) over the same in-place
-storage as the partial strategies. Its speed separates what the storage saves (``full`` copies the
-whole cache at every step, as transformers' ``DynamicCache`` grows by concatenation) from what
-attending to fewer tokens saves.
+and each is prefilled once (fully, or over blocks with ``--prefill block``); every strategy decodes
+from its own copy of that cache, whose free slots take its new tokens. Full decoding runs greedily,
+with end-of-sequence suppressed so that every run has ``--new-tokens`` steps; the other strategies
+are teacher-forced along its output, so each step compares next-token predictions in the same
+context: top-1 agreement and KL(full || strategy). Speed is decode tokens per second, the setup of
+a strategy's cache included. As the machine may be shared, the strategies take turns step by step,
+and every step (and setup) keeps its fastest time over ``--rounds`` rounds.
 """
 
 from __future__ import annotations
@@ -28,11 +22,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from .decoding import DecodeOptions, RecycledDecoding, start_decoding
 from .errors import BlockragError
 from .generate import BlockEngine
+from .transformer import KVCache
 from .model import load_model, package_versions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-dev.jsonl.gz"
@@ -91,16 +85,7 @@ def build_prompt(engine: BlockEngine, records: list[dict], index: int, tokens: i
     return record["question"], passages
 
 
-def _shallow_copy(cache: DynamicCache, config) -> DynamicCache:
-    """A cache over the same tensors: decoding replaces or copies them, never writes into them."""
-    copy = DynamicCache(config=config)
-    for source, layer in zip(cache.layers, copy.layers):
-        layer.lazy_initialization(source.keys, source.values)
-        layer.keys, layer.values = source.keys, source.values
-    return copy
-
-
-def _side_by_side(engine: BlockEngine, cache: DynamicCache, strategies: dict[str, DecodeOptions], first: int,
+def _side_by_side(engine: BlockEngine, cache: KVCache, strategies: dict[str, DecodeOptions], first: int,
                   steps: int, rounds: int) -> tuple[list[int], dict[str, torch.Tensor], dict[str, float],
                                                       dict[str, float]]:
     """Decode with every strategy in turn, one step each, so that they share the machine's conditions.
@@ -126,8 +111,9 @@ def _side_by_side(engine: BlockEngine, cache: DynamicCache, strategies: dict[str
         return out
 
     for round_ in range(rounds):
-        decodings = {name: timed(name, 0, lambda o=options: start_decoding(
-            engine.model, _shallow_copy(cache, engine.model.config), o, steps)) for name, options in strategies.items()}
+        copies = {name: cache.clone() for name in strategies}  # outside the timing: a request owns its cache
+        decodings = {name: timed(name, 0, lambda o=options, n=name: start_decoding(engine.model, copies[n], o, steps))
+                     for name, options in strategies.items()}
         for i in range(steps):
             for name, decoding in decodings.items():
                 out = timed(name, i + 1, lambda d=decoding: d.step(tokens[i]))
@@ -135,9 +121,9 @@ def _side_by_side(engine: BlockEngine, cache: DynamicCache, strategies: dict[str
                     logits[name].append(out.float())
                     if len(tokens) == i + 1 and i + 1 < steps:
                         tokens.append(int(out.float().index_fill(0, eos, float("-inf")).argmax()))
-        shares = {name: d.full_steps / (steps * layers) for name, d in decodings.items()
+        shares = {name: d.full_layer_steps / (steps * layers) for name, d in decodings.items()
                   if isinstance(d, RecycledDecoding)}
-        del decodings
+        del decodings, copies
     return tokens, {n: torch.stack(x) for n, x in logits.items()}, {n: sum(b) for n, b in best.items()}, shares
 
 
@@ -158,7 +144,6 @@ def run(args: argparse.Namespace) -> dict:
     engine = BlockEngine(load_model(args.model), system_prompt=PREFIX)
     strategies = {
         "full": DecodeOptions("full"),
-        "full_preallocated": DecodeOptions("recycled", 1.0, args.new_tokens + 1),
         "recycled_stride": DecodeOptions("recycled", args.recycle_k, args.stride, pool_kernel=args.pool_kernel),
         "recycled_dynamic": DecodeOptions("recycled", args.recycle_k, args.dynamic_stride, args.dynamic_threshold,
                                           args.pool_kernel),
@@ -173,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         for p in tqdm(range(args.prompts), desc=f"{target}-token prompts", leave=False):
             question, passages = build_prompt(engine, records, c * args.prompts + p, target)
             started = time.perf_counter()
-            done = engine._rag_prefill(None, passages, question, args.prefill, None)  # the cache, kept for reuse
+            done = engine._rag_prefill(None, passages, question, args.prefill, None, new_tokens=args.new_tokens)
             prefill_s = time.perf_counter() - started
             first = int(done.logits.float().index_fill(0, torch.tensor(sorted(engine.eos_ids), device=engine.device),
                                                        float("-inf")).argmax())
@@ -184,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
                 logits[name].append(out[name])
                 if name in share:
                     shares.setdefault(name, []).append(share[name])
-            prompts.append({"context_tokens": done.cache.get_seq_length(), "passages": len(passages),
+            prompts.append({"context_tokens": done.cache.length, "passages": len(passages),
                             "question": question, "prefill_s": round(prefill_s, 2),
                             "answer": engine.tokenizer.decode(tokens)})
             del done

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passage-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the minimum is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--dtype", default="auto", 
+                        help="float32, bfloat16 or auto (bf16 where the device computes it natively, else fp32)")
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import PreTrainedModel
 
-from .rope import rerotation, rotary_module
+from .rope import rerotation
+from .transformer import KVCache, Positions, empty_cache, forward, rotary_module
 
 BlockMode = Literal["naive", "prefix"]
 BLOCK_MODES: tuple[BlockMode, ...] = ("naive", "prefix")
@@ -74,48 +74,6 @@ class BlockStore(Protocol):
         ...
 
 
-class _KVWritten(Exception):
-    """Ends a forward pass once the layers whose KV was asked for have written it."""
-
-
-class StoppingCache(DynamicCache):
-    """A cache that ends the forward pass as soon as layer ``last_layer`` has written its KV.
-
-    Encoding a block needs only the KV: the last layer's attention output, MLP, final norm and
-    LM head would be computed for nothing. Use it through :func:`write_kv`.
-    """
-
-    def __init__(self, config, last_layer: int):
-        super().__init__(config=config)
-        self.last_layer = last_layer
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == self.last_layer:
-            raise _KVWritten
-        return out
-
-
-def write_kv(model: PreTrainedModel, cache: StoppingCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
-             attention_mask: torch.Tensor | None = None) -> None:
-    """Append the KV of ``input_ids`` to ``cache`` for layers up to its ``last_layer``, computing nothing after."""
-    try:
-        model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                    past_key_values=cache, use_cache=True)
-    except _KVWritten:
-        return
-    raise RuntimeError(f"{type(model).__name__} never wrote KV of layer {cache.last_layer}")
-
-
-def _batch_cache(model: PreTrainedModel, past: Block | None, batch: int) -> StoppingCache:
-    cache = StoppingCache(model.config, model.config.num_hidden_layers - 1)
-    if past is not None:
-        for i in range(past.keys.shape[0]):
-            DynamicCache.update(cache, past.keys[i].unsqueeze(0).expand(batch, -1, -1, -1),
-                                past.values[i].unsqueeze(0).expand(batch, -1, -1, -1), i)
-    return cache
-
-
 @torch.inference_mode()
 def encode_blocks(
     model: PreTrainedModel,
@@ -156,70 +114,49 @@ def encode_batch(model: PreTrainedModel, token_lists: Sequence[Sequence[int]],
     ids = torch.zeros((len(token_lists), width), dtype=torch.long)
     for row, token_ids in enumerate(token_lists):
         ids[row, : lengths[row]] = torch.as_tensor(list(token_ids), dtype=torch.long)
-    cache = _batch_cache(model, past, len(token_lists))
-    positions = torch.arange(start, start + width, device=device).unsqueeze(0).expand(len(token_lists), -1)
-    write_kv(model, cache, ids.to(device), positions)
+    cache = empty_cache(model, start + width, batch=len(token_lists))
+    if past is not None:
+        for i in range(len(cache.keys)):
+            cache.keys[i][:, :, :start] = past.keys[i]
+            cache.values[i][:, :, :start] = past.values[i]
+    forward(model, cache, ids.to(device), Positions.span(start, width, device), through_layer=len(cache.keys) - 1)
     out = []
     for row, n in enumerate(lengths):  # each block's KV copied once, out of the batch's cache
-        keys = torch.stack([layer.keys[row, :, start:start + n] for layer in cache.layers])
-        values = torch.stack([layer.values[row, :, start:start + n] for layer in cache.layers])
+        keys = torch.stack([k[row, :, start:start + n] for k in cache.keys])
+        values = torch.stack([v[row, :, start:start + n] for v in cache.values])
         out.append(Block(ids[row, :n].clone(), keys, values, start, context))
     return out
 
 
-def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[int] | None = None) -> DynamicCache:
-    """One cache holding ``blocks``, each re-rotated to the positions it now occupies.
+def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[int] | None = None,
+             capacity: int | None = None) -> KVCache:
+    """A cache holding ``blocks``, each in the slots of the positions it now occupies, its keys re-rotated there.
 
-    ``starts`` gives each block's first position (default: back to back from 0). Positions may
-    leave gaps for text prefilled afterwards: attention does not depend on the order of cache entries.
+    ``starts`` gives each block's first position (default: back to back from 0); the slots between
+    them are left for text prefilled afterwards. ``capacity`` (default: up to the last block's end)
+    leaves room for that text and the answer.
     """
-    if not blocks:
-        return DynamicCache(config=model.config)
     if starts is None:
         starts = [sum(len(b) for b in blocks[:i]) for i in range(len(blocks))]
-    param = next(model.parameters())
-    layers, heads, _, dim = blocks[0].keys.shape
-    total = sum(len(b) for b in blocks)
-    keys = torch.empty(layers, 1, heads, total, dim, dtype=param.dtype, device=param.device)
-    values = torch.empty_like(keys)
-    offset = 0
-    for b in blocks:
-        keys[:, 0, :, offset:offset + len(b)] = b.keys
-        values[:, 0, :, offset:offset + len(b)] = b.values
-        offset += len(b)
-    source = torch.cat([torch.arange(b.start, b.start + len(b)) for b in blocks])
-    target = torch.cat([torch.arange(s, s + len(b)) for b, s in zip(blocks, starts)])
-    if not torch.equal(source, target):
-        move = rerotation(source, target, rotary_module(model))
-        for i in range(layers):  # one layer at a time bounds the fp32 working memory
-            keys[i] = move(keys[i])
-    cache = DynamicCache(config=model.config)
-    for i, layer in enumerate(cache.layers):
-        layer.lazy_initialization(keys[i], values[i])
-        layer.keys, layer.values = keys[i], values[i]
+    end = max((s + len(b) for b, s in zip(blocks, starts)), default=0)
+    cache = empty_cache(model, capacity if capacity is not None else end)
+    if end > cache.capacity:
+        raise ValueError(f"blocks reach position {end - 1} but the cache has room for {cache.capacity}")
+    rotary = rotary_module(model)
+    for b, s in zip(blocks, starts):
+        move = None if b.start == s else rerotation(torch.arange(b.start, b.start + len(b)),
+                                                    torch.arange(s, s + len(b)), rotary)
+        cache.write_block(s, b.keys, b.values, move)
     return cache
 
 
-def prefill_over_blocks(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, in_block: torch.Tensor,
-                        fresh: torch.Tensor, logits_to_keep: int = 1) -> tuple[CausalLMOutputWithPast, torch.Tensor]:
+def prefill_over_blocks(model: PreTrainedModel, ids: torch.Tensor, cache: KVCache, fresh: torch.Tensor,
+                        logits: int = 1) -> torch.Tensor:
     """Run the tokens of ``ids`` at the ``fresh`` positions over ``cache``, which holds the KV of the
-    ``in_block`` positions back to back (as :func:`assemble` leaves it).
+    other positions in their slots (as :func:`assemble` leaves it); return the last ``logits`` rows' logits.
 
-    Each fresh token attends by position: to every entry at a position up to its own, wherever it
-    sits in the cache, except the entries of fresh block positions, which this pass recomputes.
-    Returns the model's output and which cache entries went stale (for :func:`~.recovery.drop_stale`).
-    Where no cached entry follows a fresh token and none goes stale, the model's own causal mask is the same.
+    Each fresh token attends to every slot up to its own position. A fresh position that held a
+    block's KV (recomputed in context) gets the new KV in its slot, which the tokens after it then see.
     """
-    every = torch.arange(len(ids), device=ids.device)
-    positions, cached = every[fresh], every[in_block]
-    stale = fresh[cached]
-    mask = None
-    if bool(stale.any()) or len(cached) and bool(cached[-1] > positions[0]):
-        visible = torch.cat([cached, positions])[None, :] <= positions[:, None]
-        visible[:, : len(cached)] &= ~stale
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device)
-        mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
-    out = model(input_ids=ids[positions][None], position_ids=positions[None], attention_mask=mask,
-                past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
-    return out, stale
+    positions = Positions.of(torch.arange(len(ids), device=ids.device)[fresh])
+    return forward(model, cache, ids[positions.ids][None], positions, logits=logits)[0]

@@ -6,40 +6,32 @@ steps that attend only to the top-K tokens of the layer's last full step plus th
 since. StreamingLLM (Xiao et al., arXiv 2309.17453) attends to a few first tokens ("sinks") and a
 recent window, with the same budget K: the baseline Recycled Attention is measured against.
 
-The partial strategies run the model with an attention function of their own, which receives
-each layer's query, key and value of the new token and attends with the model's original
-attention function over the keys it chooses. Keys stay rotated at their original positions, so a
-token's true position is passed explicitly. While partial steps run, the model's attention is
-routed through a dispatcher registered in transformers' ``AttentionInterface`` (with the original
-mask function): the decoding rides in the forward's keyword arguments, and every other forward,
-from another thread say, gets the original attention. Their caches live in storage with room for
-every token the request may generate: appending writes in place instead of copying the cache at
-every step (transformers' ``DynamicCache`` grows by concatenation, a copy of the whole cache).
+Every strategy decodes over the request's position-ordered cache (:class:`~.transformer.KVCache`),
+whose slot ``p`` holds position ``p`` whatever prefill filled it (blocks, text, recomputed tokens):
+windows and neighbourhoods are by position. Each step runs the engine's own forward pass with the
+strategy's attention: full decoding attends to every slot; the partial strategies store the new
+token's KV in the cache too and attend over the keys they choose. The dynamic schedule compares
+queries before the rotary embedding, so a query's position alone never counts as drift.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers import PreTrainedModel
+
+from .transformer import KVCache, Positions, attend, forward
 
 DecodeMode = Literal["full", "recycled", "streaming"]
 DECODE_MODES: tuple[DecodeMode, ...] = ("full", "recycled", "streaming")
-
-_ROUTED = "blockrag:"
+#: Prompt length from which ``decode="auto"`` decodes with Recycled Attention: where ``blockrag bench decode`` on
+#: this project's CPU measured it faster than full decoding at its default budget and stride (benchmarks/RESULTS.md).
+AUTO_RECYCLE_FROM = 4096
 
 
 @dataclass(frozen=True)
@@ -93,31 +85,42 @@ def recycle_budget(recycle_k: int | float, context: int) -> int:
 
 
 class Decoding(ABC):
-    """Runs the decode steps of one request over its prompt's cache."""
+    """Runs the decode steps of one request over its prompt's cache, which has room for every new token."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, cache: KVCache):
         self.model = model
+        self.cache = cache
         self.device = next(model.parameters()).device
+        self.steps = 0
+        self.full_layer_steps = 0
+        """Layer-steps that attended to the whole cache."""
 
-    @abstractmethod
+    @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Feed ``token`` (the next one of the answer) and return the logits that predict the one after it."""
+        if self.cache.length >= self.cache.capacity:
+            raise RuntimeError(f"the cache of {self.cache.capacity} positions cannot hold another token")
+        positions = Positions.span(self.cache.length, 1, self.device)
+        ids = torch.tensor([[token]], device=self.device)
+        logits = forward(self.model, self.cache, ids, positions, attention=self.attention(positions))
+        self.steps += 1
+        return logits[0, -1]
+
+    @abstractmethod
+    def attention(self, positions: Positions):
+        """The :class:`~.transformer.Attention` of the step at ``positions``."""
 
 
 class FullDecoding(Decoding):
-    """Every step attends to the whole cache: the model's own decoding."""
+    """Every step attends to the whole cache."""
 
-    def __init__(self, model: PreTrainedModel, cache: DynamicCache):
-        super().__init__(model)
-        self.cache = cache
-
-    def step(self, token: int) -> torch.Tensor:
-        ids = torch.tensor([[token]], device=self.device)
-        return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    def attention(self, positions: Positions):
+        self.full_layer_steps += len(self.cache.keys)
+        return None  # the forward pass's own: every slot up to the new token's
 
 
 class _KVBuffer:
-    """One layer's keys and values ``[1, kv_heads, tokens, head_dim]`` in storage of fixed capacity."""
+    """One layer's chosen keys and values ``[1, kv_heads, tokens, head_dim]`` in storage of fixed capacity."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
         _, heads, n, dim = keys.shape
@@ -150,93 +153,43 @@ class _KVBuffer:
         self._keys[:, :, at:end] = keys
         self._values[:, :, at:end] = values
 
-    def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at ``positions`` ``[kv_heads, k]`` (per head), as ``[1, kv_heads, k, head_dim]``.
 
-        One ``index_select`` over rows of the flattened storage: several times faster on CPU than
-        ``torch.gather`` with an index expanded over the head dimension.
-        """
-        _, heads, capacity, dim = self._keys.shape
-        rows = (positions + torch.arange(heads, device=positions.device)[:, None] * capacity).flatten()
-        shape = (1, heads, positions.shape[1], dim)
-        return (self._keys.view(-1, dim).index_select(0, rows).view(shape),
-                self._values.view(-1, dim).index_select(0, rows).view(shape))
+def gather(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[1, kv_heads, slots, head_dim]`` at ``positions`` ``[kv_heads, k]`` (per head), as
+    ``[1, kv_heads, k, head_dim]``.
 
-
-def _cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
-    if not layers or layers[0][0].shape[0] != 1:
-        raise ValueError("partial decoding needs the prefilled cache of one prompt (batch size 1)")
-    return layers
-
-
-def _dispatch(original: Callable, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, blockrag_decoding: "PartialDecoding | None" = None, **kwargs):
-    """A partial step's attention goes to its decoding; any other forward's to the original function."""
-    if blockrag_decoding is None:
-        return original(module, query, key, value, attention_mask, **kwargs)
-    return blockrag_decoding.attend(module, query, key, value, **kwargs)
-
-
-def _original_attention(name: str) -> Callable:
-    return ALL_ATTENTION_FUNCTIONS.get_interface(name.removeprefix(_ROUTED), eager_attention_forward)
-
-
-_route_lock = threading.Lock()
-_route_users: dict[int, int] = {}  # id(config) -> partial steps running on that model
-
-
-@contextmanager
-def _routed(config) -> Iterator[None]:
-    """Route the model's attention through :func:`_dispatch` while any of its partial steps runs."""
-    with _route_lock:
-        users = _route_users.get(id(config), 0)
-        if users == 0:
-            original = config._attn_implementation
-            routed = _ROUTED + original
-            if routed not in ALL_ATTENTION_FUNCTIONS:
-                AttentionInterface.register(routed, partial(_dispatch, _original_attention(original)))
-                if original in ALL_MASK_ATTENTION_FUNCTIONS:
-                    AttentionMaskInterface.register(routed, ALL_MASK_ATTENTION_FUNCTIONS[original])
-            config._attn_implementation = routed
-        _route_users[id(config)] = users + 1
-    try:
-        yield
-    finally:
-        with _route_lock:
-            _route_users[id(config)] -= 1
-            if _route_users[id(config)] == 0:
-                del _route_users[id(config)]
-                config._attn_implementation = config._attn_implementation.removeprefix(_ROUTED)
+    One ``index_select`` over rows of the flattened storage: several times faster on CPU than
+    ``torch.gather`` with an index expanded over the head dimension.
+    """
+    _, heads, slots, dim = keys.shape
+    rows = (positions + torch.arange(heads, device=positions.device)[:, None] * slots).flatten()
+    shape = (1, heads, positions.shape[1], dim)
+    return (keys.reshape(-1, dim).index_select(0, rows).view(shape),
+            values.reshape(-1, dim).index_select(0, rows).view(shape))
 
 
 class PartialDecoding(Decoding):
     """Decoding whose layers choose what each new token attends to.
 
-    Subclasses implement :meth:`attend`, called in every layer with the new token's query, key
-    and value; ``self.attention`` is the model's own attention function, to run over the chosen
-    keys.
+    Subclasses implement :meth:`attend`, called in every layer with the new token's query, key and
+    value (rotated) and its query before rotation; the token's KV is already in the cache.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: DynamicCache):
-        super().__init__(model)
-        self.position = cache.get_seq_length()
-        self.steps = 0
-        self.attention = _original_attention(model.config._attn_implementation)
+    def __init__(self, model: PreTrainedModel, cache: KVCache):
+        super().__init__(model, cache)
+        if cache.keys[0].shape[0] != 1:
+            raise ValueError("partial decoding needs the prefilled cache of one prompt (batch size 1)")
 
-    def step(self, token: int) -> torch.Tensor:
-        with _routed(self.model.config):
-            out = self.model(input_ids=torch.tensor([[token]], device=self.device),
-                             position_ids=torch.tensor([[self.position]], device=self.device),
-                             use_cache=False, logits_to_keep=1, blockrag_decoding=self)
-        self.position += 1
-        self.steps += 1
-        return out.logits[0, -1]
+    def attention(self, positions: Positions):
+        def attention(layer, query, key, value, raw_query, scaling):
+            self.cache.write(layer, positions, key, value)
+            return self.attend(layer, query, key, value, raw_query, scaling)
+        return attention
 
     @abstractmethod
-    def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cache ``key`` and ``value`` of the new token in layer ``module.layer_idx`` and attend with ``query``."""
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               raw_query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attend with the new token's ``query`` in ``layer`` over the keys this strategy chooses."""
 
 
 class FixedStride:
@@ -252,8 +205,9 @@ class FixedStride:
 class QuerySimilarity:
     """Every ``every`` steps, a full step in each layer whose query drifted from its last full step's.
 
-    A query is summarised by its mean over heads (``query`` is ``[1, heads, 1, head_dim]``, after
-    the rotary embedding); drift is a cosine similarity below ``threshold``. The first step is full.
+    A query is summarised by its mean over heads (``query`` is ``[1, heads, 1, head_dim]``, before
+    the rotary embedding, so that moving one position on is no drift); drift is a cosine similarity
+    below ``threshold``. The first step is full.
     """
 
     def __init__(self, threshold: float, every: int):
@@ -276,74 +230,66 @@ Schedule = FixedStride | QuerySimilarity
 
 
 class _RecycledLayer:
-    """The full cache of one layer, and the recycle set of its last full step plus the tokens since."""
+    """The recycle set of one layer's last full step, plus the tokens since."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, recycle_k: int | float, pool_kernel: int,
-                 max_new_tokens: int):
+    def __init__(self, keys: torch.Tensor, recycle_k: int | float, pool_kernel: int, max_new_tokens: int):
         most = keys.shape[2] + max_new_tokens
-        self.full = _KVBuffer(keys, values, most)
         self.recycle_k = recycle_k
         self.pool_kernel = pool_kernel
-        self.recycled = _KVBuffer(keys[:, :, :0], values[:, :, :0],
+        self.recycled = _KVBuffer(keys[:, :, :0], keys[:, :, :0],
                                   min(recycle_budget(recycle_k, most), most) + max_new_tokens)
         self.selected: torch.Tensor | None = None
-        """Positions ``[kv_heads, k]`` in the full cache of the recycle set, ascending."""
+        """Positions ``[kv_heads, k]`` of the recycle set, ascending."""
 
-    def scores(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``[kv_heads, tokens]``: attention probabilities of ``query`` over the full cache, max over
-        each KV head's query heads, then max-pooled over neighbouring tokens.
+    def scores(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``[kv_heads, positions]``: attention probabilities of ``query`` over ``keys``, max over each KV
+        head's query heads, then max-pooled over neighbouring positions.
 
         Computed again beside the attention itself, which fused kernels run without returning them.
         """
-        keys = self.full.keys[0]
-        heads, _, dim = keys.shape
+        heads, _, dim = keys[0].shape
         q = query[0, :, -1].reshape(heads, -1, dim)
-        probs = torch.softmax(torch.matmul(q, keys.transpose(1, 2)).float() * scaling, dim=-1).amax(1)
+        probs = torch.softmax(torch.matmul(q, keys[0].transpose(1, 2)).float() * scaling, dim=-1).amax(1)
         if self.pool_kernel == 1:
             return probs
         return F.max_pool1d(probs, self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
 
-    def recycle(self, query: torch.Tensor, scaling: float) -> None:
-        """Make the top-K tokens of ``query``'s scores the recycle set, kept in position order."""
-        scores = self.scores(query, scaling)
-        k = min(recycle_budget(self.recycle_k, scores.shape[1]), scores.shape[1])
-        self.selected = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
-        self.recycled.replace(*self.full.gather(self.selected))
-
-    def attend(self, attention, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               full_step: bool, **kwargs):
-        self.full.append(key, value)
+    def attend(self, cache_layer: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, full_step: bool, scaling: float) -> torch.Tensor:
+        keys, values = cache_layer
         if full_step:
-            out = attention(module, query, self.full.keys, self.full.values, None, **kwargs)
-            self.recycle(query, module.scaling)
-            return out
+            scores = self.scores(query, keys, scaling)
+            k = min(recycle_budget(self.recycle_k, scores.shape[1]), scores.shape[1])
+            self.selected = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+            self.recycled.replace(*gather(keys, values, self.selected))
+            return attend(query, keys, values, scaling)
         self.recycled.append(key, value)
-        return attention(module, query, self.recycled.keys, self.recycled.values, None, **kwargs)
+        return attend(query, self.recycled.keys, self.recycled.values, scaling)
 
 
 class RecycledDecoding(PartialDecoding):
     """Recycled Attention: full steps as ``schedule`` says, partial steps over the recycle set in between.
 
-    New tokens always enter the full cache, so a full step sees everything. The recycle set is
-    chosen per layer and per KV head; grouped query heads are combined by max.
+    New tokens always enter the cache, so a full step sees everything. The recycle set is chosen
+    per layer and per KV head; grouped query heads are combined by max.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: DynamicCache, recycle_k: int | float, schedule: Schedule,
+    def __init__(self, model: PreTrainedModel, cache: KVCache, recycle_k: int | float, schedule: Schedule,
                  max_new_tokens: int, pool_kernel: int = 7):
         super().__init__(model, cache)
         self.schedule = schedule
-        self.layers = [_RecycledLayer(k, v, recycle_k, pool_kernel, max_new_tokens) for k, v in _cache_layers(cache)]
-        self.full_steps = 0
-        """Layer-steps that attended to the whole cache."""
+        keys, _ = cache.layer(0)
+        self.layers = [_RecycledLayer(keys, recycle_k, pool_kernel, max_new_tokens) for _ in cache.keys]
 
-    def attend(self, module, query, key, value, **kwargs):
-        full = self.schedule.full_step(module.layer_idx, self.steps, query)
-        self.full_steps += full
-        return self.layers[module.layer_idx].attend(self.attention, module, query, key, value, full, **kwargs)
+    def attend(self, layer, query, key, value, raw_query, scaling):
+        full = self.schedule.full_step(layer, self.steps, raw_query)
+        self.full_layer_steps += full
+        return self.layers[layer].attend(self.cache.layer(layer, self.cache.length + 1), query, key, value, full,
+                                         scaling)
 
 
 class _StreamingLayer:
-    """Attention sinks and a window of the most recent tokens, ``budget`` in all, as a ring after the sinks."""
+    """Attention sinks and a window of the most recent positions, ``budget`` in all, as a ring after the sinks."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, budget: int, sinks: int):
         n = keys.shape[2]
@@ -355,38 +301,40 @@ class _StreamingLayer:
         self.sinks = sinks
         self.oldest = sinks
 
-    def attend(self, attention, module, query, key, value, **kwargs):
+    def attend(self, query, key, value, scaling):
         if self.window.length < self.budget:
             self.window.append(key, value)
         else:  # attention does not depend on the order of keys: overwrite the oldest in place
             self.window.write(self.oldest, key, value)
             self.oldest = self.sinks + (self.oldest + 1 - self.sinks) % (self.budget - self.sinks)
-        return attention(module, query, self.window.keys, self.window.values, None, **kwargs)
+        return attend(query, self.window.keys, self.window.values, scaling)
 
 
 class StreamingDecoding(PartialDecoding):
-    """StreamingLLM: every step attends to the first ``sinks`` tokens and the most recent ones, ``budget`` in all."""
+    """StreamingLLM: every step attends to the first ``sinks`` positions and the most recent ones, ``budget`` in all."""
 
-    def __init__(self, model: PreTrainedModel, cache: DynamicCache, budget: int, sinks: int = 4):
+    def __init__(self, model: PreTrainedModel, cache: KVCache, budget: int, sinks: int = 4):
         if budget <= sinks:
             raise ValueError(f"streaming needs a budget (recycle_k) above its {sinks} sink tokens, got {budget}")
         super().__init__(model, cache)
-        self.layers = [_StreamingLayer(k, v, budget, sinks) for k, v in _cache_layers(cache)]
+        self.layers = [_StreamingLayer(*cache.layer(i), budget, sinks) for i in range(len(cache.keys))]
 
-    def attend(self, module, query, key, value, **kwargs):
-        return self.layers[module.layer_idx].attend(self.attention, module, query, key, value, **kwargs)
+    def attend(self, layer, query, key, value, raw_query, scaling):
+        return self.layers[layer].attend(query, key, value, scaling)
 
 
-def start_decoding(model: PreTrainedModel, cache: DynamicCache, options: DecodeOptions,
+def start_decoding(model: PreTrainedModel, cache: KVCache, options: DecodeOptions,
                    max_new_tokens: int) -> Decoding:
     """The decoding ``options`` ask for, over a prompt's prefilled ``cache``, for up to ``max_new_tokens`` steps.
 
-    Partial strategies copy the cache into storage of their own and leave ``cache`` unchanged.
+    New tokens' KV goes into ``cache``'s free slots; it needs room for them.
     """
+    if cache.capacity < cache.length + max_new_tokens:
+        raise ValueError(f"the cache has room for {cache.capacity - cache.length} new tokens, not {max_new_tokens}")
     if options.mode == "full":
         return FullDecoding(model, cache)
     if options.mode == "streaming":
-        return StreamingDecoding(model, cache, options.budget(cache.get_seq_length()), options.sinks)
+        return StreamingDecoding(model, cache, options.budget(cache.length), options.sinks)
     schedule = FixedStride(options.stride) if options.dynamic_threshold is None else \
         QuerySimilarity(options.dynamic_threshold, options.stride)
     return RecycledDecoding(model, cache, options.recycle_k, schedule, max_new_tokens, options.pool_kernel)

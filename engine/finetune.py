@@ -130,12 +130,11 @@ def answer_logits(model: PreTrainedModel, tokens: ExampleTokens, attention: Trai
     spans = tokens.passage_spans()
     passages = encode_batch(model, [tokens.input_ids[s:s + n].tolist() for s, n in spans],
                             head if attention == "prefix" else None)
-    cache = assemble(model, [head, *passages], [0, *(s for s, _ in spans)])
+    cache = assemble(model, [head, *passages], [0, *(s for s, _ in spans)], len(tokens))
     in_block = torch.zeros(len(tokens), dtype=torch.bool, device=device)
     for s, n in [(0, tokens.head_tokens), *spans]:
         in_block[s:s + n] = True
-    out, _ = prefill_over_blocks(model, ids, cache, in_block, ~in_block, keep)
-    return out.logits[0, :-1]
+    return prefill_over_blocks(model, ids, cache, ~in_block, keep)[:-1]
 
 
 def example_loss(model: PreTrainedModel, tokens: ExampleTokens, attention: TrainAttention) -> torch.Tensor:

@@ -7,6 +7,7 @@ Both decode with the same loop, so their outputs differ only through the prefill
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,15 +17,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import DynamicCache
 
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks,
                      prefill_over_blocks)
-from .decoding import DecodeMode, DecodeOptions, start_decoding
+from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import PASSAGE_SEPARATOR, PassageOrder, PromptTemplate, passage_text, tokenize
-from .recovery import Recovery, drop_stale, positions_to_recompute
+from .recovery import Recovery, positions_to_recompute
+from .rope import warm_rotation
+from .transformer import KVCache, Positions, empty_cache, forward
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,66 @@ class SamplingOptions:
                              f"{self.temperature}, {self.top_p}, {self.top_k}")
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Everything a request may set besides its prompt; every public generation method takes these fields.
+
+    ``mode`` is how the prompt is prefilled (blocks, or every token); ``block_mode`` what passage
+    blocks are encoded after (``generate`` and ``stream`` only: segment prompts carry their blocks).
+    ``decode`` picks what new tokens attend to: ``"auto"`` (Recycled Attention where the prompt is
+    long enough for it to pay, :data:`~.decoding.AUTO_RECYCLE_FROM` tokens, full decoding below),
+    ``"full"``, ``"recycled"`` or ``"streaming"``, with ``recycle_k``, ``stride`` and
+    ``dynamic_threshold`` as :class:`DecodeOptions` describes. In block mode, ``recovery``
+    recomputes some passage tokens in context (see :class:`Recovery`).
+    """
+
+    mode: PrefillMode = "block"
+    block_mode: BlockMode | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    decode: DecodeMode | Literal["auto"] = "auto"
+    recycle_k: int | float = 1 / 8
+    stride: int = 10
+    dynamic_threshold: float | None = None
+    recovery: Recovery | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in PREFILL_MODES:
+            raise ValueError(f"mode must be one of {PREFILL_MODES}, got {self.mode!r}")
+        if self.block_mode is not None and self.block_mode not in BLOCK_MODES:
+            raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        self.sampling  # noqa: B018 - validates the sampling and decoding fields now, not mid-request
+        self.decoding(AUTO_RECYCLE_FROM)
+
+    @classmethod
+    def of(cls, options: "GenerationOptions | None", fields: dict) -> "GenerationOptions":
+        """``options`` (default: the defaults) with ``fields`` replaced; an unknown field raises ``TypeError``."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {sorted(unknown)}; the options are "
+                            f"{[f.name for f in dataclasses.fields(cls)]}")
+        return dataclasses.replace(options or cls(), **fields)
+
+    @property
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(self.temperature, self.top_p, self.top_k, self.seed)
+
+    def decoding(self, prompt_tokens: int) -> DecodeOptions:
+        """The decoding of a prompt of ``prompt_tokens`` tokens (``"auto"`` resolved by its length)."""
+        mode = self.decode
+        if mode == "auto":
+            mode = "recycled" if prompt_tokens >= AUTO_RECYCLE_FROM else "full"
+        threshold = None if self.decode == "auto" and mode != "recycled" else self.dynamic_threshold
+        return DecodeOptions(mode, self.recycle_k, self.stride, threshold)
+
+
 @dataclass
 class GenerationResult:
     """The answer and what it cost."""
@@ -66,6 +128,10 @@ class GenerationResult:
     block token recomputed in context by a :class:`Recovery`)."""
     ttft_s: float
     total_s: float
+    decode: DecodeMode = "full"
+    """How new tokens attended to the prompt (``"auto"`` resolved)."""
+    full_steps: float = 0.0
+    """Decode steps that attended to the whole cache (averaged over layers, whose schedules may differ)."""
 
     @property
     def completion_tokens(self) -> int:
@@ -94,7 +160,7 @@ class _Prefill:
     ``recomputed`` counts the tokens of each block (in prompt order) that a :class:`Recovery` recomputed.
     """
 
-    cache: DynamicCache
+    cache: KVCache
     logits: torch.Tensor
     served: int
     prefilled: int
@@ -127,6 +193,13 @@ class _Sampler:
             drop = cumulative - torch.softmax(sorted_logits, -1) >= o.top_p
             logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator))
+
+
+def _finished(stream: TextStream) -> GenerationResult:
+    for _ in stream:
+        pass
+    assert stream.result is not None
+    return stream.result
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -170,6 +243,7 @@ class BlockEngine:
         self._prefixes: OrderedDict[str | None, Block] = OrderedDict()
         self._templates: dict[str | None, PromptTemplate] = {}
         self._lock = threading.RLock()
+        warm_rotation(next(self.model.parameters()).dtype, self.device)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
@@ -281,83 +355,69 @@ class BlockEngine:
                     "re-encode it with `engine.encode(passages, prefix=..., block_mode=...)` matching the request.")
         return out, reused  # type: ignore[return-value]
 
-    def generate(self, prefix: str | None, passages: Sequence[str | Block], question: str, *,
-                 mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: Sequence[str] | None = None, decode: DecodeMode = "full", recycle_k: int | float = 1 / 8,
-                 stride: int = 10, dynamic_threshold: float | None = None,
-                 recovery: Recovery | None = None) -> GenerationResult:
+    def generate(self, prefix: str | None, passages: Sequence[str | Block], question: str,
+                 options: GenerationOptions | None = None, **fields) -> GenerationResult:
         """Answer ``question`` over ``passages`` after the system prompt ``prefix`` (None: the engine's default).
 
         Passages may be texts or precomputed blocks from :meth:`encode`, placed in the order given: for
         retrieval results, ``in_prompt_order(ranked, engine.passage_order)`` puts the best next to the
-        question, where blocks answer best (see ``DEFAULT_PASSAGE_ORDER``). ``decode`` picks what new
-        tokens attend to: the whole prompt (``"full"``), Recycled Attention (``"recycled"``) or
-        StreamingLLM (``"streaming"``), with ``recycle_k``, ``stride`` and ``dynamic_threshold`` as
-        :class:`DecodeOptions` describes. In block mode, ``recovery`` recomputes some passage tokens
-        in context to recover accuracy, at a cost in time to first token (see :class:`Recovery`).
+        question, where blocks answer best (see ``DEFAULT_PASSAGE_ORDER``). ``options`` and keyword
+        ``fields`` (which replace options' fields) are those of :class:`GenerationOptions`.
         """
-        events = self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode, recovery),
-                           max_new_tokens, SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()),
-                           DecodeOptions(decode, recycle_k, stride, dynamic_threshold))
-        return next(e for e in events if isinstance(e, GenerationResult))
+        return _finished(self.stream(prefix, passages, question, options, **fields))
 
-    def stream(self, prefix: str | None, passages: Sequence[str | Block], question: str, *,
-               mode: PrefillMode = "block", block_mode: BlockMode | None = None, max_new_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: Sequence[str] | None = None, decode: DecodeMode = "full", recycle_k: int | float = 1 / 8,
-               stride: int = 10, dynamic_threshold: float | None = None,
-               recovery: Recovery | None = None) -> TextStream:
+    def stream(self, prefix: str | None, passages: Sequence[str | Block], question: str,
+               options: GenerationOptions | None = None, **fields) -> TextStream:
         """Like :meth:`generate`, yielding text deltas; the stream's ``result`` holds the counts afterwards."""
-        return TextStream(self._run(lambda: self._rag_prefill(prefix, passages, question, mode, block_mode, recovery),
-                                    max_new_tokens, SamplingOptions(temperature, top_p, top_k, seed),
-                                    tuple(stop or ()), DecodeOptions(decode, recycle_k, stride, dynamic_threshold)))
+        o = GenerationOptions.of(options, fields)
+        return TextStream(self._run(lambda n: self._rag_prefill(prefix, passages, question, o.mode, o.block_mode,
+                                                                o.recovery, n), o))
 
-    def generate_segments(self, segments: Sequence[str | Block], *, mode: PrefillMode = "block",
-                          max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                          seed: int | None = None, stop: Sequence[str] | None = None,
-                          recovery: Recovery | None = None) -> GenerationResult:
+    def generate_segments(self, segments: Sequence[str | Block], options: GenerationOptions | None = None,
+                          **fields) -> GenerationResult:
         """Continue a prompt given as raw text pieces and blocks, in order (no chat template is added).
 
         Text is prefilled normally, attending to everything before it; blocks are served as they are,
         but for the tokens a ``recovery`` recomputes in context (every block not at the prompt's start
         is eligible). This is how a prompt written by a framework is answered with the blocks found
-        inside it. The prompt must end with text.
+        inside it. The prompt must end with text. Options as :meth:`generate` takes them, but for
+        ``block_mode``: the blocks are given.
         """
-        events = self._run(lambda: self._segment_prefill(segments, mode, recovery), max_new_tokens,
-                           SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ()))
-        return next(e for e in events if isinstance(e, GenerationResult))
+        return _finished(self.stream_segments(segments, options, **fields))
 
-    def stream_segments(self, segments: Sequence[str | Block], *, mode: PrefillMode = "block",
-                        max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        seed: int | None = None, stop: Sequence[str] | None = None,
-                        recovery: Recovery | None = None) -> TextStream:
+    def stream_segments(self, segments: Sequence[str | Block], options: GenerationOptions | None = None,
+                        **fields) -> TextStream:
         """Like :meth:`generate_segments`, yielding text deltas."""
-        return TextStream(self._run(lambda: self._segment_prefill(segments, mode, recovery), max_new_tokens,
-                                    SamplingOptions(temperature, top_p, top_k, seed), tuple(stop or ())))
+        o = GenerationOptions.of(options, fields)
+        if o.block_mode is not None:
+            raise ValueError("block_mode does not apply to segment prompts: their blocks are given; encode them "
+                             "with `engine.encode(..., block_mode=...)` instead")
+        return TextStream(self._run(lambda n: self._segment_prefill(segments, o.mode, o.recovery, n), o))
 
     def _rag_prefill(self, prefix: str | None, passages: Sequence[str | Block], question: str, mode: PrefillMode,
-                     block_mode: BlockMode | None, recovery: Recovery | None = None) -> _Prefill:
+                     block_mode: BlockMode | None, recovery: Recovery | None = None,
+                     new_tokens: int = 1) -> _Prefill:
         question_text = self.template(prefix).question_text(question)
         if mode == "full":
             texts = [p if isinstance(p, Block) else passage_text(p) for p in passages]
-            return self._segment_prefill(prompt_layout(self.template(prefix).head, texts, question_text), mode)
+            return self._segment_prefill(prompt_layout(self.template(prefix).head, texts, question_text), mode,
+                                         new_tokens=new_tokens)
         fresh_prefix = prefix not in self._prefixes
         head = self.prefix_block(prefix)
         blocks, reused = self._blocks(passages, prefix, block_mode, False)
-        done = self._segment_prefill(prompt_layout(head, blocks, question_text), mode, recovery)
+        done = self._segment_prefill(prompt_layout(head, blocks, question_text), mode, recovery, new_tokens)
         # Served: the tokens of blocks that existed before this call, less those recomputed in context.
         served = sum(len(b) - r for b, r, old in zip([head, *blocks], done.recomputed, [not fresh_prefix, *reused])
                      if old)
         return _Prefill(done.cache, done.logits, served, done.prompt_tokens - served, done.recomputed)
 
     def _segment_prefill(self, segments: Sequence[str | Block], mode: PrefillMode,
-                         recovery: Recovery | None = None) -> _Prefill:
+                         recovery: Recovery | None = None, new_tokens: int = 1) -> _Prefill:
         """Prefill text segments over the blocks before them; in full mode, every token.
 
-        In block mode, the block tokens ``recovery`` picks are recomputed in the same forward pass as
-        the text: every token of it attends by position to the cached entries, but for the stale
-        ones it replaces, and to the other tokens of the pass. The stale entries are then dropped.
+        The cache has a slot for every position of the prompt and ``new_tokens`` more. In block mode,
+        the block tokens ``recovery`` picks are recomputed in the same forward pass as the text: every
+        token of it attends by position to the slots up to its own, which then hold the recomputed KV.
         """
         if mode not in PREFILL_MODES:
             raise ValueError(f"mode must be one of {PREFILL_MODES}, got {mode!r}")
@@ -368,23 +428,23 @@ class BlockEngine:
         lengths = [len(p) for p in pieces]
         total = sum(lengths)
         self._check_length(total)
+        capacity = min(total + new_tokens, self.max_positions)
         ids = torch.cat([p.token_ids if isinstance(p, Block) else p for p in pieces]).to(self.device)
         if mode == "full":
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return _Prefill(cache, out.logits[0, -1], 0, total)
+            cache = empty_cache(self.model, capacity)
+            logits = forward(self.model, cache, ids[None], Positions.span(0, total, self.device))
+            return _Prefill(cache, logits[0, -1], 0, total)
         starts = [sum(lengths[:i]) for i in range(len(pieces))]
         blocks = [(p, s) for p, s in zip(pieces, starts) if isinstance(p, Block)]
-        cache = assemble(self.model, [b for b, _ in blocks], [s for _, s in blocks])
+        cache = assemble(self.model, [b for b, _ in blocks], [s for _, s in blocks], capacity)
         in_block = torch.cat([torch.full((len(p),), isinstance(p, Block)) for p in pieces]).to(self.device)
         fresh = ~in_block  # the positions this forward pass computes: the text, and block tokens recomputed
         if recovery is not None:
             fresh[positions_to_recompute(self.model, recovery, cache, ids, [(s, len(b)) for b, s in blocks])] = True
-        out, stale = prefill_over_blocks(self.model, ids, cache, in_block, fresh)
-        drop_stale(cache, stale)
-        recomputed = tuple(int(m.sum()) for m in stale.split([len(b) for b, _ in blocks]))
+        logits = prefill_over_blocks(self.model, ids, cache, fresh)
+        recomputed = tuple(int((fresh[s:s + len(b)]).sum()) for b, s in blocks)
         served = int(in_block.sum()) - sum(recomputed)
-        return _Prefill(cache, out.logits[0, -1], served, total - served, recomputed)
+        return _Prefill(cache, logits[-1], served, total - served, recomputed)
 
     def _check_length(self, tokens: int) -> None:
         if tokens >= self.max_positions:
@@ -392,18 +452,17 @@ class BlockEngine:
                                      f"{self.max_positions}; pass fewer or shorter passages.")
 
     @torch.inference_mode()
-    def _run(self, prefill: Callable[[], _Prefill], max_new_tokens: int, sampling: SamplingOptions,
-             stops: tuple[str, ...], decoding: DecodeOptions = DecodeOptions()) -> Iterator[str | GenerationResult]:
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+    def _run(self, prefill: Callable[[int], _Prefill], options: GenerationOptions) -> Iterator[str | GenerationResult]:
+        max_new_tokens, stops = options.max_new_tokens, options.stop
         started = time.perf_counter()
-        done = prefill()
+        done = prefill(max_new_tokens)
         cache, logits, served, prefilled = done.cache, done.logits, done.served, done.prefilled
-        sample = _Sampler(sampling, self.device)
+        sample = _Sampler(options.sampling, self.device)
         token = sample(logits)
         ttft = time.perf_counter() - started
-        decoder = start_decoding(self.model, cache, decoding, max_new_tokens)
-        del cache, done  # a partial decoder holds its own copy of the cache
+        decoding = options.decoding(cache.length)
+        decoder = start_decoding(self.model, cache, decoding, min(max_new_tokens, cache.capacity - cache.length))
+        del cache, done
         generated: list[int] = []
         text = emitted = ""
         finish: Literal["stop", "length"] = "length"
@@ -428,4 +487,5 @@ class BlockEngine:
         if len(text) > len(emitted) and text.startswith(emitted):
             yield text[len(emitted):]
         yield GenerationResult(text, generated, finish, prompt_tokens, served, prefilled, ttft,
-                               time.perf_counter() - started)
+                               time.perf_counter() - started, decoding.mode,
+                               decoder.full_layer_steps / len(decoder.cache.keys))

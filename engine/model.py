@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .errors import (AdapterMismatchError, AdapterNotFoundError, ExtraNotInstalledError, ModelNotFoundError,
                      UnsupportedModelError)
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
-from .rope import rotary_module
+from .transformer import rotary_module
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,29 @@ def _resolve(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None  # a hub id: works only where the hub is reachable
 
 
+def computes_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CPU with AVX512-BF16 or AMX, or a GPU that supports it.
+
+    Elsewhere bf16 is emulated through fp32 and slower than fp32 itself.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:  # not Linux: no cheap way to tell, so keep fp32
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """``None``/"auto" means fp32 on the CPU (fast there) and bf16 on accelerators."""
+    """``None``/"auto" means bf16 where the device computes it natively (:func:`computes_bf16`), fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        return torch.bfloat16 if computes_bf16(device) else torch.float32
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[dtype]

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from .blocks import StoppingCache, write_kv
+from .transformer import KVCache, Positions, empty_cache, forward
 
 
 @dataclass(frozen=True)
@@ -49,26 +49,25 @@ class Recovery:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens!r}")
 
 
-def deviation(model: PreTrainedModel, cache: DynamicCache, input_ids: torch.Tensor, positions: torch.Tensor,
+def deviation(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor,
               layer: int) -> torch.Tensor:
-    """How far each cache entry's KV at ``layer`` is from full attention's, one score per entry.
+    """How far the KV at ``layer`` in ``cache``'s slots ``positions`` is from full attention's, one score each.
 
     The score is the squared L2 distance of the key plus that of the value, summed over KV heads,
-    in fp32. ``input_ids`` are the whole prompt's tokens; ``positions`` the position of each entry.
-    Both keys are rotated at the entry's position, so the distance measures the missing context only.
+    in fp32. ``input_ids`` are the whole prompt's tokens. Both keys are rotated at the same
+    position, so the distance measures the missing context only.
     """
-    full = StoppingCache(model.config, last_layer=layer)
-    write_kv(model, full, input_ids[None], torch.arange(len(input_ids), device=input_ids.device)[None])
-    got, want = cache.layers[layer], full.layers[layer]
-    return sum(((a[0].float() - b[0][:, positions].float()) ** 2).sum((0, 2))
-               for a, b in ((got.keys, want.keys), (got.values, want.values)))
+    full = empty_cache(model, len(input_ids))
+    forward(model, full, input_ids[None], Positions.span(0, len(input_ids), input_ids.device), through_layer=layer)
+    pairs = ((cache.keys[layer], full.keys[layer]), (cache.values[layer], full.values[layer]))
+    return sum(((a[0][:, positions].float() - b[0][:, positions].float()) ** 2).sum((0, 2)) for a, b in pairs)
 
 
-def positions_to_recompute(model: PreTrainedModel, recovery: Recovery, cache: DynamicCache,
+def positions_to_recompute(model: PreTrainedModel, recovery: Recovery, cache: KVCache,
                            input_ids: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
     """The prompt positions of the block tokens whose KV ``recovery`` recomputes, ascending.
 
-    ``cache`` holds blocks back to back, block ``i`` at positions ``spans[i] = (start, length)``;
+    ``cache`` holds block ``i`` in the slots of positions ``spans[i] = (start, length)``;
     ``input_ids`` are the whole prompt's tokens. The tokens are the first ``sink_tokens`` of every
     eligible block, and the ``recompute`` fraction of eligible tokens of largest :func:`deviation`.
     """
@@ -88,16 +87,3 @@ def positions_to_recompute(model: PreTrainedModel, recovery: Recovery, cache: Dy
         score = deviation(model, cache, input_ids, positions, recovery.check_layer)
         stale[score.masked_fill(~eligible, float("-inf")).topk(count).indices] = True
     return positions[stale]
-
-
-def drop_stale(cache: DynamicCache, stale: torch.Tensor) -> None:
-    """Remove from every layer the entries where ``stale`` (a mask over the cache's first entries) is True.
-
-    Their recomputed KV was appended by the prefill; the cache then holds one entry per prompt position.
-    """
-    if not stale.any():
-        return
-    keep = torch.ones(cache.get_seq_length(), dtype=torch.bool, device=stale.device)
-    keep[: len(stale)] = ~stale
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]

@@ -8,23 +8,15 @@ longrope, ...) is honoured as the model itself would apply it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .transformer import rotary_module
 
-
-def rotary_module(model: nn.Module) -> nn.Module:
-    """The rotary embedding module of a supported causal LM (``model.model.rotary_emb``)."""
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if rotary is None or not hasattr(rotary, "inv_freq"):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no rotary embedding module at `model.rotary_emb`; "
-            "blockrag supports decoder-only Llama, Mistral, Qwen2 and Qwen3 models."
-        )
-    return rotary
+log = logging.getLogger(__name__)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -41,12 +33,16 @@ def _cos_sin(rotary: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, 
     return cos[0] / scale, sin[0] / scale
 
 
-def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+Move = Callable[..., torch.Tensor]
+
+
+def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) -> Move:
     """A function that moves keys rotated at ``source`` positions to ``target`` positions.
 
     ``source`` and ``target`` are 1-D position tensors with one entry per token; the returned
-    function takes keys ``[..., tokens, head_dim]``, rotates them by the angle difference in fp32
-    and returns them in their own dtype. The angles are computed once for many calls (one per layer).
+    function takes keys ``[..., tokens, head_dim]`` (and optionally ``out=``, where to write them),
+    rotates them by the angle difference in fp32 and returns them in their own dtype (or ``out``'s),
+    rounded once. The angles are computed once for many calls.
     """
     if source.shape != target.shape or source.ndim != 1:
         raise ValueError(f"need 1-D source and target positions of one length, got {tuple(source.shape)} "
@@ -58,24 +54,48 @@ def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) ->
     sin = sin_t * cos_s - cos_t * sin_s
     dim = cos.shape[-1]
 
-    def move(keys: torch.Tensor) -> torch.Tensor:
+    def move(keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if keys.shape[-2] != source.shape[0]:
             raise ValueError(f"keys hold {keys.shape[-2]} tokens but {source.shape[0]} positions were given")
-        rotate = _rotate_fused if keys.is_cuda else _rotate
-        rotated = rotate(keys[..., :dim], cos.to(keys.device), sin.to(keys.device))
-        return torch.cat((rotated, keys[..., dim:]), dim=-1) if dim < keys.shape[-1] else rotated
+        if out is None:
+            out = torch.empty_like(keys)
+        c, s = cos.to(keys.device), sin.to(keys.device)
+        if dim < keys.shape[-1]:
+            out[..., dim:] = keys[..., dim:]
+        if torch.is_grad_enabled() and keys.requires_grad:  # training: differentiable, and never compiled
+            k = keys[..., :dim].float()
+            out[..., :dim] = k * c + _rotate_half(k) * s
+        else:
+            _rotate_into(out[..., :dim], keys[..., :dim], c, s)
+        return out
 
     return move
 
 
-def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate_into_eager(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     k = keys.float()
-    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+    out.copy_(k * cos + _rotate_half(k) * sin)
 
 
-# On GPUs the rotation is memory-bound; fused into one kernel it runs about 5x faster (32K tokens of an
-# 8B model: 5 ms against 27 ms on an H100). CPUs keep the eager version: compiling there costs more than it saves.
-_rotate_fused = torch.compile(_rotate, dynamic=True)
+# Eager, the rotation makes several fp32 copies of every key; compiled, it is one pass that reads a
+# block's keys and writes the rotated ones into the cache (the same values). :func:`warm_rotation`
+# compiles it ahead of the first request; torch caches the compiled code on disk between processes.
+_rotate_compiled = torch.compile(_rotate_into_eager, dynamic=True)
+_rotate_into: Callable[..., None] = _rotate_into_eager
+
+
+def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    """Compile the re-rotation for keys of ``dtype`` now, not inside a request; stay eager if it cannot be."""
+    global _rotate_into
+    try:
+        with torch.inference_mode():  # as requests run: a block written into a cache's slots, as assembly does
+            keys = torch.zeros(2, 2, 3, 4, dtype=dtype, device=device)
+            slots = torch.zeros(2, 1, 2, 9, 4, dtype=dtype, device=device)[:, 0, :, 5:8]
+            _rotate_compiled(slots, keys, torch.ones(3, 4, device=device), torch.zeros(3, 4, device=device))
+    except Exception as exc:  # no C++ compiler, say: correct, only slower
+        log.warning("could not compile the key re-rotation (%s: %s); it stays eager", type(exc).__name__, exc)
+        return
+    _rotate_into = _rotate_compiled
 
 
 def rerotate(keys: torch.Tensor, source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) -> torch.Tensor:

@@ -9,32 +9,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, PassageOrder, PrefillMode,
-                             in_prompt_order)
+from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, DecodeMode, PassageOrder,
+                             PrefillMode, in_prompt_order)
 
 from . import MissingExtraError
 from .matching import Passage, PassageIndex, render_chat
-from .runner import (Completion, GenerationOptions, PromptRunner, aiter_in_thread, index_nodes, index_passages,
-                     shared_engine)
+from .runner import (ADAPTER_OPTIONS, DECODE_DESCRIPTION, Completion, PromptRunner, aiter_in_thread, call_options,
+                     index_nodes, index_passages, shared_engine)
 
 try:
     from langchain_core.callbacks import (AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun,
                                           CallbackManagerForRetrieverRun)
     from langchain_core.documents import Document
     from langchain_core.language_models import BaseChatModel, LangSmithParams
+    from langchain_core.language_models.chat_models import generate_from_stream
     from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
     from langchain_core.messages.ai import UsageMetadata
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
     from langchain_core.retrievers import BaseRetriever
     from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
-    from pydantic import Field, PrivateAttr
+    from pydantic import ConfigDict, Field, PrivateAttr
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError("langchain", exc) from exc
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
-_CALL_OPTIONS = ("block_ids", "mode", "max_tokens", "temperature", "top_p", "top_k", "seed")
+_CALL_OPTIONS = ("block_ids", *ADAPTER_OPTIONS)
 DEFAULT_RAG_SYSTEM_PROMPT = "Answer the question using the documents given by the user. Answer briefly."
 
 
@@ -78,8 +79,9 @@ class ChatBlockAttention(BaseChatModel):
 
     Build it with ``model`` (and ``store``: KV store folder or ``redis://`` URL, by default
     ``$BLOCKRAG_HOME/kv``), with ``engine=`` (your :class:`BlockEngine` and its store), or from a
-    blockrag index with :meth:`from_index`. ``max_retries`` is accepted for LangChain's standard
-    interface; a local model has no transient failures to retry, so it changes nothing.
+    blockrag index with :meth:`from_index`. ``max_retries`` and ``api_key`` are accepted for LangChain's
+    standard interface; a local model has no transient failures to retry and no key to check, so they change
+    nothing. Any other unknown field raises.
     """
 
     model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, model folder or GGUF file.")
@@ -93,6 +95,16 @@ class ChatBlockAttention(BaseChatModel):
     stop: list[str] | None = None
     timeout: float | None = Field(default=None, description="Wall-clock limit per call in seconds.")
     max_retries: int = Field(default=0, ge=0)
+    streaming: bool = Field(default=False, description="Answer invoke() through the streaming path, so that "
+                            "callbacks see each token.")
+    api_key: str | None = Field(default=None, repr=False, description="Accepted for LangChain's standard "
+                                "interface; a local model needs none.")
+    decode: DecodeMode | Literal["auto"] = Field(default="auto", description=DECODE_DESCRIPTION)
+    recycle_k: int | float = Field(default=1 / 8, description="Recycled and streaming budget: tokens or a fraction.")
+    stride: int = Field(default=10, gt=0, description="Steps between Recycled Attention's full steps.")
+    dynamic_threshold: float | None = Field(default=None, description="Query similarity that triggers a full step.")
+
+    model_config = ConfigDict(extra="forbid")
 
     _runner: PromptRunner = PrivateAttr()
 
@@ -144,13 +156,9 @@ class ChatBlockAttention(BaseChatModel):
             text, passages = message_text(message)
             turns.append({"role": _ROLES.get(message.type) or getattr(message, "role", message.type), "content": text})
             hints += passages
-        options = GenerationOptions(
-            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
-            temperature=kwargs.get("temperature", self.temperature), top_p=kwargs.get("top_p", self.top_p),
-            top_k=kwargs.get("top_k", self.top_k), seed=kwargs.get("seed", self.seed),
-            stop=tuple(stop if stop is not None else self.stop or ()), timeout_s=self.timeout)
+        options = call_options(self, kwargs, stop if stop is not None else self.stop)
         prompt = render_chat(self.engine.tokenizer, turns)
-        return prompt, {"hints": hints, "mode": kwargs.get("mode", self.mode), "options": options}
+        return prompt, {"hints": hints, "options": options, "timeout_s": self.timeout}
 
     def _response_metadata(self, done: Completion) -> dict[str, Any]:
         return {"model_name": self.model, "finish_reason": done.finish_reason, "blockrag": done.report()}
@@ -164,6 +172,8 @@ class ChatBlockAttention(BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self.streaming:
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         prompt, call = self._prepare(messages, stop, kwargs)
         done = self._runner.complete(prompt, **call)
         message = AIMessage(content=done.text, usage_metadata=_usage(done),

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, PassageOrder, PrefillMode, in_prompt_order
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, DecodeMode, PassageOrder, PrefillMode, in_prompt_order
 
 from . import MissingExtraError
 from .matching import Passage, PassageIndex, render_chat
-from .runner import Completion, GenerationOptions, PromptRunner, ReuseReport, aiter_in_thread, shared_engine
+from .runner import (ADAPTER_OPTIONS, DECODE_DESCRIPTION, Completion, PromptRunner, ReuseReport, aiter_in_thread,
+                     call_options, shared_engine)
 
 try:
     from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
@@ -24,7 +25,7 @@ try:
                                                   CompletionResponseGen, LLMMetadata)
     from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
     from llama_index.core.base.response.schema import RESPONSE_TYPE
-    from llama_index.core.bridge.pydantic import Field, PrivateAttr
+    from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
     from llama_index.core.indices.base import BaseIndex
     from llama_index.core.llms import CustomLLM
     from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
@@ -38,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 BLOCK_KEY_METADATA = "blockrag_block_key"
 """Node metadata holding the store key of the node's block (kept out of embeddings and prompts)."""
 
-_CALL_OPTIONS = ("node_ids", "mode", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_CALL_OPTIONS = ("node_ids", "stop", *ADAPTER_OPTIONS)
 
 
 def _node_passage(node: BaseNode | NodeWithScore) -> Passage:
@@ -66,6 +67,12 @@ class BlockAttentionLLM(CustomLLM):
     seed: int | None = Field(default=None, description="Seed for sampling when temperature > 0.")
     stop: list[str] = Field(default_factory=list, description="Strings that end generation (not included).")
     timeout: float | None = Field(default=None, description="Wall-clock limit per call in seconds.")
+    decode: DecodeMode | Literal["auto"] = Field(default="auto", description=DECODE_DESCRIPTION)
+    recycle_k: int | float = Field(default=1 / 8, description="Recycled and streaming budget: tokens or a fraction.")
+    stride: int = Field(default=10, gt=0, description="Steps between Recycled Attention's full steps.")
+    dynamic_threshold: float | None = Field(default=None, description="Query similarity that triggers a full step.")
+
+    model_config = ConfigDict(extra="forbid")
 
     _runner: PromptRunner = PrivateAttr()
     _hints: tuple[Passage, ...] = PrivateAttr(default=())
@@ -125,14 +132,10 @@ class BlockAttentionLLM(CustomLLM):
         unknown = set(kwargs) - set(_CALL_OPTIONS)
         if unknown:
             raise TypeError(f"unexpected argument(s) {sorted(unknown)}; BlockAttentionLLM accepts {_CALL_OPTIONS}")
-        options = GenerationOptions(
-            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
-            temperature=kwargs.get("temperature", self.temperature), top_p=kwargs.get("top_p", self.top_p),
-            top_k=kwargs.get("top_k", self.top_k), seed=kwargs.get("seed", self.seed),
-            stop=tuple(kwargs.get("stop", self.stop)), timeout_s=self.timeout)
+        options = call_options(self, kwargs, kwargs.get("stop", self.stop))
         hints = [*self._runner.hints_for(kwargs.get("node_ids", ())), *self._hints]
         text = prompt if formatted else self.completion_to_prompt(prompt)
-        return text, {"hints": hints, "mode": kwargs.get("mode", self.mode), "options": options}
+        return text, {"hints": hints, "options": options, "timeout_s": self.timeout}
 
     def _completion_response(self, done: Completion, text: str, delta: str | None = None) -> CompletionResponse:
         if self._report is not None:

@@ -10,11 +10,11 @@ import contextvars
 import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, BlockragError, PrefillMode, blockrag_home
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, BlockragError, DecodeMode, GenerationOptions, blockrag_home
 
 from .matching import BlockUse, Passage, PassageIndex, PromptPlan, plan_prompt
 
@@ -25,18 +25,18 @@ class GenerationTimeoutError(BlockragError, TimeoutError):
     """Generation ran past the caller's ``timeout``."""
 
 
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Per-call decoding settings (greedy when ``temperature`` is 0)."""
+DECODE_DESCRIPTION = ("'auto' decodes long prompts with Recycled Attention and short ones fully; or 'full', "
+                      "'recycled', 'streaming'.")
+#: Generation settings both adapters take as fields and as per-call arguments, and the engine option each sets.
+ADAPTER_OPTIONS = {"mode": "mode", "max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+                   "top_k": "top_k", "seed": "seed", "decode": "decode", "recycle_k": "recycle_k",
+                   "stride": "stride", "dynamic_threshold": "dynamic_threshold"}
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    timeout_s: float | None = None
-    """Wall-clock limit for the whole call; checked between generated tokens."""
+
+def call_options(adapter: Any, kwargs: Mapping[str, Any], stop: Sequence[str] | None) -> GenerationOptions:
+    """The engine options of one call: the adapter's fields, replaced by the call's arguments of the same names."""
+    return GenerationOptions(stop=tuple(stop or ()), **{option: kwargs.get(name, getattr(adapter, name))
+                                                          for name, option in ADAPTER_OPTIONS.items()})
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ class Completion:
     ttft_s: float = 0.0
     """Time to first token, including finding the passages and loading their blocks."""
     total_s: float = 0.0
+    decode: DecodeMode = "full"
+    """How the answer's tokens attended to the prompt (``"auto"`` resolved)."""
+    full_steps: float = 0.0
+    """Decode steps that attended to the whole prompt (see :class:`blockrag.engine.GenerationResult`)."""
 
     @property
     def reused_ids(self) -> list[str]:
@@ -77,6 +81,7 @@ class Completion:
         """A JSON-ready summary, put by the adapters into their responses' metadata."""
         return {"usage": self.usage.as_openai(), "reused_ids": self.reused_ids,
                 "blocks": [{"id": b.id, "tokens": b.tokens} for b in self.blocks],
+                "decode": {"mode": self.decode, "full_steps": round(self.full_steps, 2)},
                 "ttft_s": round(self.ttft_s, 4), "total_s": round(self.total_s, 4)}
 
 
@@ -118,22 +123,23 @@ class PromptRunner:
         """Known passages for explicit ids; unknown ids are skipped (they can only fall back to prefill)."""
         return [p for p in self.passages.get(ids) if p is not None]
 
-    def stream(self, prompt: str, *, hints: Sequence[Passage] = (), mode: PrefillMode = "block",
-               options: GenerationOptions = GenerationOptions()) -> Iterator[tuple[str, Completion | None]]:
-        """Yield ``(delta, None)`` pairs; the last pair carries the :class:`Completion` (its delta may be "")."""
+    def stream(self, prompt: str, *, hints: Sequence[Passage] = (), options: GenerationOptions = GenerationOptions(),
+               timeout_s: float | None = None) -> Iterator[tuple[str, Completion | None]]:
+        """Yield ``(delta, None)`` pairs; the last pair carries the :class:`Completion` (its delta may be "").
+
+        ``timeout_s`` limits the whole call's wall-clock time, checked between generated tokens.
+        """
         started = time.perf_counter()
-        plan = self.plan(prompt, hints) if mode == "block" else PromptPlan([prompt], [])
+        plan = self.plan(prompt, hints) if options.mode == "block" else PromptPlan([prompt], [])
         planned_s = time.perf_counter() - started
-        stream = self.engine.stream_segments(
-            plan.segments, mode=mode, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-            top_p=options.top_p, top_k=options.top_k, seed=options.seed, stop=options.stop)
+        stream = self.engine.stream_segments(plan.segments, options)
         deltas = iter(stream)
         pending: str | None = None
         try:
             for delta in deltas:
-                if options.timeout_s is not None and time.perf_counter() - started > options.timeout_s:
+                if timeout_s is not None and time.perf_counter() - started > timeout_s:
                     raise GenerationTimeoutError(
-                        f"generation ran past timeout={options.timeout_s}s; raise the timeout or lower max_tokens.")
+                        f"generation ran past timeout={timeout_s}s; raise the timeout or lower max_tokens.")
                 if pending is not None:
                     yield pending, None
                 pending = delta
@@ -143,7 +149,7 @@ class PromptRunner:
         assert r is not None
         usage = Usage(r.prompt_tokens, r.completion_tokens, plan.cached_tokens)
         yield pending or "", Completion(r.text, r.finish_reason, usage, plan.blocks, planned_s + r.ttft_s,
-                                        time.perf_counter() - started)
+                                        time.perf_counter() - started, r.decode, r.full_steps)
 
     def complete(self, prompt: str, **kwargs) -> Completion:
         """Like :meth:`stream`, returning only the finished :class:`Completion`."""

@@ -391,7 +391,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--adapter", metavar="PATH", help="LoRA adapter folder merged into the model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--dtype", default="auto", 
+                        help="float32, bfloat16 or auto (bf16 where the device computes it natively, else fp32)")
     parser.add_argument("--results", metavar="RESULTS.jsonl",
                         help="per-question results, resumed if present (default: beside --json as .results.jsonl)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

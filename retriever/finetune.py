@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model to train an adapter of")
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="as `blockrag eval` prompts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (fp32 on CPU, bf16 on GPU); "
-                        "load the adapter's base model in the same dtype")
+    parser.add_argument("--dtype", default="float32", help="float32 (default: LoRA weights and their updates keep "
+                        "full precision), bfloat16 or auto; load the adapter's base model in the same dtype")
 
 
 def finetune_command(args: argparse.Namespace) -> int:

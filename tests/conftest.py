@@ -17,6 +17,12 @@ def smollm() -> LoadedModel:
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def smollm_fp32() -> LoadedModel:
+    """The bundled SmolLM2-135M in fp32, for tests whose reference is fp32 KV."""
+    return load_model("smollm2-135m", dtype="float32")
+
+
 @pytest.fixture(scope="module")
 def tiny_engine(smollm) -> BlockEngine:
     """A tiny random Llama with the bundled model's tokenizer, for exactness through the public API."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from blockrag.engine import (BlockEngine, DecodeOptions, FixedStride, FullDecoding, LoadedModel, QuerySimilarity,
-                             RecycledDecoding, StreamingDecoding, load_model, model_fingerprint, start_decoding)
+                             Recovery, RecycledDecoding, StreamingDecoding, load_model, model_fingerprint,
+                             start_decoding)
+from blockrag.engine.transformer import KVCache, Positions, empty_cache, forward
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
@@ -31,16 +33,16 @@ def random_ids(n: int, seed: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill(model, ids: torch.Tensor) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids.unsqueeze(0), past_key_values=cache, use_cache=True)
+def prefill(model, ids: torch.Tensor, new_tokens: int = STEPS) -> KVCache:
+    cache = empty_cache(model, len(ids) + new_tokens)
+    forward(model, cache, ids.unsqueeze(0), Positions.span(0, len(ids)))
     return cache
 
 
 @torch.inference_mode()
 def teacher_forced(model, options: DecodeOptions, prompt: torch.Tensor, answer: torch.Tensor):
     """The decoding and the logits of each step when fed ``answer`` after ``prompt``."""
-    decoding = start_decoding(model, prefill(model, prompt), options, len(answer))
+    decoding = start_decoding(model, prefill(model, prompt, len(answer)), options, len(answer))
     return decoding, [decoding.step(int(t)) for t in answer]
 
 
@@ -63,10 +65,9 @@ def test_recycled_equals_full_when_k_covers_the_context_or_every_step_is_full(fa
                     DecodeOptions("recycled", recycle_k=3, stride=1, dynamic_threshold=1.0)):  # every check drifts
         decoding, logits = teacher_forced(model, options, prompt, answer)
         assert_same_logits(logits, reference)
-        assert model.config._attn_implementation == attn
     # Sanity: a small recycle set with partial steps does change the logits.
     decoding, logits = teacher_forced(model, DecodeOptions("recycled", recycle_k=3, stride=1000), prompt, answer)
-    assert decoding.full_steps == model.config.num_hidden_layers  # the first step only
+    assert decoding.full_layer_steps == model.config.num_hidden_layers  # the first step only
     assert not torch.equal(logits[-1], reference[-1])
 
 
@@ -87,7 +88,7 @@ def test_streaming_window_keeps_sinks_and_most_recent_tokens():
     assert isinstance(decoding, StreamingDecoding)
     # Layer-0 keys depend only on token and position, so the reference is the whole sequence encoded at once.
     total = PROMPT + STEPS
-    reference = prefill(model, torch.cat([prompt, answer])).layers[0].keys
+    reference = prefill(model, torch.cat([prompt, answer])).layer(0)[0]
     expected = reference[:, :, [*range(sinks), *range(total - (budget - sinks), total)]]
     layer = decoding.layers[0]
     window, oldest = layer.window.keys, layer.oldest
@@ -130,8 +131,8 @@ def test_recycle_set_is_the_top_k_of_eager_attention_scores(family, kernel):
             # from cached keys and a single-query softmax, the reference from one eager forward (float32).
             assert scores[head][chosen].min() >= scores[head][~chosen].max() - 1e-6, (layer, head)
         # The partial cache holds exactly the keys of the recycle set, then the token decoded since none.
-        full, recycled = decoding.layers[layer].full, decoding.layers[layer].recycled
-        expected = torch.stack([full.keys[0, h, selected[h]] for h in range(heads)]).unsqueeze(0)
+        full, recycled = decoding.cache.layer(layer)[0], decoding.layers[layer].recycled
+        expected = torch.stack([full[0, h, selected[h]] for h in range(heads)]).unsqueeze(0)
         assert torch.equal(recycled.keys, expected)
 
 
@@ -161,8 +162,8 @@ def test_dynamic_schedule_on_a_model_refreshes_less_than_fixed_stride():
                               prompt, answer)
     always, _ = teacher_forced(model, DecodeOptions("recycled", recycle_k=8, stride=1, dynamic_threshold=1.0),
                                prompt, answer)
-    assert never.full_steps == layers                # cosine similarity is never below -1: first step only
-    assert always.full_steps == layers * STEPS       # distinct queries are never exactly aligned
+    assert never.full_layer_steps == layers                # cosine similarity is never below -1: first step only
+    assert always.full_layer_steps == layers * STEPS       # distinct queries are never exactly aligned
 
 
 @pytest.fixture(scope="module")
@@ -188,36 +189,14 @@ def test_generate_with_every_decode_mode_and_prefill_mode(tokenizer, mode):
     assert stream.result is not None and len(stream.result.token_ids) == 10 and text == stream.result.text
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@torch.inference_mode()
-def test_other_forwards_keep_the_original_attention_and_mask_during_a_partial_step(attn):
-    model = tiny_model("llama", attn)
-    ids = random_ids(6, 13).unsqueeze(0)
-    expected = model(input_ids=ids).logits
-    during = []
-
-    class Probe(RecycledDecoding):
-        def attend(self, module, query, key, value, **kwargs):
-            if module.layer_idx == 0:  # as another thread would: a causal 6-token forward, not this decoding's
-                during.append((model.config._attn_implementation, model(input_ids=ids).logits))
-            return super().attend(module, query, key, value, **kwargs)
-
-    decoding = Probe(model, prefill(model, random_ids(PROMPT, 14)), 8, FixedStride(4), 2)
-    decoding.step(5)
-    decoding.step(6)
-    assert [name for name, _ in during] == [f"blockrag:{attn}"] * 2
-    for _, logits in during:
-        assert torch.equal(logits, expected)
-    assert model.config._attn_implementation == attn
-
-
-def test_attention_is_restored_when_a_step_fails():
+def test_a_step_beyond_the_caches_room_raises():
     model = tiny_model("llama")
-    decoding = start_decoding(model, prefill(model, random_ids(PROMPT, 11)), DecodeOptions("recycled"), 1)
+    decoding = start_decoding(model, prefill(model, random_ids(PROMPT, 11), 1), DecodeOptions("recycled"), 1)
     decoding.step(5)
     with pytest.raises(RuntimeError, match="cannot hold"):
         decoding.step(6)  # beyond max_new_tokens
-    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="room"):
+        start_decoding(model, prefill(model, random_ids(PROMPT, 11), 1), DecodeOptions("full"), 2)
 
 
 def test_budget_and_option_validation():
@@ -232,3 +211,36 @@ def test_budget_and_option_validation():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="sink"):
         start_decoding(model, prefill(model, random_ids(PROMPT, 12)), DecodeOptions("streaming", recycle_k=4), 4)
+
+
+BLOCK_PASSAGES = ["The tower is 330 metres tall and was finished in 1889.", "Its designer was Gustave Eiffel.",
+                  "It was the tallest structure in the world until 1930."]
+
+
+@torch.inference_mode()
+def test_streaming_window_over_a_block_prompt_holds_the_first_and_last_positions(tiny_engine):
+    """The cache of a block prompt is in position order, so the window keeps the question (the prompt's last
+    tokens by position, separators and passages among them where they sit), not what prefill wrote last (the
+    separators and question, after every block); layer-0 keys depend only on token and position, so the full-mode
+    cache of the same prompt is the reference."""
+    block = tiny_engine._rag_prefill(None, BLOCK_PASSAGES, "How tall is it?", "block", "prefix", new_tokens=2)
+    full = tiny_engine._rag_prefill(None, BLOCK_PASSAGES, "How tall is it?", "full", None, new_tokens=2)
+    budget, sinks, n = 48, 4, block.cache.length  # a window reaching back over the separators and a passage
+    decoding = start_decoding(tiny_engine.model, block.cache, DecodeOptions("streaming", recycle_k=budget), 2)
+    expected = full.cache.layer(0)[0][:, :, [*range(sinks), *range(n - (budget - sinks), n)]]
+    torch.testing.assert_close(decoding.layers[0].window.keys, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("recovery", [None, Recovery(recompute=0.5, sink_tokens=1)], ids=["blocks", "recovered"])
+@torch.inference_mode()
+def test_recycled_equals_full_over_block_and_recovered_caches_when_k_covers_them(tiny_engine, recovery):
+    answer = random_ids(6, 21)
+    runs = {}
+    for name, options in (("full", DecodeOptions("full")), ("recycled", DecodeOptions("recycled", 1.0, 1000)),
+                          ("every_step_full", DecodeOptions("recycled", 3, 1))):
+        done = tiny_engine._rag_prefill(None, BLOCK_PASSAGES, "How tall is it?", "block", "prefix", recovery,
+                                        new_tokens=len(answer))
+        decoding = start_decoding(tiny_engine.model, done.cache, options, len(answer))
+        runs[name] = [decoding.step(int(t)) for t in answer]
+    assert_same_logits(runs["recycled"], runs["full"])
+    assert_same_logits(runs["every_step_full"], runs["full"])

@@ -12,7 +12,7 @@ from blockrag.engine import (Block, BlockEngine, BlockMismatchError, ModelNotFou
                              PromptTooLongError, UnsupportedModelError, assemble, encode_blocks, load_model,
                              model_fingerprint, rerotate)
 from blockrag.engine.model import check_supported
-from blockrag.engine.rope import rotary_module
+from blockrag.engine.transformer import Positions, forward, rotary_module
 from blockrag.engine.prompt import PASSAGE_SEPARATOR
 from tiny_models import FAMILIES, ROPES, TINY, block_attention_mask, tiny_model
 
@@ -58,13 +58,57 @@ def test_naive_block_prefill_equals_masked_full_forward(family):
     pieces = [torch.randint(0, 1000, (n,), generator=g) for n in (7, 19, 11, 23)]  # prefix, 2 passages... question last
     question = torch.randint(0, 1000, (9,), generator=g)
     blocks = encode_blocks(model, [p.tolist() for p in pieces], batch_size=3)  # naive: each from position 0
-    cache = assemble(model, blocks)
+    total = sum(len(p) for p in pieces)
     with torch.no_grad():
-        got = model(input_ids=question[None], past_key_values=cache, use_cache=True).logits[0]
+        cache = assemble(model, blocks, capacity=total + len(question))
+        got = forward(model, cache, question[None], Positions.span(total, len(question)), logits=len(question))[0]
         ids = torch.cat([*pieces, question])[None]
         mask = block_attention_mask([(len(p), "block") for p in pieces] + [(len(question), "text")])
         expected = model(input_ids=ids, attention_mask=mask).logits[0, -len(question):]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def bf16_error_bound(reference: torch.Tensor, stock_bf16: torch.Tensor) -> float:
+    """Twice the error transformers' own bf16 forward makes against fp32, and an ulp of bf16 at the values' scale.
+
+    bf16 keeps 8 significant bits, so results differ from fp32 by rounding well above fp32's: a bf16 path is as
+    exact as it can be when it stays within the error of the stock bf16 computation of the same thing.
+    """
+    return 2 * float((stock_bf16.float() - reference).abs().max()) + 2 ** -8 * float(reference.abs().max())
+
+
+def test_bf16_rerotation_is_as_exact_as_encoding_in_bf16():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 1000, (24,), generator=torch.Generator().manual_seed(1))
+    reference = keys_at(model, ids, 160)  # fp32, encoded where the keys are moved to
+    model = model.to(torch.bfloat16)
+    with torch.inference_mode():
+        moved = rerotate(keys_at(model, ids, 5), torch.arange(5, 29), torch.arange(160, 184), rotary_module(model))
+        encoded = keys_at(model, ids, 160)
+    assert moved.dtype == torch.bfloat16
+    assert float((moved.float() - reference).abs().max()) <= bf16_error_bound(reference, encoded)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bf16_naive_block_prefill_is_as_exact_as_the_masked_bf16_forward(family):
+    g = torch.Generator().manual_seed(3)
+    pieces = [torch.randint(0, 1000, (n,), generator=g) for n in (7, 19, 11, 23)]
+    question = torch.randint(0, 1000, (9,), generator=g)
+    ids = torch.cat([*pieces, question])[None]
+    mask = block_attention_mask([(len(p), "block") for p in pieces] + [(len(question), "text")])
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model(family).to(dtype)
+        with torch.inference_mode():
+            blocks = encode_blocks(model, [p.tolist() for p in pieces], batch_size=3)
+            cache = assemble(model, blocks, capacity=ids.shape[1])
+            got = forward(model, cache, question[None], Positions.span(ids.shape[1] - len(question), len(question)),
+                          logits=len(question))[0]
+            stock = model(input_ids=ids, attention_mask=mask.to(dtype)).logits[0, -len(question):]
+        results[dtype] = got.float(), stock.float()
+    reference = results[torch.float32][1]
+    got, stock = results[torch.bfloat16]
+    assert float((got - reference).abs().max()) <= bf16_error_bound(reference, stock)
 
 
 def test_segments_with_text_between_blocks_equal_masked_forward(tiny_engine):

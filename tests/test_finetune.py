@@ -17,6 +17,7 @@ from blockrag.engine.errors import AdapterMismatchError, AdapterNotFoundError
 from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingExample, answer_logits, example_loss,
                                       example_tokens, finetune, lora_shape)
 from blockrag.engine.model import ADAPTER_SETTINGS
+from blockrag.engine.transformer import Positions, forward
 from blockrag.retriever import IndexMismatchError, QAItem
 from blockrag.retriever.finetune import training_example
 from tiny_models import block_attention_mask
@@ -51,12 +52,12 @@ def engine_for(model, tokenizer, block_mode="naive") -> BlockEngine:
 def inference_logits(engine: BlockEngine, example: TrainingExample, mode: str, block_mode: str | None) -> torch.Tensor:
     """What the engine computes for the answer tokens: the prefill's last logits, then the answer fed on its cache."""
     tokens = example_tokens(engine, example)
-    done = engine._rag_prefill(example.prefix, list(example.passages), example.question, mode, block_mode)
-    assert done.prompt_tokens == tokens.answer_start  # the same prompt, token for token
     answer = tokens.input_ids[tokens.answer_start:-1]  # the answer without its EOS: each predicts the next
-    positions = torch.arange(tokens.answer_start, len(tokens) - 1)[None]
-    rest = engine.model(input_ids=answer[None], position_ids=positions, past_key_values=done.cache,
-                        use_cache=True).logits[0]
+    done = engine._rag_prefill(example.prefix, list(example.passages), example.question, mode, block_mode,
+                               new_tokens=len(answer))
+    assert done.prompt_tokens == tokens.answer_start  # the same prompt, token for token
+    positions = Positions.span(tokens.answer_start, len(answer))
+    rest = forward(engine.model, done.cache, answer[None], positions, logits=len(answer))[0]
     return torch.cat([done.logits[None], rest])
 
 
@@ -128,7 +129,7 @@ def trained(tokenizer, tmp_path_factory):
     base = tmp_path_factory.mktemp("base")
     tiny_llama().save_pretrained(base)
     tokenizer.save_pretrained(base)
-    engine = BlockEngine(load_model(str(base)), block_mode="prefix")
+    engine = BlockEngine(load_model(str(base), dtype="float32"), block_mode="prefix")
     before = engine.fingerprint
     settings = FinetuneSettings(epochs=20, lr=3e-3, rank=4, full_fraction=0.5, block_mode="prefix", seed=1)
     adapter = tmp_path_factory.mktemp("adapter")
@@ -144,7 +145,7 @@ def test_training_lowers_the_loss_and_saves_safetensors(trained):
     record = json.loads((adapter / ADAPTER_SETTINGS).read_text())
     assert record["base_fingerprint"] == engine.fingerprint and record["settings"]["rank"] == 4
     assert len(report.losses) == 20 and 0 < report.full_steps < 20
-    tuned = load_model(str(base), adapter=adapter).model
+    tuned = load_model(str(base), dtype="float32", adapter=adapter).model
     tokens = example_tokens(engine, EXAMPLE)
     with torch.no_grad():
         for attention in ("prefix", "full"):
@@ -153,11 +154,11 @@ def test_training_lowers_the_loss_and_saves_safetensors(trained):
 
 def test_adapter_loads_merged_and_renames_the_model(trained):
     base, adapter, _, engine = trained
-    loaded = load_model(str(base), adapter=adapter)
+    loaded = load_model(str(base), dtype="float32", adapter=adapter)
     assert loaded.fingerprint != engine.fingerprint
     assert loaded.passage_order == engine.passage_order == "best-last"  # as trained (the default)
     assert not any("lora" in name for name in loaded.model.state_dict())  # a plain model
-    reference = PeftModel.from_pretrained(load_model(str(base)).model, adapter).eval()  # unmerged
+    reference = PeftModel.from_pretrained(load_model(str(base), dtype="float32").model, adapter).eval()  # unmerged
     ids = example_tokens(engine, EXAMPLE).input_ids[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits,
@@ -190,7 +191,8 @@ def test_training_resumes_from_a_saved_adapter(trained, tmp_path):
     assert record["resumed_from"]["folder"] == str(adapter) and record["resumed_from"]["steps"] == 20
     assert record["resumed_from"]["settings"]["epochs"] == 20 and record["settings"]["epochs"] == 2
     assert lora_shape(tmp_path / "more") == lora_shape(adapter)
-    resumed, first = load_model(str(base), adapter=tmp_path / "more"), load_model(str(base), adapter=adapter)
+    resumed = load_model(str(base), dtype="float32", adapter=tmp_path / "more")
+    first = load_model(str(base), dtype="float32", adapter=adapter)
     assert resumed.fingerprint != first.fingerprint
     assert model_fingerprint(engine.model, engine.tokenizer) == engine.fingerprint  # base weights restored
 
@@ -202,7 +204,7 @@ def test_an_adapter_keeps_the_passage_order_it_was_trained_with(trained, tmp_pat
     record = json.loads((old / ADAPTER_SETTINGS).read_text())
     del record["settings"]["passage_order"]
     (old / ADAPTER_SETTINGS).write_text(json.dumps(record))
-    loaded = load_model(str(base), adapter=old)
+    loaded = load_model(str(base), dtype="float32", adapter=old)
     assert loaded.passage_order == BlockEngine(loaded).passage_order == "best-first"
     with pytest.raises(ValueError, match="trained with passages placed best-first"):
         finetune(engine, [EXAMPLE], tmp_path / "out", FinetuneSettings(rank=4), resume=old, progress=False)

@@ -154,7 +154,7 @@ def test_a_wrong_stored_block_is_never_served(engine):
 def test_full_mode_prefills_everything_and_streams_the_same_text(engine):
     runner = PromptRunner(engine, PassageIndex([Passage(ALPHA, "a")]))
     prompt = prompt_of(ALPHA, BETA)
-    full = runner.complete(prompt, mode="full", options=GenerationOptions(max_new_tokens=6))
+    full = runner.complete(prompt, options=GenerationOptions(mode="full", max_new_tokens=6))
     assert full.blocks == [] and full.usage.cached_tokens == 0
     pairs = list(runner.stream(prompt, options=GenerationOptions(max_new_tokens=6)))
     assert all(done is None for _, done in pairs[:-1]) and pairs[-1][1] is not None
@@ -168,7 +168,7 @@ def test_full_mode_prefills_everything_and_streams_the_same_text(engine):
 def test_timeout_stops_generation(engine):
     runner = PromptRunner(engine)
     with pytest.raises(GenerationTimeoutError, match="timeout"):
-        runner.complete(prompt_of(ALPHA), options=GenerationOptions(max_new_tokens=50, timeout_s=0.0))
+        runner.complete(prompt_of(ALPHA), options=GenerationOptions(max_new_tokens=50), timeout_s=0.0)
 
 
 def test_adapters_built_by_name_share_one_engine_and_store(tmp_path):

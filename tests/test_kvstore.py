@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 
 from blockrag.engine import Block, BlockEngine, assemble, block_key
+from blockrag.engine.transformer import Positions, forward
 from blockrag.kvstore import (CorruptEntryError, DiskKVStore, MemoryTier, RedisKVStore, StoreError, StoreFullError,
                               StoreUnavailableError, WrongModelError, decode_entry, encode_entry, open_store)
 from blockrag.kvstore.entry import read_header
@@ -533,13 +534,13 @@ def next_token_predictions(engine: BlockEngine, context: list[Block], ids: torch
     """Top-1 next token at every position of ``ids``, teacher-forced after the blocks of ``context``."""
     start = sum(len(b) for b in context)
     with torch.inference_mode():
-        out = engine.model(input_ids=ids, position_ids=torch.arange(start, start + ids.shape[1])[None],
-                           past_key_values=assemble(engine.model, context))
-    return out.logits[0].argmax(-1)
+        cache = assemble(engine.model, context, capacity=start + ids.shape[1])
+        logits = forward(engine.model, cache, ids, Positions.span(start, ids.shape[1]), logits=ids.shape[1])
+    return logits[0].argmax(-1)
 
 
 @pytest.fixture(scope="module")
-def nq(smollm):
+def nq(smollm_fp32):
     """Real questions and gold passages from Natural Questions: fp32 blocks, prompts and fp32 predictions.
 
     Each prompt is a question and its gold answer after the gold passage between two others.
@@ -548,7 +549,7 @@ def nq(smollm):
         pytest.skip(f"{NQ} is absent: the shared NQ sample (see ../shared/data/README.md) is needed")
     with gzip.open(NQ, "rt") as lines:
         items = [json.loads(next(lines)) for _ in range(24)]
-    engine = BlockEngine(smollm)
+    engine = BlockEngine(smollm_fp32)
     blocks = engine.encode([f"{i['ctxs'][0]['title']}\n{i['ctxs'][0]['text']}" for i in items])
     prompts = []
     for i, item in enumerate(items):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from blockrag.engine import BlockEngine, LoadedModel, Recovery, assemble, encode_blocks
+from blockrag.engine import BlockEngine, KVCache, LoadedModel, Recovery, assemble, encode_blocks
 from blockrag.engine.recovery import positions_to_recompute
 from tiny_models import block_attention_mask, tiny_model
 
@@ -35,12 +35,15 @@ def segment_prompt(engine: BlockEngine, seed: int = 4, leading_block: bool = Fal
     return segments, torch.tensor(ids), spans
 
 
-def assert_same_cache(got: DynamicCache, expected: DynamicCache, order: torch.Tensor | None = None) -> None:
-    """Entry ``i`` of ``got`` is entry ``order[i]`` of ``expected`` (entry ``i`` without ``order``), in every layer."""
-    assert got.get_seq_length() == expected.get_seq_length()
-    for a, b in zip(got.layers, expected.layers):
-        for x, y in ((a.keys, b.keys), (a.values, b.values)):
-            torch.testing.assert_close(x, y if order is None else y[:, :, order], rtol=0, atol=1e-4)
+def assert_same_cache(got: KVCache, expected: KVCache | DynamicCache) -> None:
+    """Every filled slot of ``got`` equals ``expected``'s entry at that position, in every layer."""
+    layers = [layer.keys for layer in expected.layers] if isinstance(expected, DynamicCache) else expected.keys
+    assert got.length == layers[0].shape[2] if isinstance(expected, DynamicCache) else expected.length
+    for i in range(len(got.keys)):
+        want = (expected.layers[i].keys, expected.layers[i].values) if isinstance(expected, DynamicCache) \
+            else expected.layer(i)
+        for x, y in zip(got.layer(i), want):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -54,8 +57,8 @@ def test_recomputing_every_naive_block_token_equals_full_attention(tiny_engine, 
         plain = engine._segment_prefill(segments, "block")
     assert (plain.logits - full.logits).abs().max() > 1e-3  # blocks alone do differ from full attention
     torch.testing.assert_close(got.logits, full.logits, rtol=0, atol=1e-4)
-    # The leading block's entries are kept (at position 0 it is already in context); the forward pass's tokens
-    # follow them in position order, so this cache is in position order, entry for entry as full attention's.
+    # The leading block's entries are kept (at position 0 it is already in context); every other slot holds what
+    # the forward pass recomputed there, so the cache is slot for slot full attention's.
     assert got.recomputed == (0, *(n for _, n in spans[1:]))
     assert_same_cache(got.cache, full.cache)
 
@@ -68,7 +71,7 @@ def test_full_recovery_in_prefix_mode_equals_full_attention(tiny_engine, recover
         full = tiny_engine._rag_prefill(None, PASSAGES, QUESTION, "full", None)
     torch.testing.assert_close(got.logits, full.logits, rtol=0, atol=1e-4)
     assert got.recomputed == (0, *(len(tiny_engine.passage_token_ids(p)) for p in PASSAGES))  # never the head
-    assert_same_cache(got.cache, full.cache)  # the head block, then the forward pass in position order
+    assert_same_cache(got.cache, full.cache)  # the head block, then the forward pass's tokens, each in its slot
 
 
 def test_partial_recovery_equals_forward_with_recomputed_tokens_unmasked(tiny_engine):
@@ -94,11 +97,8 @@ def test_partial_recovery_equals_forward_with_recomputed_tokens_unmasked(tiny_en
         reference = DynamicCache(config=model.config)
         expected = model(input_ids=ids[None], attention_mask=mask, past_key_values=reference, use_cache=True).logits
     torch.testing.assert_close(got.logits, expected[0, -1], rtol=0, atol=1e-4)
-    # The kept block entries in block order, then the forward pass's tokens (text and recomputed) in position order.
-    fresh = ~in_block
-    fresh[recomputed] = True
-    order = torch.cat([torch.nonzero(~fresh)[:, 0], torch.nonzero(fresh)[:, 0]])
-    assert_same_cache(got.cache, reference, order)
+    # Kept block entries and the forward pass's tokens (text and recomputed), each in the slot of its position.
+    assert_same_cache(got.cache, reference)
     assert sum(got.recomputed) == len(recomputed) > 3  # more than the sinks: the deviation picked some
 
 
@@ -112,9 +112,10 @@ def test_selection_is_the_top_deviation_tokens_and_the_sinks(tiny_engine):
         full = DynamicCache(config=model.config)
         model.model(input_ids=ids[None], past_key_values=full, use_cache=True)
     positions = torch.cat([torch.arange(s, s + n) for s, n in spans])
-    a, f = assembled.layers[1], full.layers[1]  # check_layer=1
-    deviation = (((a.keys[0] - f.keys[0][:, positions]) ** 2).sum((0, 2))
-                 + ((a.values[0] - f.values[0][:, positions]) ** 2).sum((0, 2)))
+    f = full.layers[1]  # check_layer=1
+    keys, values = (x[0][:, positions] for x in assembled.layer(1, assembled.capacity))
+    deviation = (((keys - f.keys[0][:, positions]) ** 2).sum((0, 2))
+                 + ((values - f.values[0][:, positions]) ** 2).sum((0, 2)))
     eligible = positions >= spans[1][0]  # not the leading block, at position 0
     count = round(0.25 * int(eligible.sum()))
     top = positions[deviation.masked_fill(~eligible, -1).topk(count).indices].sort().values

@@ -46,7 +46,8 @@ def built(tmp_path_factory, engine, embedder):
 def model_calls(engine, embedder):
     """Counts forward passes of the LLM and of the embedding model while a test runs."""
     calls = {"llm": 0, "embedder": 0}
-    hooks = [engine.model.model.register_forward_pre_hook(lambda *_: calls.__setitem__("llm", calls["llm"] + 1)),
+    hooks = [engine.model.get_input_embeddings().register_forward_pre_hook(
+                 lambda *_: calls.__setitem__("llm", calls["llm"] + 1)),
              embedder.model.register_forward_pre_hook(
                  lambda *_: calls.__setitem__("embedder", calls["embedder"] + 1))]
     yield calls

@@ -1,0 +1,297 @@
+"""The forward pass of every supported decoder, over a request's preallocated, position-ordered KV cache.
+
+transformers' own forward builds a 4-D mask and grows a cache object by concatenation on every
+call, and under an explicit mask repeats grouped-query KV heads before attention. Here a request
+owns one :class:`KVCache` with a slot per position, allocated once with room for the prompt and the
+answer: assembled blocks are written into their slots, text is prefilled into its own, and each new
+token into the next. A token attends to the slots up to its position, so no mask is needed where
+the tokens of a pass are the prompt's first ones (causal) or a single new one, and elsewhere it is a
+boolean ``[tokens, positions]`` mask. Grouped query heads are folded into the query length, so
+attention reads each KV head once.
+
+The layers' own modules are called as they are (norms, projections with their biases or LoRA
+layers, Qwen3's query and key norms, the MLP), so fine-tuning trains through this same pass; only
+their order and the attention are written here. This is the one module of blockrag that knows how
+transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .errors import UnsupportedModelError
+
+
+def rotary_module(model: nn.Module) -> nn.Module:
+    """The rotary embedding module of a supported causal LM (``model.model.rotary_emb``)."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no rotary embedding module at `model.rotary_emb`; "
+            "blockrag supports decoder-only Llama, Mistral, Qwen2 and Qwen3 models."
+        )
+    return rotary
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What a model's KV cache looks like: layers, KV heads, head size, query heads per KV head, dtype, device."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    group: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> "KVShape":
+        attention = model.model.layers[0].self_attn
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        param = next(model.parameters())
+        return cls(config.num_hidden_layers, kv_heads, attention.head_dim, heads // kv_heads, param.dtype,
+                   param.device)
+
+
+class KVCache:
+    """Keys and values of one prompt and its answer, one slot per position, in every layer.
+
+    Each layer holds ``[batch, kv_heads, capacity, head_dim]`` tensors; ``length`` is the number of
+    positions, from 0, that hold KV. Without autograd the layers are views of one tensor, so that a
+    block is written into every layer at once; with it they are separate tensors, so that writing one
+    layer's slots leaves alone what autograd saved of another's.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0,
+                 stacked: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.keys = keys
+        self.values = values
+        self.length = length
+        self.stacked = stacked
+        """``[layers, batch, kv_heads, capacity, head_dim]`` keys and values the layers are views of, if any."""
+
+    @classmethod
+    def empty(cls, shape: KVShape, capacity: int, batch: int = 1) -> "KVCache":
+        """A cache with room for ``capacity`` positions and none filled."""
+        size = (batch, shape.kv_heads, capacity, shape.head_dim)
+        if torch.is_grad_enabled():
+            new = [torch.empty(size, dtype=shape.dtype, device=shape.device) for _ in range(2 * shape.layers)]
+            return cls(new[: shape.layers], new[shape.layers:])
+        keys, values = (torch.empty((shape.layers, *size), dtype=shape.dtype, device=shape.device) for _ in "kv")
+        return cls(list(keys), list(values), stacked=(keys, values))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def clone(self) -> "KVCache":
+        """A copy that decodes independently of this cache."""
+        if self.stacked is not None:
+            keys, values = (t.clone() for t in self.stacked)
+            return KVCache(list(keys), list(values), self.length, (keys, values))
+        return KVCache([k.clone() for k in self.keys], [v.clone() for v in self.values], self.length)
+
+    def layer(self, i: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of layer ``i`` at positions ``[0, end)`` (default: the filled ones), as views."""
+        end = self.length if end is None else end
+        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+
+    def write(self, layer: int, positions: "Positions", keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put the KV of the tokens at ``positions`` into their slots of ``layer``."""
+        if positions.end > self.capacity:
+            raise ValueError(f"the cache has room for {self.capacity} positions, not position {positions.end - 1}")
+        if positions.contiguous:
+            self.keys[layer][:, :, positions.first:positions.end] = keys
+            self.values[layer][:, :, positions.first:positions.end] = values
+        else:
+            self.keys[layer].index_copy_(2, positions.ids, keys)
+            self.values[layer].index_copy_(2, positions.ids, values)
+
+    def write_block(self, first: int, keys: torch.Tensor, values: torch.Tensor,
+                    move: Callable[..., torch.Tensor] | None = None) -> None:
+        """Put a block's KV ``[layers, kv_heads, tokens, head_dim]`` into batch row 0 from slot ``first``,
+        its keys through ``move(keys, out=slots)`` where given (a re-rotation)."""
+        end = first + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"a block reaches position {end - 1} but the cache has room for {self.capacity}")
+        if self.stacked is not None:
+            pairs = [(self.stacked[0][:, 0, :, first:end], self.stacked[1][:, 0, :, first:end], keys, values)]
+        else:
+            pairs = [(k[0, :, first:end], v[0, :, first:end], keys[i], values[i])
+                     for i, (k, v) in enumerate(zip(self.keys, self.values))]
+        for to_keys, to_values, block_keys, block_values in pairs:
+            if move is None:
+                to_keys.copy_(block_keys)
+            else:
+                move(block_keys, out=to_keys)
+            to_values.copy_(block_values)
+
+
+class Positions:
+    """The positions of the tokens of one forward pass (ascending), and what attention needs to know of them.
+
+    A token attends to every slot up to its own position. Where that is a plain rule, no mask is
+    made: a single token attends to ``[0, end)``, and the prompt's first tokens causally. Otherwise
+    the tokens are cut into a few runs (:attr:`runs`), each attending only to the slots up to its
+    last token's position under an additive mask made once per pass: tokens prefilled early in a
+    long prompt (the separators between blocks) then skip the keys after them.
+    """
+
+    MAX_RUNS = 2
+
+    def __init__(self, ids: torch.Tensor):
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError(f"need a non-empty 1-D tensor of positions, got shape {tuple(ids.shape)}")
+        self.ids = ids
+        self.first, self.end, n = int(ids[0]), int(ids[-1]) + 1, len(ids)
+        self.contiguous = self.end - self.first == n
+        self.causal = self.contiguous and self.first == 0 and n > 1
+        self.masked = n > 1 and not self.causal
+        self._masks: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        bounds = [round(i * n / self.MAX_RUNS) for i in range(self.MAX_RUNS + 1)] if self.masked else [0, n]
+        cuts = sorted(set(bounds))
+        self.runs = [(lo, hi, int(ids[hi - 1]) + 1) for lo, hi in zip(cuts, cuts[1:])]
+        """``(first token, end token, end slot)`` of each run of tokens."""
+
+    @classmethod
+    def of(cls, ids: torch.Tensor) -> "Positions":
+        return cls(ids)
+
+    @classmethod
+    def span(cls, first: int, count: int, device: torch.device | str = "cpu") -> "Positions":
+        return cls(torch.arange(first, first + count, device=device))
+
+    def masks(self, group: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each run's additive mask ``[group x run tokens, run end slot]``, queries folded ``group`` to a KV head."""
+        if (group, dtype) not in self._masks:
+            out = []
+            for lo, hi, end in self.runs:
+                visible = torch.arange(end, device=self.ids.device)[None, :] <= self.ids[lo:hi, None]
+                mask = torch.zeros(visible.shape, dtype=dtype, device=self.ids.device)
+                out.append(mask.masked_fill_(~visible, float("-inf")).repeat(group, 1))
+            self._masks[(group, dtype)] = out
+        return self._masks[(group, dtype)]
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+           mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """Attention of ``query`` ``[b, heads, n, d]`` over grouped ``keys``/``values`` ``[b, kv_heads, s, d]``.
+
+    Under a mask, the query heads of a group are folded into the query length, so every KV head is
+    read once and no repeated copy is made (the kernel's grouped-query path repeats them there);
+    ``mask`` is additive, ``[group x n, s]`` as :meth:`Positions.masks` makes it.
+    """
+    b, heads, n, d = query.shape
+    kv_heads = keys.shape[1]
+    if mask is None:  # the kernel's own grouped-query path reads each KV head once too
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=causal, scale=scaling,
+                                              enable_gqa=heads != kv_heads)
+    folded = query.reshape(b, kv_heads, heads // kv_heads * n, d)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
+    return out.view(b, heads, n, d)
+
+
+class Attention(Protocol):
+    """What a layer's new tokens attend to: given their rotated query, key and value (and the query before
+    rotation, for schedules that compare queries), store the KV and return the attention output."""
+
+    def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 raw_query: torch.Tensor, scaling: float) -> torch.Tensor: ...
+
+
+class CacheAttention:
+    """Every token attends to the cache's slots up to its position: the prefill's and full decoding's attention."""
+
+    def __init__(self, cache: KVCache, positions: Positions):
+        self.cache = cache
+        self.positions = positions
+
+    def __call__(self, layer, query, key, value, raw_query, scaling):
+        p = self.positions
+        self.cache.write(layer, p, key, value)
+        keys, values = self.cache.layer(layer, p.end)
+        if not p.masked:
+            return attend(query, keys, values, scaling, causal=p.causal)
+        masks = p.masks(query.shape[1] // keys.shape[1], query.dtype)
+        return torch.cat([attend(query[:, :, lo:hi], keys[:, :, :end], values[:, :, :end], scaling, mask)
+                          for (lo, hi, end), mask in zip(p.runs, masks)], dim=2)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_angles(model: PreTrainedModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``positions`` ``[tokens, rotary_dim]`` as the model rotates them (rope scaling, and the
+    attention factor yarn and longrope fold in, included), in the model's dtype."""
+    param = next(model.parameters())
+    cos, sin = rotary_module(model)(torch.zeros(1, dtype=param.dtype, device=param.device), positions[None])
+    return cos[0], sin[0]
+
+
+def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, positions: Positions, *,
+            attention: Attention | None = None, logits: int = 1, through_layer: int | None = None,
+            ) -> torch.Tensor | None:
+    """Run ``input_ids`` ``[batch, tokens]`` at ``positions`` over ``cache``; return the logits of the last
+    ``logits`` tokens ``[batch, logits, vocab]``.
+
+    ``attention`` decides what the tokens attend to (default: the cache, by position, storing their
+    KV in it). With ``through_layer``, only layers up to that one run and nothing is returned: the
+    KV of those layers is what a caller wants.
+    """
+    if input_ids.shape[1] != len(positions.ids):
+        raise ValueError(f"{input_ids.shape[1]} tokens but {len(positions.ids)} positions")
+    attention = attention or CacheAttention(cache, positions)
+    body = model.model
+    cos, sin = rope_angles(model, positions.ids)
+    cos, sin = cos[None, None], sin[None, None]
+    hidden = body.embed_tokens(input_ids)
+    batch, n = input_ids.shape
+    last = len(body.layers) - 1 if through_layer is None else through_layer
+    for i, layer in enumerate(body.layers[: last + 1]):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        shape = (batch, n, -1, attn.head_dim)
+        q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        rq = q * cos + _rotate_half(q) * sin
+        rk = k * cos + _rotate_half(k) * sin
+        if through_layer is not None and i == last:
+            cache.write(i, positions, rk, v)
+            break
+        out = attention(i, rq, rk, v, q, attn.scaling)
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    cache.length = max(cache.length, positions.end)
+    if through_layer is not None:
+        return None
+    return model.lm_head(body.norm(hidden[:, -logits:]))
+
+
+def prompt_capacity(model: PreTrainedModel, tokens: int, new_tokens: int) -> int:
+    """Slots a request needs: its prompt and up to ``new_tokens`` answer tokens, within the model's context."""
+    context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    return min(tokens + new_tokens, max(context, tokens))
+
+
+def empty_cache(model: PreTrainedModel, capacity: int, batch: int = 1) -> KVCache:
+    """A cache for ``model`` with room for ``capacity`` positions."""
+    return KVCache.empty(KVShape.of(model), capacity, batch)
+
+
+def layer_keys(cache: KVCache, layer: int, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Keys of batch row 0 of ``layer`` at ``positions``, ``[kv_heads, len(positions), head_dim]``."""
+    index = torch.as_tensor(positions, device=cache.keys[layer].device)
+    return cache.keys[layer][0].index_select(1, index)
