@@ -15,10 +15,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,9 +29,10 @@ from blockrag.engine import Block, BlockEngine, PrefillMode, PromptTooLongError
 from blockrag.integrations import Completion, Passage, PromptRunner
 from blockrag.integrations.gate import GateSampler
 from blockrag.integrations.matching import PromptPlan, render_chat
+from blockrag.kvstore import StoreError
 
 from .errors import (ContextLengthError, InternalServerError, InvalidRequestError, ModelNotServedError,
-                     RouteNotFoundError, ServerError, UnknownBlockError)
+                     RouteNotFoundError, ServerError, StoreFailedError, UnknownBlockError)
 from .metrics import CLIENT_CLOSED, ServerMetrics
 from .passages import KnownPassages, StoreScanner
 from .schema import ChatRequest, CompletionRequest, Decoded, decode, parse_body
@@ -115,6 +117,7 @@ class BlockragServer:
         app = FastAPI(title="blockrag", lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
         app.add_exception_handler(ServerError, self._server_error)  # type: ignore[arg-type]
         app.add_exception_handler(StarletteHTTPException, self._http_error)  # type: ignore[arg-type]
+        app.add_exception_handler(StoreError, self._store_error)  # type: ignore[arg-type]
         app.add_exception_handler(Exception, self._internal_error)
         app.post("/v1/chat/completions")(self.chat)
         app.post("/v1/completions")(self.completions)
@@ -137,6 +140,9 @@ class BlockragServer:
                                    "/v1/chat/completions, /v1/completions, /v1/models, /health and /metrics.",
                                    status=exc.status_code)
         return await self._server_error(request, error)
+
+    async def _store_error(self, request: Request, exc: StoreError) -> JSONResponse:
+        return await self._server_error(request, _as_server_error(exc))
 
     async def _internal_error(self, request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
@@ -184,7 +190,11 @@ class BlockragServer:
         arrived = time.perf_counter()
         body: ChatRequest = parse_body(await request.body(), ChatRequest)
         self._check_model(body.model)
-        prompt = render_chat(self.engine.tokenizer, body.turns())
+        try:
+            prompt = render_chat(self.engine.tokenizer, body.turns())
+        except TemplateError as exc:
+            raise InvalidRequestError(f"the model's chat template refused these messages: {exc}",
+                                      param="messages") from None
         return await self._answer("chat", prompt, decode(body, self.settings.default_max_tokens), arrived)
 
     async def completions(self, request: Request) -> Response:
@@ -297,6 +307,8 @@ def _as_server_error(exc: BaseException) -> ServerError:
         return exc
     if isinstance(exc, PromptTooLongError):
         return ContextLengthError(str(exc))
+    if isinstance(exc, StoreError):
+        return StoreFailedError(f"the block store failed: {exc}")
     log.error("generation failed", exc_info=exc)
     return InternalServerError("the server failed on this request; it is logged on the server. Please report it.")
 
@@ -315,13 +327,8 @@ class _Reply:
     fingerprint: str
     mode: PrefillMode
     requested_ids: list[str]
-    id: str = ""
-    created: int = 0
-
-    def __post_init__(self) -> None:
-        prefix = "chatcmpl" if self.endpoint == "chat" else "cmpl"
-        object.__setattr__(self, "id", f"{prefix}-{uuid.uuid4().hex}")
-        object.__setattr__(self, "created", int(time.time()))
+    serial: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def chat(self) -> bool:
@@ -329,7 +336,7 @@ class _Reply:
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+        return {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{self.serial}", "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint}
 
     def blockrag(self, done: Completion) -> dict[str, Any]:

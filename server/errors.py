@@ -68,6 +68,14 @@ class QueueFullError(ServerError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class StoreFailedError(ServerError):
+    """The block store could not be read or written (its server is down, or it is full); retry later."""
+
+    status = 503
+    type = "server_error"
+    default_code = "store_unavailable"
+
+
 class RouteNotFoundError(ServerError):
     """No endpoint at this path, or not for this method."""
 

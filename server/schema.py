@@ -29,7 +29,8 @@ class BlockragOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     block_ids: list[str] = Field(default_factory=list, max_length=1024)
-    """Passages (node ids of the server's index, or block store keys) to serve as blocks where the prompt quotes them."""
+    """Passages (node ids of the server's index, or block store keys) to serve as blocks where the prompt
+    quotes them."""
     mode: PrefillMode | None = None
     """``"block"`` serves passages from blocks; ``"full"`` prefills the whole prompt (for comparison)."""
     gate: bool | None = None
@@ -58,7 +59,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool | None = None
@@ -236,6 +237,9 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequestError(f"the request body is not valid JSON ({exc}); send a JSON object.",
+                                  code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body nests too deeply to read; send a flatter JSON object.",
                                   code="invalid_json") from None
     if not isinstance(data, Mapping):
         raise InvalidRequestError("the request body must be a JSON object.", code="invalid_json")

@@ -15,7 +15,7 @@ class ServerStartError(RuntimeError):
 
 
 class ServerThread:
-    """``with ServerThread(app) as url:`` serves ``app`` on ``host`` (a free port when ``port`` is 0) until the block ends."""
+    """``with ServerThread(app) as url:`` serves ``app`` on ``host`` until the block ends (any free port if 0)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0):
         self.host = host

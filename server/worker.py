@@ -105,7 +105,8 @@ class EngineWorker:
             if len(self._waiting) + len(self._active) >= self.max_queue + self.max_active:
                 raise QueueFullError(
                     f"all {self.max_queue} places in the request queue are taken; retry after "
-                    f"{self.retry_after_s} s, or add replicas behind a load balancer.", retry_after_s=self.retry_after_s)
+                    f"{self.retry_after_s} s, or add replicas behind a load balancer.",
+                    retry_after_s=self.retry_after_s)
             self._waiting.append(job)
             self._wake.notify()
 

@@ -21,7 +21,7 @@ import httpx  # noqa: E402
 
 from blockrag.engine import BlockEngine, LoadedModel, model_fingerprint  # noqa: E402
 from blockrag.integrations import GenerationOptions, PromptRunner  # noqa: E402
-from blockrag.integrations.gate import compare_first_token  # noqa: E402
+from blockrag.integrations.gate import GateSampler, compare_first_token  # noqa: E402
 from blockrag.integrations.matching import render_chat  # noqa: E402
 from blockrag.kvstore import open_store  # noqa: E402
 from blockrag.server import BlockragServer, ServerSettings, ServerThread  # noqa: E402
@@ -185,6 +185,9 @@ def error_of(response: httpx.Response, status: int) -> dict:
 @pytest.mark.parametrize(("body", "status", "param", "code"), [
     (b'{"model": "tiny", "messages": [', 400, None, "invalid_json"),
     (b'["a list"]', 400, None, "invalid_json"),
+    (b"[" * 100000, 400, None, "invalid_json"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 1, "seed": 2**64}, 400, "seed",
+     "invalid_value"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens",
      "invalid_value"),
@@ -283,7 +286,7 @@ def test_llamaindex_openailike_as_a_query_engines_llm(served):
         dispatcher.event_handlers.remove(handler)
     assert isinstance(response.response, str) and len(response.source_nodes) == 2
     raw = handler.responses[-1].raw
-    served_ids = raw.model_extra["blockrag"]["reused_ids"] if hasattr(raw, "model_extra") else raw["blockrag"]["reused_ids"]
+    served_ids = raw.model_extra["blockrag"]["reused_ids"]  # raw: the openai client's ChatCompletion
     by_text = {HERON: keys[HERON], LANTERN: keys[LANTERN]}
     assert served_ids == [by_text[n.node.get_content()] for n in response.source_nodes]  # found by content, in order
     assert raw.usage.prompt_tokens_details.cached_tokens > 0
@@ -342,10 +345,10 @@ def test_sixteen_concurrent_clients_each_get_the_sequential_answer(served, clien
 
 def test_a_full_queue_answers_503_and_a_gone_client_stops_its_generation(loaded, tmp_path):
     engine = BlockEngine(loaded, store=open_store(tmp_path / "kv"))
-    pulled, closed = [], threading.Event()
+    pulled, closed, exhausted = [], threading.Event(), threading.Event()
     stream_segments = engine.stream_segments
 
-    def counting(*args, **kwargs):  # the engine's own stream, counting the deltas decoding produced
+    def counting(*args, **kwargs):  # the engine's own stream, recording how it ended
         stream = stream_segments(*args, **kwargs)
         events = stream._events
 
@@ -354,6 +357,7 @@ def test_a_full_queue_answers_503_and_a_gone_client_stops_its_generation(loaded,
                 for event in events:
                     pulled.append(event)
                     yield event
+                exhausted.set()
             finally:
                 closed.set()
 
@@ -375,7 +379,7 @@ def test_a_full_queue_answers_503_and_a_gone_client_stops_its_generation(loaded,
                 assert busy.headers["Retry-After"] == "3"
             # the client closed its stream after the first chunk
             wait_for(closed.is_set, what="the generation to stop")
-            assert len(pulled) < 400
+            assert not exhausted.is_set() and len(pulled) < 400  # closed early, not run to its end
             wait_for(lambda: metric(url, "blockrag_stopped_generations_total") == 1, what="the stop to be counted")
             assert metric(url, "blockrag_requests_total", endpoint="chat", status="499") == 1
             wait_for(lambda: metric(url, "blockrag_generations_active") == 0, what="the engine to be free")
@@ -385,17 +389,19 @@ def test_a_full_queue_answers_503_and_a_gone_client_stops_its_generation(loaded,
 
 # -- the correctness gate ------------------------------------------------------------------------------------------
 
+def gate_checks(url: str) -> float:
+    return sum(metric(url, "blockrag_gate_checks_total", first_token=k) for k in ("agree", "disagree"))
+
+
 def test_the_gate_compares_first_tokens_off_the_request_and_exports_them(served, client):
     server, url, _ = served
     messages = quoting(HERON, LANTERN, question="Gate?")
-    before = sum(metric(url, "blockrag_gate_checks_total", first_token=k) for k in ("agree", "disagree"))
-    kl_before = metric(url, "blockrag_gate_kl_divergence_nats_sum")
+    before, kl_before = gate_checks(url), metric(url, "blockrag_gate_kl_divergence_nats_sum")
     client.chat.completions.create(model=MODEL, messages=messages, **OPTIONS)  # the server's fraction is 0
     client.chat.completions.create(model=MODEL, messages=messages, **OPTIONS, extra_body={"blockrag": {"gate": True}})
-    total = lambda: sum(metric(url, "blockrag_gate_checks_total", first_token=k) for k in ("agree", "disagree"))  # noqa: E731
-    wait_for(lambda: total() == before + 1, what="the gate's check")
+    wait_for(lambda: gate_checks(url) == before + 1, what="the gate's check")
     time.sleep(0.2)
-    assert total() == before + 1  # only the request that asked for it
+    assert gate_checks(url) == before + 1  # only the request that asked for it
     expected = compare_first_token(server.engine, server.runner.plan(chat_prompt(server, messages)).segments)
     assert metric(url, "blockrag_gate_kl_divergence_nats_sum") - kl_before == pytest.approx(expected.kl, abs=1e-6)
     agree = "agree" if expected.agree else "disagree"
@@ -404,6 +410,17 @@ def test_the_gate_compares_first_tokens_off_the_request_and_exports_them(served,
     assert error_of(httpx.post(f"{url}/v1/chat/completions", json={
         "model": MODEL, "messages": messages, "blockrag": {"mode": "full", "gate": True}}), 400)["param"] == \
         "blockrag.gate"
+
+
+def test_the_gate_samples_its_fraction_reproducibly():
+    assert not any(GateSampler(0.0).should_check() for _ in range(100))
+    assert all(GateSampler(1.0).should_check() for _ in range(100))
+    first, second = GateSampler(0.25, seed=3), GateSampler(0.25, seed=3)
+    picks = [first.should_check() for _ in range(400)]
+    assert picks == [second.should_check() for _ in range(400)]
+    assert 60 < sum(picks) < 140
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        GateSampler(1.5)
 
 
 def test_the_gate_finds_no_difference_where_block_mode_is_full_attention(served):
