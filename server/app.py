@@ -158,6 +158,7 @@ class BlockragServer:
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.settings.model_name, "fingerprint": self.engine.fingerprint,
                 "passages": len(self.known), "waiting": self.worker.waiting, "active": self.worker.active,
+                "gate_backlog": self.worker.gate_backlog,
                 "store": self.engine.store.location if self.engine.store is not None else None}
 
     async def export_metrics(self) -> Response:
@@ -255,11 +256,9 @@ class BlockragServer:
         if request.stream:
             return StreamingResponse(self._stream(reply, job, first, request.include_usage, arrived),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text = []
         event = first
         try:
-            while event[0] == "delta":
-                text.append(event[1])
+            while event[0] == "delta":  # the whole text comes with the completion
                 event = await job.events.get()
                 _raise_failure(event)
         except BaseException:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request's generation, and the channel its events go back to the event loop by.
 
