@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "decode": ("blockrag.engine.bench_decode", "decode speed and fidelity: Recycled Attention, StreamingLLM, full"),
     "ingest": ("blockrag.retriever.bench", "ingestion: whole pipeline against bare model forward, re-run cost"),
     "store": ("blockrag.kvstore.bench", "block store: bytes per token, load throughput, TTFT from disk"),
+    "serve": ("blockrag.server.bench", "the OpenAI-compatible server: requests/s and TTFT under concurrent clients"),
 }
 
 #: the module behind ``blockrag ingest`` and ``blockrag query``
@@ -26,6 +27,8 @@ RETRIEVER_COMMANDS = "blockrag.retriever.commands"
 EVALUATE = "blockrag.retriever.evaluate"
 #: the module behind ``blockrag finetune``
 FINETUNE = "blockrag.retriever.finetune"
+#: the module behind ``blockrag serve``
+SERVE = "blockrag.server.commands"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("finetune", help="train a LoRA adapter under the Block-Attention mask on QA questions")
     importlib.import_module(FINETUNE).add_arguments(tune)
     tune.set_defaults(handler=lambda args: importlib.import_module(FINETUNE).finetune_command(args))
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server answering over cached passage blocks")
+    importlib.import_module(SERVE).add_arguments(serve)
+    serve.set_defaults(handler=lambda args: importlib.import_module(SERVE).serve_command(args))
     return parser
 
 

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, BlockragError, DecodeMode, GenerationOptions, blockrag_home
+from blockrag.engine import (DEFAULT_MODEL, BlockEngine, BlockragError, DecodeMode, GenerationOptions, PrefillMode,
+                             blockrag_home)
 
 from .matching import BlockUse, Passage, PassageIndex, PromptPlan, plan_prompt
 
@@ -123,14 +124,21 @@ class PromptRunner:
         """Known passages for explicit ids; unknown ids are skipped (they can only fall back to prefill)."""
         return [p for p in self.passages.get(ids) if p is not None]
 
+    def plan_for(self, prompt: str, hints: Sequence[Passage] = (), mode: PrefillMode = "block") -> PromptPlan:
+        """What :meth:`stream` prefills for ``prompt`` in ``mode``: in full mode, the whole prompt as text."""
+        return self.plan(prompt, hints) if mode == "block" else PromptPlan([prompt], [])
+
     def stream(self, prompt: str, *, hints: Sequence[Passage] = (), options: GenerationOptions = GenerationOptions(),
-               timeout_s: float | None = None) -> Iterator[tuple[str, Completion | None]]:
+               timeout_s: float | None = None,
+               plan: PromptPlan | None = None) -> Iterator[tuple[str, Completion | None]]:
         """Yield ``(delta, None)`` pairs; the last pair carries the :class:`Completion` (its delta may be "").
 
-        ``timeout_s`` limits the whole call's wall-clock time, checked between generated tokens.
+        ``timeout_s`` limits the whole call's wall-clock time, checked between generated tokens. ``plan`` is
+        :meth:`plan_for`'s result when the caller made it already (a server plans before queueing, to check
+        the prompt's length); its time is then not in the completion's ``ttft_s``.
         """
         started = time.perf_counter()
-        plan = self.plan(prompt, hints) if options.mode == "block" else PromptPlan([prompt], [])
+        plan = plan if plan is not None else self.plan_for(prompt, hints, options.mode)
         planned_s = time.perf_counter() - started
         stream = self.engine.stream_segments(plan.segments, options)
         deltas = iter(stream)
@@ -163,9 +171,14 @@ def index_nodes(index: Any) -> list[Any]:
     return [node for doc_id in index.document_ids() for node in index.document_nodes(doc_id)]
 
 
+def node_passages(index: Any) -> list[Passage]:
+    """Every passage of a blockrag index, known by its node ID."""
+    return [Passage.of(node.text, node.id) for node in index_nodes(index)]
+
+
 def index_passages(index: Any) -> PassageIndex:
     """A blockrag index's passages, for content matching and for resolving node IDs given as hints."""
-    return PassageIndex(Passage.of(node.text, node.id) for node in index_nodes(index))
+    return PassageIndex(node_passages(index))
 
 
 @functools.lru_cache(maxsize=4)
