@@ -65,8 +65,11 @@ def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) ->
         if torch.is_grad_enabled() and keys.requires_grad:  # training: differentiable, and never compiled
             k = keys[..., :dim].float()
             out[..., :dim] = k * c + _rotate_half(k) * s
+        elif out.is_inference():  # a request's cache: the compiled pass, with tensors of the kinds it was warmed for
+            with torch.inference_mode():
+                _rotate_into(out[..., :dim], keys[..., :dim], c.clone(), s.clone())
         else:
-            _rotate_into(out[..., :dim], keys[..., :dim], c, s)
+            _rotate_into_eager(out[..., :dim], keys[..., :dim], c, s)
         return out
 
     return move
@@ -79,7 +82,8 @@ def _rotate_into_eager(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
 
 # Eager, the rotation makes several fp32 copies of every key; compiled, it is one pass that reads a
 # block's keys and writes the rotated ones into the cache (the same values). :func:`warm_rotation`
-# compiles it ahead of the first request; torch caches the compiled code on disk between processes.
+# compiles it ahead of the first request, for keys encoded in the process (inference tensors) and
+# keys read from a store; torch caches the compiled code on disk between processes.
 _rotate_compiled = torch.compile(_rotate_into_eager, dynamic=True)
 _rotate_into: Callable[..., None] = _rotate_into_eager
 
@@ -88,10 +92,15 @@ def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> Non
     """Compile the re-rotation for keys of ``dtype`` now, not inside a request; stay eager if it cannot be."""
     global _rotate_into
     try:
+        # Sizes all distinct, so that the compiled code assumes no two of them equal.
+        layers, heads, tokens, dim = 2, 3, 5, 4
+        stored = torch.zeros(layers, heads, tokens, dim, dtype=dtype, device=device)  # a block read from a store
         with torch.inference_mode():  # as requests run: a block written into a cache's slots, as assembly does
-            keys = torch.zeros(2, 2, 3, 4, dtype=dtype, device=device)
-            slots = torch.zeros(2, 1, 2, 9, 4, dtype=dtype, device=device)[:, 0, :, 5:8]
-            _rotate_compiled(slots, keys, torch.ones(3, 4, device=device), torch.zeros(3, 4, device=device))
+            encoded = torch.zeros_like(stored)  # a block encoded in this process
+            slots = torch.zeros(layers, 1, heads, 11, dim, dtype=dtype, device=device)[:, 0, :, 6:6 + tokens]
+            angles = torch.ones(tokens, dim, device=device), torch.zeros(tokens, dim, device=device)
+            for keys in (encoded, stored):
+                _rotate_compiled(slots, keys, *angles)
     except Exception as exc:  # no C++ compiler, say: correct, only slower
         log.warning("could not compile the key re-rotation (%s: %s); it stays eager", type(exc).__name__, exc)
         return
