@@ -81,6 +81,9 @@ class DiskKVStore(EntryStore):
                  size_limit: int = DEFAULT_SIZE_LIMIT, eviction_policy: str = "least-recently-stored",
                  timeout: float = 60.0):
         self.path = Path(path).expanduser()
+        if fingerprint is not None:  # refuse another model's folder before diskcache touches it
+            self._model = self._read_model()
+            self._check_model(fingerprint)
         self._cache = diskcache.Cache(str(self.path), disk=SafeDisk, size_limit=size_limit,
                                       eviction_policy=eviction_policy, timeout=timeout)
         super().__init__(dtype=dtype, fingerprint=fingerprint)

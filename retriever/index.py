@@ -4,6 +4,8 @@ The document store is the source of truth and is committed batch by batch: it ho
 passage's text, metadata, KV key and vector. The FAISS file is derived from it, written when the
 index is saved, and rebuilt from the document store if a run stopped before saving it (the
 document store counts its changes to passages; the FAISS file records the count it matches).
+It also records a digest of each document's text once all its passages are committed, so a
+re-run over unchanged documents needs no tokenizer or model to know that nothing changed.
 
     folder/config.json       what built the index (LLM, prompt, embedding model, settings)
     folder/docstore.sqlite   documents and passages (nodes), with their vectors
@@ -47,6 +49,7 @@ CREATE INDEX IF NOT EXISTS nodes_by_doc ON nodes (doc_id, position);
 CREATE INDEX IF NOT EXISTS nodes_by_kv ON nodes (kv_key);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO state VALUES ('vectors', 0);
+CREATE TABLE IF NOT EXISTS ingested (doc_id TEXT PRIMARY KEY, digest TEXT NOT NULL);
 """
 
 
@@ -121,11 +124,12 @@ class Index:
     def __init__(self, folder: Path, config: IndexConfig, kv_store: KVStore | None):
         self.folder = folder
         self.config = config
+        # The store first: a store of another model is refused before the document store is touched.
+        self._owns_kv = kv_store is None
+        self.kv: KVStore = open_store(folder / "kv", fingerprint=config.fingerprint) if kv_store is None else kv_store
         self._db = sqlite3.connect(folder / "docstore.sqlite")
         self._db.execute("PRAGMA journal_mode=WAL")  # serving processes read while ingestion writes
         self._db.executescript(_SCHEMA)
-        self._owns_kv = kv_store is None
-        self.kv: KVStore = open_store(folder / "kv", fingerprint=config.fingerprint) if kv_store is None else kv_store
         self._unsaved = False
         self._vectors = self._load_vectors()
 
@@ -139,9 +143,10 @@ class Index:
         if config.vector_index not in VECTOR_INDEX_KINDS:
             raise ValueError(f"vector_index must be one of {VECTOR_INDEX_KINDS}, got {config.vector_index!r}")
         folder.mkdir(parents=True, exist_ok=True)
+        index = cls(folder, config, kv_store)
         text = json.dumps({"format": FORMAT_VERSION, **asdict(config)}, indent=2)
-        _replace(folder / "config.json", lambda p: Path(p).write_text(text + "\n"))
-        return cls(folder, config, kv_store)
+        _replace(folder / "config.json", lambda p: Path(p).write_text(text + "\n"))  # last: it makes the index
+        return index
 
     @classmethod
     def open(cls, folder: str | os.PathLike, *, kv_store: KVStore | None = None) -> Index:
@@ -178,6 +183,16 @@ class Index:
     def document_ids(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM documents ORDER BY id")]
 
+    def text_digests(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        """Document ID -> digest of the text whose passages are all committed, for those ingested whole since
+        their passages last changed (see :meth:`record_digests`)."""
+        out: dict[str, str] = {}
+        for lo in range(0, len(doc_ids), 500):
+            chunk = list(doc_ids[lo:lo + 500])
+            out.update(self._db.execute(
+                f"SELECT doc_id, digest FROM ingested WHERE doc_id IN ({','.join('?' * len(chunk))})", chunk))
+        return out
+
     def document_nodes(self, doc_id: str) -> list[Node]:
         """A document's passages in order."""
         ids = [r[0] for r in self._db.execute("SELECT id FROM nodes WHERE doc_id = ? ORDER BY position", (doc_id,))]
@@ -199,11 +214,22 @@ class Index:
 
     # --- writing
 
-    def set_documents(self, documents: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        """Record documents (ID and metadata) in one transaction; their passages are added by :meth:`add`."""
+    def set_documents(self, documents: Iterable[tuple[str, dict[str, Any]]], unfinished: Sequence[str] = ()) -> None:
+        """Record documents (ID and metadata) in one transaction; their passages are added by :meth:`add`.
+
+        ``unfinished`` documents lose their text digest in the same transaction: their passages are about
+        to change, and a run stopped before :meth:`record_digests` must not pass them for ingested.
+        """
         with self._db:
             self._db.executemany("INSERT INTO documents VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET "
                                  "metadata = excluded.metadata", [(d, json.dumps(m)) for d, m in documents])
+            self._forget_digests(unfinished)
+
+    def record_digests(self, digests: Iterable[tuple[str, str]]) -> None:
+        """Record (document ID, text digest) pairs of documents whose passages are now all committed with their KV."""
+        with self._db:
+            self._db.executemany("INSERT INTO ingested VALUES (?, ?) ON CONFLICT(doc_id) DO UPDATE SET "
+                                 "digest = excluded.digest", list(digests))
 
     def add(self, nodes: Sequence[Node], vectors: np.ndarray) -> None:
         """Add passages whose KV is already stored, with their vectors, in one committed transaction."""
@@ -224,11 +250,13 @@ class Index:
         if not node_ids:
             return 0
         ids = list(node_ids)
-        keys = {n.kv_key for n in self.nodes(ids)}
+        removed = self.nodes(ids)
+        keys = {n.kv_key for n in removed}
         with self._db:
             for lo in range(0, len(ids), 500):
                 chunk = ids[lo:lo + 500]
                 self._db.execute(f"DELETE FROM nodes WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            self._forget_digests(sorted({n.doc_id for n in removed}))  # their documents are no longer whole
             self._bump()
         if self.config.vector_index == "flat":
             self._vectors.remove_ids(np.array([faiss_id(i) for i in ids], dtype=np.int64))
@@ -246,6 +274,7 @@ class Index:
         removed = self.remove_nodes([n.id for n in self.document_nodes(doc_id)])
         with self._db:
             self._db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+            self._forget_digests([doc_id])
         self.save()
         return removed
 
@@ -271,6 +300,12 @@ class Index:
         self.close()
 
     # --- internals
+
+    def _forget_digests(self, doc_ids: Sequence[str]) -> None:
+        """Inside a transaction: the documents' passages change, so their text digests no longer hold."""
+        for lo in range(0, len(doc_ids), 500):
+            chunk = list(doc_ids[lo:lo + 500])
+            self._db.execute(f"DELETE FROM ingested WHERE doc_id IN ({','.join('?' * len(chunk))})", chunk)
 
     def _bump(self) -> None:
         """Count a change to the passages, in the transaction that makes it."""
