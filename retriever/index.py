@@ -16,23 +16,26 @@ re-run over unchanged documents needs no tokenizer or model to know that nothing
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import faiss
 import numpy as np
 
 from blockrag.engine import BlockMode
 from blockrag.kvstore import KVStore, open_store
+from blockrag.kvstore.disk import is_disk_full
 
 from .chunking import DEFAULT_CHUNK_TOKENS, faiss_id, node_from_faiss_id
-from .errors import IndexMismatchError, IndexNotFoundError, NodeNotFoundError
+from .errors import IndexFullError, IndexMismatchError, IndexNotFoundError, NodeNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,36 @@ def _new_vectors(config: IndexConfig) -> faiss.Index:
 def _replace(path: Path, write) -> None:
     """Write through ``write(temporary path)`` and rename over ``path``: readers never see half a file."""
     draft = path.with_name(f".{path.name}.{os.getpid()}")
-    write(str(draft))
-    os.replace(draft, path)
+    try:
+        write(str(draft))
+        os.replace(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)  # a draft cut short (a full disk) takes no space
+
+
+@contextmanager
+def _disk_space(folder: Path) -> Iterator[None]:
+    """A full disk as :class:`IndexFullError`; SQLite rolls the transaction back, so nothing committed is lost."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        raise IndexFullError(f"the disk holding the index {folder} is full ({exc}). Nothing already committed was "
+                             "lost: free disk space and run the same ingestion again, it resumes where it stopped."
+                             ) from exc
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _writes(method: F) -> F:
+    """Mark an :class:`Index` method that writes to the folder: a full disk raises :class:`IndexFullError`."""
+    @functools.wraps(method)
+    def checked(self: Index, *args, **kwargs):
+        with _disk_space(self.folder):
+            return method(self, *args, **kwargs)
+    return checked  # type: ignore[return-value]
 
 
 class Index:
@@ -127,9 +158,10 @@ class Index:
         # The store first: a store of another model is refused before the document store is touched.
         self._owns_kv = kv_store is None
         self.kv: KVStore = open_store(folder / "kv", fingerprint=config.fingerprint) if kv_store is None else kv_store
-        self._db = sqlite3.connect(folder / "docstore.sqlite")
-        self._db.execute("PRAGMA journal_mode=WAL")  # serving processes read while ingestion writes
-        self._db.executescript(_SCHEMA)
+        with _disk_space(folder):
+            self._db = sqlite3.connect(folder / "docstore.sqlite")
+            self._db.execute("PRAGMA journal_mode=WAL")  # serving processes read while ingestion writes
+            self._db.executescript(_SCHEMA)
         self._unsaved = False
         self._vectors = self._load_vectors()
 
@@ -145,7 +177,8 @@ class Index:
         folder.mkdir(parents=True, exist_ok=True)
         index = cls(folder, config, kv_store)
         text = json.dumps({"format": FORMAT_VERSION, **asdict(config)}, indent=2)
-        _replace(folder / "config.json", lambda p: Path(p).write_text(text + "\n"))  # last: it makes the index
+        with _disk_space(folder):
+            _replace(folder / "config.json", lambda p: Path(p).write_text(text + "\n"))  # last: it makes the index
         return index
 
     @classmethod
@@ -214,6 +247,7 @@ class Index:
 
     # --- writing
 
+    @_writes
     def set_documents(self, documents: Iterable[tuple[str, dict[str, Any]]], unfinished: Sequence[str] = ()) -> None:
         """Record documents (ID and metadata) in one transaction; their passages are added by :meth:`add`.
 
@@ -225,12 +259,14 @@ class Index:
                                  "metadata = excluded.metadata", [(d, json.dumps(m)) for d, m in documents])
             self._forget_digests(unfinished)
 
+    @_writes
     def record_digests(self, digests: Iterable[tuple[str, str]]) -> None:
         """Record (document ID, text digest) pairs of documents whose passages are now all committed with their KV."""
         with self._db:
             self._db.executemany("INSERT INTO ingested VALUES (?, ?) ON CONFLICT(doc_id) DO UPDATE SET "
                                  "digest = excluded.digest", list(digests))
 
+    @_writes
     def add(self, nodes: Sequence[Node], vectors: np.ndarray) -> None:
         """Add passages whose KV is already stored, with their vectors, in one committed transaction."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -245,6 +281,7 @@ class Index:
         self._vectors.add_with_ids(vectors, np.array([faiss_id(n.id) for n in nodes], dtype=np.int64))
         self._unsaved = True
 
+    @_writes
     def remove_nodes(self, node_ids: Collection[str], keep_kv: Collection[str] = ()) -> int:
         """Remove passages, their vectors and the KV no remaining passage (nor ``keep_kv``) uses."""
         if not node_ids:
@@ -269,6 +306,7 @@ class Index:
             self.kv.delete(key)
         return len(ids)
 
+    @_writes
     def delete_document(self, doc_id: str) -> int:
         """Remove a document with its passages, vectors and KV; returns how many passages went."""
         removed = self.remove_nodes([n.id for n in self.document_nodes(doc_id)])
@@ -278,6 +316,7 @@ class Index:
         self.save()
         return removed
 
+    @_writes
     def save(self) -> None:
         """Write the FAISS index (atomically) if it changed since it was last written."""
         if not self._unsaved:
@@ -288,10 +327,12 @@ class Index:
         self._unsaved = False
 
     def close(self) -> None:
-        self.save()
-        self._db.close()
-        if self._owns_kv:
-            self.kv.close()
+        try:
+            self.save()
+        finally:
+            self._db.close()
+            if self._owns_kv:
+                self.kv.close()
 
     def __enter__(self) -> Index:
         return self
