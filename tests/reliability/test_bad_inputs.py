@@ -97,7 +97,7 @@ def test_a_100000_token_document_is_split_in_linear_time(tmp_path, engine, figur
     assert all(len(engine.passage_token_ids(p)) <= CHUNK_TOKENS for p in passages)
     report = ingest_tiny([Document("long", text)], tmp_path / "index", engine)
     assert report.passages == len(passages) > 1000
-    figures.bad_input("100,000-token document (ingested, linear time)", True)
+    figures.bad_input("100,000-token document (valid: ingested, linear time)", True)
     _refused(figures, "100,000-token prompt", lambda: engine.generate(None, [], text, max_new_tokens=1),
              PromptTooLongError, "", tmp_path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import resource
@@ -159,7 +160,8 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def test_seeded_corruptions_are_never_served_never_crash_and_allocate_nothing_forged(tmp_path, figures, long_mode):
+def test_seeded_corruptions_are_never_served_never_crash_and_allocate_nothing_forged(tmp_path, figures, long_mode,
+                                                                                    caplog):
     """Protects: :func:`blockrag.kvstore.entry.read_header` checks the header length, every tensor's offsets
     and shape times dtype size against the entry's bytes before anything is loaded; ``decode_entry`` checks the
     checksum, refuses NaN and infinity (which a recomputed checksum would not catch), and the key.
@@ -170,6 +172,7 @@ def test_seeded_corruptions_are_never_served_never_crash_and_allocate_nothing_fo
     bytes, and the intact entry written back afterwards is served again.
     """
     count = 10_000 if long_mode else 1_000
+    caplog.set_level(logging.ERROR, logger="blockrag.kvstore")  # a warning per deleted entry, kept by pytest
     rng = random.Random(1_000)
     store = DiskKVStore(tmp_path / "store", dtype="fp32", fingerprint=MODEL)
     blocks = [_block(seed) for seed in range(6)]
