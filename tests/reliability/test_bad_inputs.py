@@ -73,8 +73,8 @@ def test_malformed_jsonl_lines_name_their_line(tmp_path, figures):
 
 def test_a_100000_token_document_is_split_in_linear_time(tmp_path, engine, figures):
     """Protects: an over-long sentence is cut through windows of its text, not by tokenizing the rest of it
-    again for every piece (which took minutes on a 100,000-token document); the document is ingested whole,
-    in passages within the budget. A 100,000-token prompt is refused with PromptTooLongError."""
+    again for every piece (quadratic in its length); the document is ingested whole, in passages within the
+    budget. A 100,000-token prompt is refused with PromptTooLongError."""
     rng = random.Random(100)
     words = [rng.choice(("heron", "lantern", "granite", "bridge", "cider")) for _ in range(90_000)]
     text = " ".join(words)  # one sentence, no boundary to split at
