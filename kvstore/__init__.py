@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .base import EntryStore, KVStore, StoreStats, key_fingerprint
+from .base import UNAVAILABLE_POLICIES, EntryStore, KVStore, StoreStats, UnavailablePolicy, key_fingerprint
 from .disk import DEFAULT_SIZE_LIMIT, DiskKVStore
 from .entry import FORMAT_VERSION, STORE_DTYPES, StoreDtype, decode_entry, encode_entry
 from .errors import CorruptEntryError, StoreError, StoreFullError, StoreUnavailableError, WrongModelError
@@ -22,7 +22,7 @@ def open_store(path_or_url: str | os.PathLike, *, memory_bytes: int = DEFAULT_ME
     """The store at a folder, or on the Redis server of a ``redis://``, ``rediss://`` or ``unix://`` URL.
 
     ``options`` go to :class:`DiskKVStore` or :class:`RedisKVStore` (``dtype``, ``fingerprint``,
-    ``size_limit``, ``namespace``, ...). Reads are cached decoded in a :class:`MemoryTier` of
+    ``size_limit``, ``namespace``, ``on_unavailable`` for Redis, ...). Reads are cached decoded in a :class:`MemoryTier` of
     ``memory_bytes`` (0: none).
     """
     location = os.fspath(path_or_url)
@@ -32,8 +32,8 @@ def open_store(path_or_url: str | os.PathLike, *, memory_bytes: int = DEFAULT_ME
 
 
 __all__ = [
-    "DEFAULT_MEMORY_BYTES", "DEFAULT_SIZE_LIMIT", "FORMAT_VERSION", "STORE_DTYPES", "CorruptEntryError",
-    "DiskKVStore", "EntryStore", "KVStore", "MemoryTier", "RedisKVStore", "StoreDtype", "StoreError",
-    "StoreFullError", "StoreStats", "StoreUnavailableError", "WrongModelError", "decode_entry", "encode_entry",
-    "key_fingerprint", "open_store",
+    "DEFAULT_MEMORY_BYTES", "DEFAULT_SIZE_LIMIT", "FORMAT_VERSION", "STORE_DTYPES", "UNAVAILABLE_POLICIES",
+    "CorruptEntryError", "DiskKVStore", "EntryStore", "KVStore", "MemoryTier", "RedisKVStore", "StoreDtype",
+    "StoreError", "StoreFullError", "StoreStats", "StoreUnavailableError", "UnavailablePolicy", "WrongModelError",
+    "decode_entry", "encode_entry", "key_fingerprint", "open_store",
 ]

@@ -9,15 +9,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from blockrag.engine import Block, block_key
 
 from .entry import STORE_DTYPES, StoreDtype, decode_entry, encode_entry
-from .errors import CorruptEntryError, WrongModelError
+from .errors import CorruptEntryError, StoreUnavailableError, WrongModelError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+UnavailablePolicy = Literal["raise", "miss"]
+#: What a request does while the store's server is unreachable: fail with StoreUnavailableError, or go on
+#: without the store (reads miss, writes are skipped), so the engine computes the KV itself.
+UNAVAILABLE_POLICIES: tuple[UnavailablePolicy, ...] = ("raise", "miss")
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,11 @@ class KVStore(ABC):
         """The blocks under ``keys``; ``None`` where missing or unusable (the caller recomputes those)."""
 
     @abstractmethod
-    def put(self, key: str, block: Block) -> None:
-        """Store ``block`` under ``key``, which must be its own block key."""
+    def put(self, key: str, block: Block) -> bool:
+        """Store ``block`` under ``key``, which must be its own block key; whether it was stored.
+
+        ``False`` only while the server is unreachable under ``on_unavailable="miss"``.
+        """
 
     @abstractmethod
     def contains(self, key: str) -> bool:
@@ -137,14 +145,24 @@ class EntryStore(KVStore):
     checksum and matches its key; anything else is logged, deleted and reported missing. A store
     is claimed by the first model that writes to it (or opens it with ``fingerprint=``) and
     refuses any other model with :class:`WrongModelError`.
+
+    ``on_unavailable`` says what reads and writes do while the store's server cannot be reached
+    (see :data:`UNAVAILABLE_POLICIES`): ``"raise"`` (default) raises :class:`StoreUnavailableError`;
+    ``"miss"`` reports misses and skips writes, so answers are computed without stored blocks
+    until the server returns. Listing, deleting and ingestion always raise: they need the store.
     """
 
     backend: ClassVar[str]
 
-    def __init__(self, *, dtype: StoreDtype = "auto", fingerprint: str | None = None):
+    def __init__(self, *, dtype: StoreDtype = "auto", fingerprint: str | None = None,
+                 on_unavailable: UnavailablePolicy = "raise"):
         if dtype not in STORE_DTYPES:
             raise ValueError(f"store dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+        if on_unavailable not in UNAVAILABLE_POLICIES:
+            raise ValueError(f"on_unavailable must be one of {UNAVAILABLE_POLICIES}, got {on_unavailable!r}")
         self.dtype: StoreDtype = dtype
+        self.on_unavailable: UnavailablePolicy = on_unavailable
+        self._down = False
         self._hits = self._misses = self._corrupt = 0
         self._model = self._read_model()
         if fingerprint is not None:
@@ -166,28 +184,57 @@ class EntryStore(KVStore):
                 f"({fingerprint}). A store serves one model: open another store for this one (another folder "
                 "or Redis namespace), or delete this store to start over.")
 
+    def _unreachable(self, exc: StoreUnavailableError) -> None:
+        """Apply the ``on_unavailable`` policy: raise, or log the outage once and go on without the store."""
+        if self.on_unavailable == "raise":
+            raise exc
+        if not self._down:
+            log.warning("%s; serving without stored blocks until it is back (on_unavailable='miss')", exc)
+        self._down = True
+
+    def _reachable(self) -> None:
+        if self._down:
+            log.warning("the block store %s is reachable again", self.location)
+        self._down = False
+
     def get_many(self, keys: Sequence[str]) -> list[Block | None]:
         for key in keys:
             self._check_model(key_fingerprint(key))
+        try:
+            raw = self._read_many(keys)
+        except StoreUnavailableError as exc:
+            self._unreachable(exc)
+            self._misses += len(keys)
+            return [None] * len(keys)
+        self._reachable()
         out: list[Block | None] = []
-        for key, result in zip(keys, parallel_map(_decode, self._read_many(keys), keys)):
+        for key, result in zip(keys, parallel_map(_decode, raw, keys)):
             block = result if isinstance(result, Block) else None
             if isinstance(result, CorruptEntryError):
                 log.warning("deleted unusable block entry %s from %s: %s", key, self.location, result)
-                self.delete(key)
+                try:
+                    self.delete(key)
+                except StoreUnavailableError as exc:
+                    self._unreachable(exc)  # refused either way; deleted on a later read
                 self._corrupt += 1
             self._hits += block is not None
             self._misses += block is None
             out.append(block)
         return out
 
-    def put(self, key: str, block: Block) -> None:
+    def put(self, key: str, block: Block) -> bool:
         fingerprint = key_fingerprint(key)
         if block_key(fingerprint, block.context, block.token_ids) != key:
             raise ValueError(f"{key!r} is not this block's key; store it under "
                              "blockrag.engine.block_key(fingerprint, block.context, block.token_ids)")
-        self._claim(fingerprint)
-        self._write(key, encode_entry(block, fingerprint, self.dtype))
+        try:
+            self._claim(fingerprint)
+            self._write(key, encode_entry(block, fingerprint, self.dtype))
+        except StoreUnavailableError as exc:
+            self._unreachable(exc)
+            return False
+        self._reachable()
+        return True
 
     def _stats(self, entries: int, nbytes: int, limit: int | None) -> StoreStats:
         return StoreStats(self.backend, self.location, entries, nbytes, limit, self._hits, self._misses,

@@ -60,10 +60,14 @@ class SafeDisk(diskcache.Disk):
             raise
 
 
-def _is_full(exc: Exception) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk or quota is full: an OSError, SQLite's SQLITE_FULL, or a C++ library's
+    RuntimeError quoting the system's message (as FAISS reports failed writes)."""
     if isinstance(exc, sqlite3.OperationalError):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and any(os.strerror(code) in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 class DiskKVStore(EntryStore):
@@ -81,6 +85,9 @@ class DiskKVStore(EntryStore):
                  size_limit: int = DEFAULT_SIZE_LIMIT, eviction_policy: str = "least-recently-stored",
                  timeout: float = 60.0):
         self.path = Path(path).expanduser()
+        if fingerprint is not None:  # refuse another model's folder before diskcache touches it
+            self._model = self._read_model()
+            self._check_model(fingerprint)
         self._cache = diskcache.Cache(str(self.path), disk=SafeDisk, size_limit=size_limit,
                                       eviction_policy=eviction_policy, timeout=timeout)
         super().__init__(dtype=dtype, fingerprint=fingerprint)
@@ -96,7 +103,7 @@ class DiskKVStore(EntryStore):
         try:
             self._cache.set(key, data, retry=True)
         except (OSError, sqlite3.OperationalError) as exc:
-            if not _is_full(exc):
+            if not is_disk_full(exc):
                 raise
             raise StoreFullError(
                 f"the disk holding the block store {self.path} is full ({exc}); the block was not stored and "

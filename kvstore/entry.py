@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Literal
 
 import safetensors.torch
@@ -41,6 +42,7 @@ _SOURCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 _SCALE_DTYPES = (torch.float16, torch.float32)
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                        torch.uint8: "U8"}
+_ITEM_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U8": 1}
 #: Below this magnitude a group's low and step fit fp16 (max 65504) with room for rounding up.
 _FP16_SAFE = 2.0**15
 _HEADER_FIELDS = {"format": int, "fingerprint": str, "context": str, "start": int, "dtype": str,
@@ -145,36 +147,74 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
                      *(tensors[name].contiguous().view(-1).view(torch.uint8).numpy() for name in sorted(tensors))])
 
 
-def read_header(data: bytes) -> dict:
-    """The JSON header of an entry, checked for its fields but not yet against the payload."""
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _split(data: bytes) -> tuple[dict, dict]:
+    """The safetensors description of an entry's tensors and its blockrag header, both size-checked.
+
+    Nothing is allocated from the header's numbers: its length, each tensor's offsets and its
+    shape times its dtype's size must all agree with the bytes actually there.
+    """
     size = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
     if not 0 < size <= len(data) - 8:
         raise CorruptEntryError(f"truncated entry ({len(data)} bytes)")
     try:
         described = json.loads(data[8:8 + size])
         header = json.loads(described.pop("__metadata__")["blockrag"])
-        length = 8 + size + max((t["data_offsets"][1] for t in described.values()), default=0)
+        spans = sorted((t["data_offsets"][0], t["data_offsets"][1], name) for name, t in described.items())
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise CorruptEntryError(f"not a blockrag entry: no readable header ({exc})") from None
-    if length != len(data):
-        raise CorruptEntryError(f"truncated or extended entry: {len(data)} bytes, its header describes {length}")
+    offset = 0
+    for begin, end, name in spans:  # back to back from 0, covering the payload exactly
+        if begin != offset or not _is_count(end) or end < begin:
+            raise CorruptEntryError(f"tensor {name!r} has offsets [{begin}, {end}], expected to start at {offset}")
+        offset = end
+    if 8 + size + offset != len(data):
+        raise CorruptEntryError(f"truncated or extended entry: {len(data)} bytes, its header describes "
+                                f"{8 + size + offset}")
+    return described, header
+
+
+def read_header(data: bytes) -> dict:
+    """The JSON header of an entry, checked for its fields and against the payload's size and layout."""
+    described, header = _split(data)
     if not isinstance(header, dict) or any(not isinstance(header.get(k), t) for k, t in _HEADER_FIELDS.items()):
         raise CorruptEntryError("not a blockrag entry: its header lacks fields")
     if header["format"] != FORMAT_VERSION:
         raise CorruptEntryError(f"entry format {header['format']}, this blockrag reads format {FORMAT_VERSION}")
-    valid_shape = len(header["shape"]) == 4 and all(isinstance(n, int) and n > 0 for n in header["shape"])
+    valid_shape = len(header["shape"]) == 4 and all(_is_count(n) and n > 0 for n in header["shape"])
     if not valid_shape or header["dtype"] not in (*_FLOAT_ENCODINGS, "int8") or \
             header["source_dtype"] not in _SOURCE_DTYPES:
         raise CorruptEntryError(f"unknown dtype or shape in header: {header['dtype']}, {header['source_dtype']}, "
                                 f"{header['shape']}")
+    if not _is_count(header["start"]) or header["start"] < 0:
+        raise CorruptEntryError(f"invalid start position in header: {header['start']!r}")
+    layout = _layout(header)
+    found = {name: (t.get("dtype"), t.get("shape"), t["data_offsets"]) for name, t in described.items()}
+    expected = {name: ({_SAFETENSORS_DTYPES[d] for d in dtypes}, list(shape)) for name, (shape, dtypes) in layout.items()}
+    if found.keys() != expected.keys() or any(
+            found[n][0] not in dtypes or found[n][1] != shape or
+            found[n][2][1] - found[n][2][0] != math.prod(shape) * _ITEM_BYTES[found[n][0]]
+            for n, (dtypes, shape) in expected.items()):
+        raise CorruptEntryError(f"tensors {found} do not match the header's {header['dtype']} layout "
+                                f"{header['shape']}")
     return header
+
+
+def _finite(tensors: dict[str, torch.Tensor], encoding: str) -> bool:
+    """Whether the stored floats hold no NaN or infinity (int8 codes are finite; their scales may not be)."""
+    names = ("keys", "values") if encoding != "int8" else ("keys_step", "keys_low", "values_step", "values_low")
+    return all(bool(torch.isfinite(tensors[name]).all()) for name in names)
 
 
 def decode_entry(data: bytes, key: str) -> Block:
     """The block stored in ``data`` under ``key``.
 
-    Raises :class:`CorruptEntryError` unless the header, the checksum, every tensor's shape and
-    dtype, and the key (recomputed from the header and token ids) all check out.
+    Raises :class:`CorruptEntryError` unless the header, every tensor's shape, dtype and size, the
+    checksum, the values (no NaN or infinity, which a checksum recomputed by a faulty writer would
+    not catch) and the key (recomputed from the header and token ids) all check out.
     """
     header = read_header(data)
     try:
@@ -183,10 +223,8 @@ def decode_entry(data: bytes, key: str) -> Block:
         raise CorruptEntryError(f"unreadable safetensors payload ({type(exc).__name__}: {exc})") from None
     if _checksum(header, tensors) != header["checksum"]:
         raise CorruptEntryError("checksum mismatch: the entry's bytes changed after it was written")
-    layout = _layout(header)
-    found = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
-    if found.keys() != layout.keys() or any(found[n][0] != s or found[n][1] not in d for n, (s, d) in layout.items()):
-        raise CorruptEntryError(f"tensors {found} do not match the header's {header['dtype']} layout")
+    if not _finite(tensors, header["dtype"]):
+        raise CorruptEntryError("the entry holds NaN or infinite values")
     target = _SOURCE_DTYPES[header["source_dtype"]]
     if header["dtype"] == "int8":
         keys, values = (dequantize(tensors[n], tensors[f"{n}_step"], tensors[f"{n}_low"], target)

@@ -73,10 +73,11 @@ class MemoryTier(KVStore):
         if block is not None:
             self._bytes -= block_bytes(block)
 
-    def put(self, key: str, block: Block) -> None:
-        self.store.put(key, block)
+    def put(self, key: str, block: Block) -> bool:
+        stored = self.store.put(key, block)
         with self._lock:
             self._forget(key)  # the next read caches the block as the store keeps it
+        return stored
 
     def contains(self, key: str) -> bool:
         with self._lock:

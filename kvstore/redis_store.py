@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from .base import EntryStore, StoreStats
+from .base import EntryStore, StoreStats, UnavailablePolicy
 from .entry import StoreDtype
 from .errors import StoreError, StoreFullError, StoreUnavailableError
 
@@ -19,12 +19,18 @@ class RedisKVStore(EntryStore):
     Redis bounds the size itself (``maxmemory``): with an evicting policy old entries make room;
     with ``noeviction`` a full server gives :class:`StoreFullError`. An evicting policy may also
     drop the model record, after which the next model to write claims the namespace again.
+
+    While the server is down or hung (each call waits up to ``socket_timeout``), reads and writes
+    raise :class:`StoreUnavailableError`, or with ``on_unavailable="miss"`` report misses and skip
+    the write, so the engine computes the blocks itself; the client reconnects once the server is
+    back. Opening the store needs the server.
     """
 
     backend = "redis"
 
     def __init__(self, url: str = DEFAULT_URL, *, namespace: str = "blockrag", dtype: StoreDtype = "auto",
-                 fingerprint: str | None = None, socket_timeout: float = 30.0):
+                 fingerprint: str | None = None, socket_timeout: float = 30.0,
+                 on_unavailable: UnavailablePolicy = "raise"):
         try:
             import redis
         except ImportError:
@@ -40,7 +46,7 @@ class RedisKVStore(EntryStore):
         self._model_key = f"{namespace}:model"
         with self._errors():
             self._client.ping()
-        super().__init__(dtype=dtype, fingerprint=fingerprint)
+        super().__init__(dtype=dtype, fingerprint=fingerprint, on_unavailable=on_unavailable)
 
     @property
     def location(self) -> str:

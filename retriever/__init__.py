@@ -9,8 +9,8 @@
 from .chunking import DEFAULT_CHUNK_TOKENS, node_id, split_text
 from .documents import Document, SampleQuestion, bundled_corpus, bundled_questions, load_documents
 from .embedding import DEFAULT_EMBEDDING_MODEL, Embedder, EmbeddingDtype
-from .errors import (DocumentFormatError, EmbeddingModelNotFoundError, IndexMismatchError, IndexNotFoundError,
-                     NodeNotFoundError, RetrieverError)
+from .errors import (DocumentFormatError, EmbeddingModelNotFoundError, IndexFullError, IndexMismatchError,
+                     IndexNotFoundError, NodeNotFoundError, RetrieverError)
 from .index import VECTOR_INDEX_KINDS, Index, IndexConfig, Node, VectorIndexKind, read_config
 from .ingest import IngestReport, ingest
 from .qa import (QAItem, best_subspan_match, first_line, load_qa, normalize_answer, oracle_plus_random, qa_documents,
@@ -20,6 +20,7 @@ from .retrieve import Answer, Retriever, answer, load_engine
 __all__ = [
     "DEFAULT_CHUNK_TOKENS", "DEFAULT_EMBEDDING_MODEL", "VECTOR_INDEX_KINDS", "Answer", "Document",
     "DocumentFormatError", "Embedder", "EmbeddingDtype", "EmbeddingModelNotFoundError", "Index", "IndexConfig",
+    "IndexFullError",
     "IndexMismatchError", "IndexNotFoundError", "IngestReport", "Node", "NodeNotFoundError", "Retriever",
     "RetrieverError", "SampleQuestion", "VectorIndexKind", "answer", "bundled_corpus", "bundled_questions", "ingest", "load_documents",
     "load_engine", "node_id", "read_config", "split_text",

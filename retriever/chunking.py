@@ -53,11 +53,30 @@ def _sentences(text: str) -> list[tuple[str, str]]:
     return units
 
 
+#: Tokens a window must hold beyond those it is read for: tokenization near a window's cut may differ
+#: from that of the whole text, but not this many tokens before it.
+_WINDOW_MARGIN = 32
+
+
+def _leading_offsets(tokenizer: PreTrainedTokenizerBase, text: str, count: int) -> list[tuple[int, int]]:
+    """Character offsets of the first ``count`` tokens of ``text`` (all of them if it has fewer).
+
+    Tokenizes a window of the text that doubles until it holds ``count`` tokens and a margin, so
+    cutting a long text costs time in proportion to its length, not to its length squared.
+    """
+    window = 8 * (count + _WINDOW_MARGIN)
+    while True:
+        offsets = tokenizer(text[:window], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if window >= len(text) or len(offsets) >= count + _WINDOW_MARGIN:
+            return offsets[:count]
+        window *= 2
+
+
 def _cut(tokenizer: PreTrainedTokenizerBase, sentence: str, max_tokens: int) -> list[str]:
     """A sentence longer than ``max_tokens``, cut at word boundaries into pieces that fit."""
     pieces = []
     while sentence:
-        offsets = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = _leading_offsets(tokenizer, sentence, max_tokens + 1)
         if len(offsets) <= max_tokens:
             pieces.append(sentence)
             break

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
+
+from blockrag.engine import BlockragError
 
 from .documents import load_documents
 from .index import Index
@@ -12,9 +15,15 @@ from .retrieve import Answer, Retriever, answer, load_engine
 
 
 def ingest_command(args: argparse.Namespace) -> int:
-    documents = load_documents(args.paths)
-    report = ingest(documents, args.index, model=args.model, chunk_tokens=args.chunk_tokens,
-                    vector_index=args.vector_index, batch_passages=args.batch_passages)
+    """Exit status 1 with the error's own advice for bad input, a full disk, another model's store...: every
+    such error is raised before anything is written, or leaves what was committed for a re-run to resume."""
+    try:
+        documents = load_documents(args.paths)
+        report = ingest(documents, args.index, model=args.model, chunk_tokens=args.chunk_tokens,
+                        vector_index=args.vector_index, batch_passages=args.batch_passages)
+    except BlockragError as exc:
+        print(f"blockrag ingest: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     print(f"{args.index}: {report}")
     return 0
 

@@ -32,8 +32,16 @@ def _markdown_title(text: str) -> str | None:
     return None
 
 
+def _not_text(where: str, exc: UnicodeDecodeError) -> DocumentFormatError:
+    return DocumentFormatError(f"{where} is not UTF-8 text (byte {exc.start}: {exc.reason}): a binary file, or text "
+                               "in another encoding. Leave binary files out of the input, or convert text to UTF-8.")
+
+
 def _text_document(path: Path, doc_id: str) -> Document:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_text(str(path), exc) from None
     metadata: dict[str, Any] = {"source": str(path)}
     title = _markdown_title(text) if path.suffix == ".md" else None
     if title:
@@ -42,8 +50,12 @@ def _text_document(path: Path, doc_id: str) -> Document:
 
 
 def _jsonl_documents(path: Path) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_text(f"{path}:{number}", exc) from None
             if not line.strip():
                 continue
             try:

@@ -25,3 +25,7 @@ class IndexMismatchError(RetrieverError):
 
 class NodeNotFoundError(RetrieverError, KeyError):
     """No passage with this node ID is in the index."""
+
+
+class IndexFullError(RetrieverError):
+    """The disk holding the index folder is full; what was committed is kept and a re-run resumes."""

@@ -4,6 +4,8 @@ The document store is the source of truth and is committed batch by batch: it ho
 passage's text, metadata, KV key and vector. The FAISS file is derived from it, written when the
 index is saved, and rebuilt from the document store if a run stopped before saving it (the
 document store counts its changes to passages; the FAISS file records the count it matches).
+It also records a digest of each document's text once all its passages are committed, so a
+re-run over unchanged documents needs no tokenizer or model to know that nothing changed.
 
     folder/config.json       what built the index (LLM, prompt, embedding model, settings)
     folder/docstore.sqlite   documents and passages (nodes), with their vectors
@@ -14,23 +16,26 @@ document store counts its changes to passages; the FAISS file records the count 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import faiss
 import numpy as np
 
 from blockrag.engine import BlockMode
 from blockrag.kvstore import KVStore, open_store
+from blockrag.kvstore.disk import is_disk_full
 
 from .chunking import DEFAULT_CHUNK_TOKENS, faiss_id, node_from_faiss_id
-from .errors import IndexMismatchError, IndexNotFoundError, NodeNotFoundError
+from .errors import IndexFullError, IndexMismatchError, IndexNotFoundError, NodeNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ CREATE INDEX IF NOT EXISTS nodes_by_doc ON nodes (doc_id, position);
 CREATE INDEX IF NOT EXISTS nodes_by_kv ON nodes (kv_key);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO state VALUES ('vectors', 0);
+CREATE TABLE IF NOT EXISTS ingested (doc_id TEXT PRIMARY KEY, digest TEXT NOT NULL);
 """
 
 
@@ -108,8 +114,36 @@ def _new_vectors(config: IndexConfig) -> faiss.Index:
 def _replace(path: Path, write) -> None:
     """Write through ``write(temporary path)`` and rename over ``path``: readers never see half a file."""
     draft = path.with_name(f".{path.name}.{os.getpid()}")
-    write(str(draft))
-    os.replace(draft, path)
+    try:
+        write(str(draft))
+        os.replace(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)  # a draft cut short (a full disk) takes no space
+
+
+@contextmanager
+def _disk_space(folder: Path) -> Iterator[None]:
+    """A full disk as :class:`IndexFullError`; SQLite rolls the transaction back, so nothing committed is lost."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        raise IndexFullError(f"the disk holding the index {folder} is full ({exc}). Nothing already committed was "
+                             "lost: free disk space and run the same ingestion again, it resumes where it stopped."
+                             ) from exc
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _writes(method: F) -> F:
+    """Mark an :class:`Index` method that writes to the folder: a full disk raises :class:`IndexFullError`."""
+    @functools.wraps(method)
+    def checked(self: Index, *args, **kwargs):
+        with _disk_space(self.folder):
+            return method(self, *args, **kwargs)
+    return checked  # type: ignore[return-value]
 
 
 class Index:
@@ -121,11 +155,13 @@ class Index:
     def __init__(self, folder: Path, config: IndexConfig, kv_store: KVStore | None):
         self.folder = folder
         self.config = config
-        self._db = sqlite3.connect(folder / "docstore.sqlite")
-        self._db.execute("PRAGMA journal_mode=WAL")  # serving processes read while ingestion writes
-        self._db.executescript(_SCHEMA)
+        # The store first: a store of another model is refused before the document store is touched.
         self._owns_kv = kv_store is None
         self.kv: KVStore = open_store(folder / "kv", fingerprint=config.fingerprint) if kv_store is None else kv_store
+        with _disk_space(folder):
+            self._db = sqlite3.connect(folder / "docstore.sqlite")
+            self._db.execute("PRAGMA journal_mode=WAL")  # serving processes read while ingestion writes
+            self._db.executescript(_SCHEMA)
         self._unsaved = False
         self._vectors = self._load_vectors()
 
@@ -139,9 +175,11 @@ class Index:
         if config.vector_index not in VECTOR_INDEX_KINDS:
             raise ValueError(f"vector_index must be one of {VECTOR_INDEX_KINDS}, got {config.vector_index!r}")
         folder.mkdir(parents=True, exist_ok=True)
+        index = cls(folder, config, kv_store)
         text = json.dumps({"format": FORMAT_VERSION, **asdict(config)}, indent=2)
-        _replace(folder / "config.json", lambda p: Path(p).write_text(text + "\n"))
-        return cls(folder, config, kv_store)
+        with _disk_space(folder):
+            _replace(folder / "config.json", lambda p: Path(p).write_text(text + "\n"))  # last: it makes the index
+        return index
 
     @classmethod
     def open(cls, folder: str | os.PathLike, *, kv_store: KVStore | None = None) -> Index:
@@ -178,6 +216,16 @@ class Index:
     def document_ids(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM documents ORDER BY id")]
 
+    def text_digests(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        """Document ID -> digest of the text whose passages are all committed, for those ingested whole since
+        their passages last changed (see :meth:`record_digests`)."""
+        out: dict[str, str] = {}
+        for lo in range(0, len(doc_ids), 500):
+            chunk = list(doc_ids[lo:lo + 500])
+            out.update(self._db.execute(
+                f"SELECT doc_id, digest FROM ingested WHERE doc_id IN ({','.join('?' * len(chunk))})", chunk))
+        return out
+
     def document_nodes(self, doc_id: str) -> list[Node]:
         """A document's passages in order."""
         ids = [r[0] for r in self._db.execute("SELECT id FROM nodes WHERE doc_id = ? ORDER BY position", (doc_id,))]
@@ -199,12 +247,26 @@ class Index:
 
     # --- writing
 
-    def set_documents(self, documents: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        """Record documents (ID and metadata) in one transaction; their passages are added by :meth:`add`."""
+    @_writes
+    def set_documents(self, documents: Iterable[tuple[str, dict[str, Any]]], unfinished: Sequence[str] = ()) -> None:
+        """Record documents (ID and metadata) in one transaction; their passages are added by :meth:`add`.
+
+        ``unfinished`` documents lose their text digest in the same transaction: their passages are about
+        to change, and a run stopped before :meth:`record_digests` must not pass them for ingested.
+        """
         with self._db:
             self._db.executemany("INSERT INTO documents VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET "
                                  "metadata = excluded.metadata", [(d, json.dumps(m)) for d, m in documents])
+            self._forget_digests(unfinished)
 
+    @_writes
+    def record_digests(self, digests: Iterable[tuple[str, str]]) -> None:
+        """Record (document ID, text digest) pairs of documents whose passages are now all committed with their KV."""
+        with self._db:
+            self._db.executemany("INSERT INTO ingested VALUES (?, ?) ON CONFLICT(doc_id) DO UPDATE SET "
+                                 "digest = excluded.digest", list(digests))
+
+    @_writes
     def add(self, nodes: Sequence[Node], vectors: np.ndarray) -> None:
         """Add passages whose KV is already stored, with their vectors, in one committed transaction."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -219,16 +281,19 @@ class Index:
         self._vectors.add_with_ids(vectors, np.array([faiss_id(n.id) for n in nodes], dtype=np.int64))
         self._unsaved = True
 
+    @_writes
     def remove_nodes(self, node_ids: Collection[str], keep_kv: Collection[str] = ()) -> int:
         """Remove passages, their vectors and the KV no remaining passage (nor ``keep_kv``) uses."""
         if not node_ids:
             return 0
         ids = list(node_ids)
-        keys = {n.kv_key for n in self.nodes(ids)}
+        removed = self.nodes(ids)
+        keys = {n.kv_key for n in removed}
         with self._db:
             for lo in range(0, len(ids), 500):
                 chunk = ids[lo:lo + 500]
                 self._db.execute(f"DELETE FROM nodes WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            self._forget_digests(sorted({n.doc_id for n in removed}))  # their documents are no longer whole
             self._bump()
         if self.config.vector_index == "flat":
             self._vectors.remove_ids(np.array([faiss_id(i) for i in ids], dtype=np.int64))
@@ -241,14 +306,17 @@ class Index:
             self.kv.delete(key)
         return len(ids)
 
+    @_writes
     def delete_document(self, doc_id: str) -> int:
         """Remove a document with its passages, vectors and KV; returns how many passages went."""
         removed = self.remove_nodes([n.id for n in self.document_nodes(doc_id)])
         with self._db:
             self._db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+            self._forget_digests([doc_id])
         self.save()
         return removed
 
+    @_writes
     def save(self) -> None:
         """Write the FAISS index (atomically) if it changed since it was last written."""
         if not self._unsaved:
@@ -259,10 +327,12 @@ class Index:
         self._unsaved = False
 
     def close(self) -> None:
-        self.save()
-        self._db.close()
-        if self._owns_kv:
-            self.kv.close()
+        try:
+            self.save()
+        finally:
+            self._db.close()
+            if self._owns_kv:
+                self.kv.close()
 
     def __enter__(self) -> Index:
         return self
@@ -271,6 +341,12 @@ class Index:
         self.close()
 
     # --- internals
+
+    def _forget_digests(self, doc_ids: Sequence[str]) -> None:
+        """Inside a transaction: the documents' passages change, so their text digests no longer hold."""
+        for lo in range(0, len(doc_ids), 500):
+            chunk = list(doc_ids[lo:lo + 500])
+            self._db.execute(f"DELETE FROM ingested WHERE doc_id IN ({','.join('?' * len(chunk))})", chunk)
 
     def _bump(self) -> None:
         """Count a change to the passages, in the transaction that makes it."""
