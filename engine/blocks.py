@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
-from transformers import PreTrainedModel
 
 from .rope import rerotation
 from .transformer import KVCache, Positions, empty_cache, forward, rotary_module
+
+if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
+    from transformers import PreTrainedModel
 
 BlockMode = Literal["naive", "prefix"]
 BLOCK_MODES: tuple[BlockMode, ...] = ("naive", "prefix")

@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
 
 from .transformer import KVCache, Positions, attend, forward
+
+if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
+    from transformers import PreTrainedModel
 
 DecodeMode = Literal["full", "recycled", "streaming"]
 DECODE_MODES: tuple[DecodeMode, ...] = ("full", "recycled", "streaming")

@@ -331,17 +331,19 @@ class BlockEngine:
                 exact_text: bool) -> tuple[list[Block], list[bool]]:
         """:meth:`blocks`, telling for each block whether it existed before this call (given or stored)."""
         past, context = self._context(prefix, block_mode)
+        start = len(past) if past is not None else 0
         out: list[Block | None] = [p if isinstance(p, Block) else None for p in passages]
         todo = [i for i, p in enumerate(passages) if not isinstance(p, Block)]
         ids = {i: self.passage_token_ids(passages[i], exact_text) for i in todo}  # type: ignore[arg-type]
         keys = dict(zip(todo, self.token_block_keys([ids[i] for i in todo], prefix=prefix, block_mode=block_mode)))
         if self.store is not None and todo:
             for i, found in zip(todo, self.store.get_many([keys[i] for i in todo])):
-                # A store entry is served only if it really holds these tokens after this context.
-                if found is not None and found.context == context and found.token_ids.tolist() == ids[i]:
+                # A store entry is served only if it really holds these tokens, encoded where they follow this context.
+                if found is not None and found.context == context and found.start == start and \
+                        found.token_ids.tolist() == ids[i]:
                     out[i] = found
                 elif found is not None:
-                    log.warning("store entry %s holds other tokens or another context; recomputing it", keys[i])
+                    log.warning("store entry %s holds other tokens, context or start; recomputing it", keys[i])
         reused = [b is not None for b in out]
         missing = [i for i in todo if out[i] is None]
         for i, block in zip(missing, encode_blocks(self.model, [ids[i] for i in missing], past, self.batch_size)):

@@ -14,14 +14,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import (AdapterMismatchError, AdapterNotFoundError, ExtraNotInstalledError, ModelNotFoundError,
                      UnsupportedModelError)
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
 from .transformer import rotary_module
+
+if TYPE_CHECKING:  # transformers' model classes load slowly: imported where a model is loaded
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ def convert_gguf(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to safetensors in %s (once)", gguf, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = loaded.config
@@ -175,6 +179,8 @@ def load_model(
     ``adapter`` is a LoRA adapter folder (from ``blockrag finetune``), merged into the weights; the
     model's ``passage_order`` is then the one the adapter was trained with.
     """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     source, _ = _resolve(name_or_path)
     torch_dtype = resolve_dtype(dtype, device)
     try:

@@ -15,13 +15,17 @@ Every block but one at position 0 is eligible: nothing precedes such a block (th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 
 from .transformer import KVCache, Positions, empty_cache, forward
+
+if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)

@@ -84,13 +84,18 @@ def _rotate_into_eager(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
 # block's keys and writes the rotated ones into the cache (the same values). :func:`warm_rotation`
 # compiles it ahead of the first request, for keys encoded in the process (inference tensors) and
 # keys read from a store; torch caches the compiled code on disk between processes.
-_rotate_compiled = torch.compile(_rotate_into_eager, dynamic=True)
 _rotate_into: Callable[..., None] = _rotate_into_eager
+_compiled: Callable[..., None] | None = None
+_warmed: set[tuple[torch.dtype, str]] = set()
 
 
 def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
     """Compile the re-rotation for keys of ``dtype`` now, not inside a request; stay eager if it cannot be."""
-    global _rotate_into
+    global _rotate_into, _compiled
+    if (dtype, str(device)) in _warmed:
+        return
+    if _compiled is None:  # made here, not at import: importing the compiler is slow
+        _compiled = torch.compile(_rotate_into_eager, dynamic=True)
     try:
         # Sizes all distinct, so that the compiled code assumes no two of them equal.
         layers, heads, tokens, dim = 2, 3, 5, 4
@@ -100,11 +105,12 @@ def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> Non
             slots = torch.zeros(layers, 1, heads, 11, dim, dtype=dtype, device=device)[:, 0, :, 6:6 + tokens]
             angles = torch.ones(tokens, dim, device=device), torch.zeros(tokens, dim, device=device)
             for keys in (encoded, stored):
-                _rotate_compiled(slots, keys, *angles)
+                _compiled(slots, keys, *angles)
     except Exception as exc:  # no C++ compiler, say: correct, only slower
         log.warning("could not compile the key re-rotation (%s: %s); it stays eager", type(exc).__name__, exc)
         return
-    _rotate_into = _rotate_compiled
+    _warmed.add((dtype, str(device)))
+    _rotate_into = _compiled
 
 
 def rerotate(keys: torch.Tensor, source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) -> torch.Tensor:

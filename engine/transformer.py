@@ -19,14 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 
 from .errors import UnsupportedModelError
+
+if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
+    from transformers import PreTrainedModel
 
 
 def rotary_module(model: nn.Module) -> nn.Module:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
+    from transformers import PreTrainedTokenizerBase
+
 
 DEFAULT_CHUNK_TOKENS = 200
 

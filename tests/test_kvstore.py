@@ -588,3 +588,15 @@ def test_lossy_blocks_predict_the_next_tokens_of_fp32_blocks(nq, dtype):
         total += len(want)
     assert total > 400
     assert agree / total > 0.99, f"{dtype}: {agree} of {total} next tokens agree with fp32 blocks"
+
+
+def test_an_entry_claiming_another_start_is_not_served(tiny_engine, tmp_path):
+    """Protects the engine's check of a stored block's start position: the store's key names the model, context
+    and tokens, not the start, so an entry rewritten with another start (and a fresh checksum) passes the store."""
+    engine = BlockEngine(tiny_engine.loaded, store=DiskKVStore(tmp_path))
+    passage = "A passage whose stored block claims to start elsewhere."
+    block = engine.encode([passage])[0]
+    engine.store.put(engine.block_keys([passage])[0],
+                     Block(block.token_ids, block.keys, block.values, block.start + 1, block.context))
+    result = engine.generate(None, [passage], "Where does it start?", max_new_tokens=1)
+    assert result.block_tokens == len(engine.prefix_block())  # the head only: the passage was encoded again
