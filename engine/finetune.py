@@ -29,18 +29,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from .blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, prefill_over_blocks
 from .errors import AdapterNotFoundError, ExtraNotInstalledError
 from .generate import BlockEngine, prompt_layout
 from .model import ADAPTER_CONFIG, ADAPTER_SETTINGS, adapter_passage_order, check_adapter, package_versions
 from .prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, tokenize
+
+if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
+    from transformers import PreTrainedModel
 
 #: What an example attends to in training: a block mode, or plain causal attention.
 TrainAttention = Literal["naive", "prefix", "full"]

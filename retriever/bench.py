@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import get_args
 
 import torch
-from transformers import DynamicCache
 
 from blockrag.engine import BlockEngine
 from blockrag.engine.model import package_versions
@@ -73,6 +72,8 @@ def _bare_forward(engine: BlockEngine, token_lists: list[list[int]]) -> None:
     A plain ``model.model(...)`` call after the same prefix: the whole base model runs, as anyone
     computing the KV with transformers would run it (ingestion stops after the last layer's KV).
     """
+    from transformers import DynamicCache
+
     model, past = engine.model, engine.block_context()
     start = len(past) if past is not None else 0
     for lo in range(0, len(token_lists), engine.batch_size):
