@@ -164,7 +164,7 @@ class FinetuneSettings:
     target_modules: tuple[str, ...] = LORA_TARGETS
     passage_order: PassageOrder = DEFAULT_PASSAGE_ORDER
     """How the examples place their passages. Recorded, and the adapter's model places them so: an adapter
-    trained best first answered 1.0% of NQ best last, against 38.7% best first."""
+    reads well only in the order it was trained in (benchmarks/RESULTS.md)."""
 
     def lora_shape(self) -> dict:
         """The LoRA settings an adapter is saved with, in the form :func:`lora_shape` reads them back."""

@@ -35,7 +35,7 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_embedding_dtype(dtype: EmbeddingDtype, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 where the hardware has it, else fp32.
 
-    On an AVX512-BF16 CPU all-MiniLM-L6-v2 embeds about 3x faster in bf16 with the same NQ recall
+    On an AVX512-BF16 CPU all-MiniLM-L6-v2 embeds faster in bf16 with the same NQ recall
     (benchmarks/RESULTS.md); vectors are normalised in fp32 either way.
     """
     if dtype == "auto":

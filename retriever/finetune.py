@@ -7,8 +7,8 @@ the prompt, and the question's first gold answer as the target. The gold passage
 them: if retrieval missed it, it replaces the last retrieved passage, at a seeded random position,
 so the model learns to read the answer from a passage rather than to guess.
 Prompts use ``blockrag eval``'s system prompt and passage count by default, so training sees what
-evaluation asks: on NQ, a second pass with 10 passages an example lifted block accuracy from 14.7% to
-38.7%, where the same pass with 5 reached 18.7% (benchmarks/RESULTS.md).
+evaluation asks: on NQ, training with the evaluation's passage count is what lifted block accuracy
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
