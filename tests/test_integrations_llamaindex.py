@@ -14,12 +14,12 @@ from llama_index.core import Document, StorageContext, VectorStoreIndex  # noqa:
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler  # noqa: E402
 from llama_index.core.ingestion import IngestionPipeline  # noqa: E402
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
-from llama_index.core.instrumentation.events.llm import LLMChatEndEvent  # noqa: E402
 from llama_index.core.llms import ChatMessage  # noqa: E402
 from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
 from llama_index.core.schema import MetadataMode  # noqa: E402
 from llama_index.vector_stores.faiss import FaissVectorStore  # noqa: E402
+
+from llamaindex_events import ChatEnds  # noqa: E402
 
 from blockrag.engine import BlockEngine  # noqa: E402
 from blockrag.integrations import Passage, PassageIndex  # noqa: E402
@@ -62,20 +62,6 @@ def index(nodes, embed_model) -> VectorStoreIndex:
     store = FaissVectorStore(faiss_index=faiss.IndexFlatIP(len(nodes[0].embedding)))
     return VectorStoreIndex(nodes, embed_model=embed_model,
                             storage_context=StorageContext.from_defaults(vector_store=store))
-
-
-class ChatEnds(BaseEventHandler):
-    """Collects the LLM chat responses that LlamaIndex's instrumentation reports."""
-
-    responses: list = []
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "ChatEnds"
-
-    def handle(self, event, **kwargs) -> None:
-        if isinstance(event, LLMChatEndEvent):
-            self.responses.append(event.response)
 
 
 @pytest.fixture

@@ -264,24 +264,12 @@ def test_llamaindex_openailike_as_a_query_engines_llm(served):
     pytest.importorskip("llama_index.llms.openai_like", reason="needs llama-index-llms-openai-like (the dev extra)")
     from llama_index.core import Document, VectorStoreIndex
     from llama_index.core.instrumentation import get_dispatcher
-    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-    from llama_index.core.instrumentation.events.llm import LLMChatEndEvent
     from llama_index.llms.openai_like import OpenAILike
+    from llamaindex_events import ChatEnds
 
     from blockrag.integrations.llamaindex import SentenceTransformerEmbedding
 
     server, url, keys = served
-
-    class ChatEnds(BaseEventHandler):
-        responses: list = []
-
-        @classmethod
-        def class_name(cls) -> str:
-            return "ChatEnds"
-
-        def handle(self, event, **kwargs) -> None:
-            if isinstance(event, LLMChatEndEvent):
-                self.responses.append(event.response)
 
     # LlamaIndex sizes its prompts for a real model's context; these two passages fit the tiny model's too.
     llm = OpenAILike(model=MODEL, api_base=f"{url}/v1", api_key="unused", is_chat_model=True, context_window=4096,
