@@ -67,3 +67,64 @@ class GateSampler:
             return False
         with self._lock:
             return self._random.random() < self.fraction
+
+
+class GateRecord:
+    """Running totals of the gate's checks, safe to add to from a background thread."""
+
+    def __init__(self):
+        self.checks = 0
+        self.agreements = 0
+        self.kl_total = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, result: GateResult) -> None:
+        with self._lock:
+            self.checks += 1
+            self.agreements += result.agree
+            self.kl_total += result.kl
+
+    def summary(self) -> dict:
+        """Checks so far, how many agreed on the first token, and the mean KL (None before the first check)."""
+        with self._lock:
+            return {"checks": self.checks, "first_token_agreements": self.agreements,
+                    "mean_kl": round(self.kl_total / self.checks, 6) if self.checks else None}
+
+
+class Gate:
+    """The gate of one adapter: samples block-mode answers and checks them on a thread of its own, one at a time,
+    after the answer is complete, recording the results in :attr:`record`."""
+
+    def __init__(self, fraction: float = 0.0, seed: int | None = None):
+        self.sampler = GateSampler(fraction, seed)
+        self.record = GateRecord()
+        self._queue: list[tuple[BlockEngine, Sequence[str | Block]]] = []
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def after(self, engine: BlockEngine, segments: Sequence[str | Block], force: bool | None = None) -> bool:
+        """Queue a check of an answered prompt if ``force`` (or, when None, the sampler) says so; True if queued."""
+        if not (self.sampler.should_check() if force is None else force):
+            return False
+        with self._lock:
+            self._queue.append((engine, segments))
+            self._idle.clear()
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._run, name="blockrag-gate", daemon=True)
+                self._worker.start()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every queued check has run; False if ``timeout`` passed first."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._idle.set()
+                    return
+                engine, segments = self._queue.pop(0)
+            self.record.add(compare_first_token(engine, segments))

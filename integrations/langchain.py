@@ -15,9 +15,10 @@ from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, 
                              PrefillMode, in_prompt_order)
 
 from . import MissingExtraError
+from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
-from .runner import (ADAPTER_OPTIONS, DECODE_DESCRIPTION, Completion, PromptRunner, aiter_in_thread, call_options,
-                     index_nodes, index_passages, shared_engine)
+from .runner import (ADAPTER_OPTIONS, DECODE_DESCRIPTION, GATE_DESCRIPTION, Completion, PromptRunner,
+                     aiter_in_thread, call_options, index_nodes, index_passages, shared_engine)
 
 try:
     from langchain_core.callbacks import (AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun,
@@ -35,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise MissingExtraError("langchain", exc) from exc
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
-_CALL_OPTIONS = ("block_ids", *ADAPTER_OPTIONS)
+_CALL_OPTIONS = ("block_ids", "gate", *ADAPTER_OPTIONS)
 DEFAULT_RAG_SYSTEM_PROMPT = "Answer the question using the documents given by the user. Answer briefly."
 
 
@@ -103,6 +104,7 @@ class ChatBlockAttention(BaseChatModel):
     recycle_k: int | float = Field(default=1 / 8, description="Recycled and streaming budget: tokens or a fraction.")
     stride: int = Field(default=10, gt=0, description="Steps between Recycled Attention's full steps.")
     dynamic_threshold: float | None = Field(default=None, description="Query similarity that triggers a full step.")
+    gate_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description=GATE_DESCRIPTION)
 
     model_config = ConfigDict(extra="forbid")
 
@@ -110,7 +112,8 @@ class ChatBlockAttention(BaseChatModel):
 
     def __init__(self, *, engine: BlockEngine | None = None, passages: PassageIndex | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self._runner = PromptRunner(engine or shared_engine(self.model, self.store), passages)
+        self._runner = PromptRunner(engine or shared_engine(self.model, self.store), passages,
+                                    Gate(self.gate_fraction))
 
     @classmethod
     def from_index(cls, index: Any, **kwargs: Any) -> "ChatBlockAttention":
@@ -122,6 +125,11 @@ class ChatBlockAttention(BaseChatModel):
     @property
     def engine(self) -> BlockEngine:
         return self._runner.engine
+
+    @property
+    def gate(self) -> Gate:
+        """The correctness gate: ``gate.record.summary()`` totals its checks (``gate.wait()`` for pending ones)."""
+        return self._runner.gate  # type: ignore[return-value]
 
     @property
     def passages(self) -> PassageIndex:
@@ -158,7 +166,7 @@ class ChatBlockAttention(BaseChatModel):
             hints += passages
         options = call_options(self, kwargs, stop if stop is not None else self.stop)
         prompt = render_chat(self.engine.tokenizer, turns)
-        return prompt, {"hints": hints, "options": options, "timeout_s": self.timeout}
+        return prompt, {"hints": hints, "options": options, "timeout_s": self.timeout, "gate": kwargs.get("gate")}
 
     def _response_metadata(self, done: Completion) -> dict[str, Any]:
         return {"model_name": self.model, "finish_reason": done.finish_reason, "blockrag": done.report()}

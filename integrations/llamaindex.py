@@ -15,9 +15,10 @@ from typing import Any, Literal
 from blockrag.engine import DEFAULT_MODEL, BlockEngine, DecodeMode, PassageOrder, PrefillMode, in_prompt_order
 
 from . import MissingExtraError
+from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
-from .runner import (ADAPTER_OPTIONS, DECODE_DESCRIPTION, Completion, PromptRunner, ReuseReport, aiter_in_thread,
-                     call_options, shared_engine)
+from .runner import (ADAPTER_OPTIONS, DECODE_DESCRIPTION, GATE_DESCRIPTION, Completion, PromptRunner,
+                     ReuseReport, aiter_in_thread, call_options, shared_engine)
 
 try:
     from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
@@ -39,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 BLOCK_KEY_METADATA = "blockrag_block_key"
 """Node metadata holding the store key of the node's block (kept out of embeddings and prompts)."""
 
-_CALL_OPTIONS = ("node_ids", "stop", *ADAPTER_OPTIONS)
+_CALL_OPTIONS = ("node_ids", "stop", "gate", *ADAPTER_OPTIONS)
 
 
 def _node_passage(node: BaseNode | NodeWithScore) -> Passage:
@@ -71,6 +72,7 @@ class BlockAttentionLLM(CustomLLM):
     recycle_k: int | float = Field(default=1 / 8, description="Recycled and streaming budget: tokens or a fraction.")
     stride: int = Field(default=10, gt=0, description="Steps between Recycled Attention's full steps.")
     dynamic_threshold: float | None = Field(default=None, description="Query similarity that triggers a full step.")
+    gate_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description=GATE_DESCRIPTION)
 
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +82,8 @@ class BlockAttentionLLM(CustomLLM):
 
     def __init__(self, *, engine: BlockEngine | None = None, passages: PassageIndex | None = None, **data: Any):
         super().__init__(**data)
-        self._runner = PromptRunner(engine or shared_engine(self.model, self.store), passages)
+        self._runner = PromptRunner(engine or shared_engine(self.model, self.store), passages,
+                                    Gate(self.gate_fraction))
         if data.get("messages_to_prompt") is None:
             self.messages_to_prompt = self._render_messages
         if data.get("completion_to_prompt") is None:
@@ -93,6 +96,11 @@ class BlockAttentionLLM(CustomLLM):
     @property
     def engine(self) -> BlockEngine:
         return self._runner.engine
+
+    @property
+    def gate(self) -> Gate:
+        """The correctness gate: ``gate.record.summary()`` totals its checks (``gate.wait()`` for pending ones)."""
+        return self._runner.gate  # type: ignore[return-value]
 
     @property
     def passages(self) -> PassageIndex:
@@ -135,7 +143,7 @@ class BlockAttentionLLM(CustomLLM):
         options = call_options(self, kwargs, kwargs.get("stop", self.stop))
         hints = [*self._runner.hints_for(kwargs.get("node_ids", ())), *self._hints]
         text = prompt if formatted else self.completion_to_prompt(prompt)
-        return text, {"hints": hints, "options": options, "timeout_s": self.timeout}
+        return text, {"hints": hints, "options": options, "timeout_s": self.timeout, "gate": kwargs.get("gate")}
 
     def _completion_response(self, done: Completion, text: str, delta: str | None = None) -> CompletionResponse:
         if self._report is not None:

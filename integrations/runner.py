@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from blockrag.engine import (DEFAULT_MODEL, BlockEngine, BlockragError, DecodeMode, GenerationOptions, PrefillMode,
                              blockrag_home)
 
+from .gate import Gate
 from .matching import BlockUse, Passage, PassageIndex, PromptPlan, plan_prompt
 
 T = TypeVar("T")
@@ -28,6 +29,8 @@ class GenerationTimeoutError(BlockragError, TimeoutError):
 
 DECODE_DESCRIPTION = ("'auto' decodes long prompts with Recycled Attention and short ones fully; or 'full', "
                       "'recycled', 'streaming'.")
+GATE_DESCRIPTION = ("Fraction of block-mode answers checked against full attention after they are complete (first "
+                    "token agreement and KL, in each response's metadata as running totals); 0 turns it off.")
 #: Generation settings both adapters take as fields and as per-call arguments, and the engine option each sets.
 ADAPTER_OPTIONS = {"mode": "mode", "max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                    "top_k": "top_k", "seed": "seed", "decode": "decode", "recycle_k": "recycle_k",
@@ -72,6 +75,8 @@ class Completion:
     """How the answer's tokens attended to the prompt (``"auto"`` resolved)."""
     full_steps: float = 0.0
     """Decode steps that attended to the whole prompt (see :class:`blockrag.engine.GenerationResult`)."""
+    gate: dict | None = None
+    """Whether the correctness gate checks this answer (after it is complete), and its totals so far."""
 
     @property
     def reused_ids(self) -> list[str]:
@@ -83,6 +88,7 @@ class Completion:
         return {"usage": self.usage.as_openai(), "reused_ids": self.reused_ids,
                 "blocks": [{"id": b.id, "tokens": b.tokens} for b in self.blocks],
                 "decode": {"mode": self.decode, "full_steps": round(self.full_steps, 2)},
+                **({"gate": self.gate} if self.gate is not None else {}),
                 "ttft_s": round(self.ttft_s, 4), "total_s": round(self.total_s, 4)}
 
 
@@ -113,9 +119,11 @@ class PromptRunner:
     caller); hints passed per call are tried first.
     """
 
-    def __init__(self, engine: BlockEngine, passages: PassageIndex | None = None):
+    def __init__(self, engine: BlockEngine, passages: PassageIndex | None = None, gate: Gate | None = None):
         self.engine = engine
         self.passages = passages if passages is not None else PassageIndex()
+        self.gate = gate
+        """Checks a sampled fraction of block-mode answers against full attention (see :mod:`.gate`)."""
 
     def plan(self, prompt: str, hints: Sequence[Passage] = ()) -> PromptPlan:
         return plan_prompt(self.engine, prompt, hints, self.passages)
@@ -129,13 +137,15 @@ class PromptRunner:
         return self.plan(prompt, hints) if mode == "block" else PromptPlan([prompt], [])
 
     def stream(self, prompt: str, *, hints: Sequence[Passage] = (), options: GenerationOptions = GenerationOptions(),
-               timeout_s: float | None = None,
-               plan: PromptPlan | None = None) -> Iterator[tuple[str, Completion | None]]:
+               timeout_s: float | None = None, plan: PromptPlan | None = None,
+               gate: bool | None = None) -> Iterator[tuple[str, Completion | None]]:
         """Yield ``(delta, None)`` pairs; the last pair carries the :class:`Completion` (its delta may be "").
 
         ``timeout_s`` limits the whole call's wall-clock time, checked between generated tokens. ``plan`` is
         :meth:`plan_for`'s result when the caller made it already (a server plans before queueing, to check
-        the prompt's length); its time is then not in the completion's ``ttft_s``.
+        the prompt's length); its time is then not in the completion's ``ttft_s``. ``gate`` forces (True) or
+        skips (False) the correctness gate's check of a block-mode answer that used blocks; None leaves it to
+        the gate's sampling.
         """
         started = time.perf_counter()
         plan = plan if plan is not None else self.plan_for(prompt, hints, options.mode)
@@ -156,8 +166,13 @@ class PromptRunner:
         r = stream.result
         assert r is not None
         usage = Usage(r.prompt_tokens, r.completion_tokens, plan.cached_tokens)
+        report = None
+        if self.gate is not None:
+            checked = options.mode == "block" and bool(plan.blocks) and \
+                self.gate.after(self.engine, plan.segments, gate)
+            report = {"checked": checked, **self.gate.record.summary()}
         yield pending or "", Completion(r.text, r.finish_reason, usage, plan.blocks, planned_s + r.ttft_s,
-                                        time.perf_counter() - started, r.decode, r.full_steps)
+                                        time.perf_counter() - started, r.decode, r.full_steps, report)
 
     def complete(self, prompt: str, **kwargs) -> Completion:
         """Like :meth:`stream`, returning only the finished :class:`Completion`."""

@@ -1,4 +1,5 @@
-"""Decode options through both framework adapters, and ``decode="auto"``, on a tiny random-weight model."""
+"""Decode options and the correctness gate through both framework adapters, and ``decode="auto"``, on a tiny
+random-weight model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ pytest.importorskip("llama_index.core", reason='needs pip install "blockrag[llam
 from langchain_core.messages import HumanMessage  # noqa: E402
 
 import blockrag.engine.generate as generate  # noqa: E402
+from blockrag.engine import BlockEngine  # noqa: E402
+from blockrag.integrations import Passage, PassageIndex  # noqa: E402
+from blockrag.integrations.gate import compare_first_token  # noqa: E402
 from blockrag.integrations.langchain import ChatBlockAttention  # noqa: E402
 from blockrag.integrations.llamaindex import BlockAttentionLLM  # noqa: E402
 
@@ -66,3 +70,53 @@ def test_unknown_fields_and_options_raise(tiny_engine):
         tiny_engine.generate(None, [], "Short?", decoder="full")
     with pytest.raises(ValueError, match="dynamic_threshold"):
         tiny_engine.generate(None, [], "Short?", decode="full", dynamic_threshold=0.9)
+
+
+class _Store:
+    """The engine's BlockStore protocol over a dict."""
+
+    def __init__(self):
+        self.blocks = {}
+
+    def get_many(self, keys):
+        return [self.blocks.get(k) for k in keys]
+
+    def put(self, key, block):
+        self.blocks[key] = block
+
+
+PASSAGE = "The lighthouse on Carrow Point was lit in 1871 and automated in 1990."
+
+
+def gated_engine(tiny_engine):
+    engine = BlockEngine(tiny_engine.loaded, store=_Store())
+    engine.blocks([PASSAGE], exact_text=True)  # stored, as ingestion would
+    return engine, PassageIndex([Passage(PASSAGE, "lighthouse")])
+
+
+def test_the_gate_checks_block_answers_after_they_complete_in_both_adapters(tiny_engine):
+    engine, passages = gated_engine(tiny_engine)
+    prompt = f"Read this.\n\n{PASSAGE}\n\nWhen was it automated?"
+    llm = BlockAttentionLLM(engine=engine, passages=passages, max_tokens=3, gate_fraction=1.0)
+    first = llm.complete(prompt).raw
+    assert first["reused_ids"] == ["lighthouse"] and first["gate"]["checked"] is True
+    assert llm.gate.wait(60) and llm.gate.record.summary()["checks"] == 1
+    assert llm.complete(prompt, gate=False).raw["gate"] == {"checked": False, **llm.gate.record.summary()}
+    chat = ChatBlockAttention(engine=engine, passages=passages, max_tokens=3)  # gate_fraction 0: off unless asked
+    assert chat.invoke([HumanMessage(prompt)]).response_metadata["blockrag"]["gate"]["checked"] is False
+    assert chat.invoke([HumanMessage(prompt)], gate=True).response_metadata["blockrag"]["gate"]["checked"] is True
+    assert chat.gate.wait(60)
+    summary = chat.gate.record.summary()
+    assert summary["checks"] == 1 and summary["mean_kl"] >= 0 and summary["first_token_agreements"] in (0, 1)
+    segments = llm._runner.plan(llm.completion_to_prompt(prompt)).segments
+    expected = compare_first_token(engine, segments)  # the comparison the gate made, made here
+    assert llm.gate.record.kl_total == pytest.approx(expected.kl, abs=1e-6)
+
+
+def test_the_gate_skips_full_mode_and_prompts_without_blocks(tiny_engine):
+    engine, passages = gated_engine(tiny_engine)
+    llm = BlockAttentionLLM(engine=engine, passages=passages, max_tokens=2, gate_fraction=1.0)
+    assert llm.complete(f"{PASSAGE}\n\nWhen?", mode="full").raw["gate"]["checked"] is False
+    assert llm.complete("No passage here. When?").raw["gate"]["checked"] is False
+    with pytest.raises(ValidationError):
+        BlockAttentionLLM(engine=engine, gate_fraction=1.5)
