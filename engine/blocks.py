@@ -160,5 +160,5 @@ def prefill_over_blocks(model: PreTrainedModel, ids: torch.Tensor, cache: KVCach
     Each fresh token attends to every slot up to its own position. A fresh position that held a
     block's KV (recomputed in context) gets the new KV in its slot, which the tokens after it then see.
     """
-    positions = Positions.of(torch.arange(len(ids), device=ids.device)[fresh])
+    positions = Positions(torch.arange(len(ids), device=ids.device)[fresh])
     return forward(model, cache, ids[positions.ids][None], positions, logits=logits)[0]

@@ -17,7 +17,7 @@ transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -165,10 +165,6 @@ class Positions:
         """``(first token, end token, end slot)`` of each run of tokens."""
 
     @classmethod
-    def of(cls, ids: torch.Tensor) -> "Positions":
-        return cls(ids)
-
-    @classmethod
     def span(cls, first: int, count: int, device: torch.device | str = "cpu") -> "Positions":
         return cls(torch.arange(first, first + count, device=device))
 
@@ -282,18 +278,6 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
     return model.lm_head(body.norm(hidden[:, -logits:]))
 
 
-def prompt_capacity(model: PreTrainedModel, tokens: int, new_tokens: int) -> int:
-    """Slots a request needs: its prompt and up to ``new_tokens`` answer tokens, within the model's context."""
-    context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-    return min(tokens + new_tokens, max(context, tokens))
-
-
 def empty_cache(model: PreTrainedModel, capacity: int, batch: int = 1) -> KVCache:
     """A cache for ``model`` with room for ``capacity`` positions."""
     return KVCache.empty(KVShape.of(model), capacity, batch)
-
-
-def layer_keys(cache: KVCache, layer: int, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Keys of batch row 0 of ``layer`` at ``positions``, ``[kv_heads, len(positions), head_dim]``."""
-    index = torch.as_tensor(positions, device=cache.keys[layer].device)
-    return cache.keys[layer][0].index_select(1, index)
