@@ -14,8 +14,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .transformer import rotary_module
-
 log = logging.getLogger(__name__)
 
 
