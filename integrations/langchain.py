@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
-from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, DecodeMode, PassageOrder,
+from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, PassageOrder,
                              PrefillMode, in_prompt_order)
 
 from . import MissingExtraError
 from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
-from .runner import (ADAPTER_OPTIONS, DECODE_DESCRIPTION, GATE_DESCRIPTION, Completion, PromptRunner,
-                     aiter_in_thread, call_options, index_nodes, index_passages, shared_engine)
+from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, aiter_in_thread, call_options, index_nodes,
+                     index_passages, shared_engine)
 
 try:
     from langchain_core.callbacks import (AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun,
@@ -32,6 +32,8 @@ try:
     from langchain_core.retrievers import BaseRetriever
     from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
     from pydantic import ConfigDict, Field, PrivateAttr
+
+    from .fields import DecodeFields  # pydantic, which the framework brings
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError("langchain", exc) from exc
 
@@ -75,7 +77,7 @@ def _usage(done: Completion) -> UsageMetadata:
                          input_token_details={"cache_read": u.cached_tokens})
 
 
-class ChatBlockAttention(BaseChatModel):
+class ChatBlockAttention(BaseChatModel, DecodeFields):
     """A local Hugging Face chat model that answers with Block-Attention over cached passages.
 
     Build it with ``model`` (and ``store``: KV store folder or ``redis://`` URL, by default
@@ -100,11 +102,6 @@ class ChatBlockAttention(BaseChatModel):
                             "callbacks see each token.")
     api_key: str | None = Field(default=None, repr=False, description="Accepted for LangChain's standard "
                                 "interface; a local model needs none.")
-    decode: DecodeMode | Literal["auto"] = Field(default="auto", description=DECODE_DESCRIPTION)
-    recycle_k: int | float = Field(default=1 / 8, description="Recycled and streaming budget: tokens or a fraction.")
-    stride: int = Field(default=10, gt=0, description="Steps between Recycled Attention's full steps.")
-    dynamic_threshold: float | None = Field(default=None, description="Query similarity that triggers a full step.")
-    gate_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description=GATE_DESCRIPTION)
 
     model_config = ConfigDict(extra="forbid")
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, DecodeMode, PassageOrder, PrefillMode, in_prompt_order
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, PassageOrder, PrefillMode, in_prompt_order
 
 from . import MissingExtraError
 from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
-from .runner import (ADAPTER_OPTIONS, DECODE_DESCRIPTION, GATE_DESCRIPTION, Completion, PromptRunner,
-                     ReuseReport, aiter_in_thread, call_options, shared_engine)
+from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, ReuseReport, aiter_in_thread, call_options,
+                     shared_engine)
 
 try:
     from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
@@ -34,6 +34,8 @@ try:
     from llama_index.core.response_synthesizers import BaseSynthesizer, get_response_synthesizer
     from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryType, TransformComponent
     from llama_index.core.utils import get_tqdm_iterable
+
+    from .fields import DecodeFields  # pydantic, which the framework brings
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError("llama-index", exc) from exc
 
@@ -48,7 +50,7 @@ def _node_passage(node: BaseNode | NodeWithScore) -> Passage:
     return Passage.of(node.get_content(metadata_mode=MetadataMode.LLM), node.node_id)
 
 
-class BlockAttentionLLM(CustomLLM):
+class BlockAttentionLLM(CustomLLM, DecodeFields):
     """A local Hugging Face model that answers LlamaIndex prompts with Block-Attention.
 
     Passages are served from blocks in this order: hints passed explicitly (``node_ids=`` per call,
@@ -68,11 +70,6 @@ class BlockAttentionLLM(CustomLLM):
     seed: int | None = Field(default=None, description="Seed for sampling when temperature > 0.")
     stop: list[str] = Field(default_factory=list, description="Strings that end generation (not included).")
     timeout: float | None = Field(default=None, description="Wall-clock limit per call in seconds.")
-    decode: DecodeMode | Literal["auto"] = Field(default="auto", description=DECODE_DESCRIPTION)
-    recycle_k: int | float = Field(default=1 / 8, description="Recycled and streaming budget: tokens or a fraction.")
-    stride: int = Field(default=10, gt=0, description="Steps between Recycled Attention's full steps.")
-    dynamic_threshold: float | None = Field(default=None, description="Query similarity that triggers a full step.")
-    gate_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description=GATE_DESCRIPTION)
 
     model_config = ConfigDict(extra="forbid")
 
