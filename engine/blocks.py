@@ -1,9 +1,9 @@
 """Blocks: the KV states of a piece of text encoded on its own, and their assembly into one cache.
 
 A block holds keys rotated at the positions it was encoded at (``start`` onwards). Assembly
-places blocks one after another and re-rotates each block's keys to where it now sits, so the
-final block (the question) attends to everything as if the prompt had been prefilled, except
-that passages never attended to each other.
+writes each block into the cache slots of the positions it now occupies, its keys re-rotated
+there, so the text prefilled afterwards (the question) attends to everything as if the prompt
+had been prefilled, except that passages never attended to each other.
 """
 
 from __future__ import annotations
