@@ -10,14 +10,20 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from blockrag.engine import DEFAULT_MODEL
+
 QUESTIONS = 5
 TOP_K = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the LLM: bundled alias, folder or GGUF file")
 
 
 def run(args: argparse.Namespace) -> int:
     from blockrag.engine import BlockEngine, blockrag_home, load_model
     from blockrag.retriever import Index, Retriever, answer, bundled_corpus, bundled_questions, ingest, load_engine
-    from blockrag.retriever.commands import print_passages
+    from blockrag.cli.query import print_passages
 
     folder = blockrag_home() / "demo-index"
     loaded = load_model(args.model)

@@ -3,9 +3,9 @@
 from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
 from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
                        RecycledDecoding, StreamingDecoding, start_decoding)
-from .errors import (AdapterMismatchError, AdapterNotFoundError, BlockragError, ExtraNotInstalledError,
+from blockrag.errors import (AdapterMismatchError, AdapterNotFoundError, BlockMismatchError, BlockragError, InvalidArgumentError, MissingExtraError,
                      ModelNotFoundError, PromptTooLongError, UnsupportedModelError)
-from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationOptions, GenerationResult,
+from .generate import (PREFILL_MODES, BlockEngine, GenerationOptions, GenerationResult,
                        PrefillMode, SamplingOptions, TextStream)
 from .model import DEFAULT_MODEL, LoadedModel, blockrag_home, load_model, model_fingerprint
 from .prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, PromptTemplate, in_prompt_order
@@ -14,7 +14,7 @@ from .rope import rerotate
 from .transformer import KVCache
 
 __all__ = [
-    "AdapterMismatchError", "AdapterNotFoundError", "ExtraNotInstalledError", "assemble", "Block", "block_key",
+    "AdapterMismatchError", "AdapterNotFoundError", "InvalidArgumentError", "MissingExtraError", "assemble", "Block", "block_key",
     "BLOCK_MODES", "BlockEngine", "BlockMismatchError", "BlockMode",
     "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES", "DecodeMode", "DecodeOptions",
     "Decoding", "DEFAULT_MODEL", "DEFAULT_PASSAGE_ORDER", "encode_blocks", "FixedStride", "FullDecoding",

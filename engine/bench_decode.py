@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .decoding import DecodeOptions, RecycledDecoding, start_decoding
-from .errors import BlockragError
+from blockrag.errors import DataFileError
 from .generate import BlockEngine
 from .transformer import KVCache
 from .model import load_model, package_versions
@@ -32,10 +32,6 @@ from .model import load_model, package_versions
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-dev.jsonl.gz"
 PREFIX = ("You are a helpful assistant. Using the documents given by the user, answer the question in detail: "
           "explain what each relevant document says about it, in several sentences.")
-
-
-class BenchmarkDataError(BlockragError):
-    """A data file the benchmark reads is missing."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_records(path: Path) -> list[dict]:
     if not path.is_file():
-        raise BenchmarkDataError(f"{path} is missing: this benchmark builds its prompts from the Natural Questions "
+        raise DataFileError(f"{path} is missing: this benchmark builds its prompts from the Natural Questions "
                                  "file of the project's shared data; pass its location with --data.")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]

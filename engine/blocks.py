@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
+from blockrag.errors import InvalidArgumentError
 from .rope import rerotation
 from .transformer import KVCache, Positions, empty_cache, forward, rotary_module
 
@@ -42,7 +43,7 @@ class Block:
     def __post_init__(self) -> None:
         n = self.token_ids.shape[0]
         if self.keys.shape != self.values.shape or self.keys.ndim != 4 or self.keys.shape[2] != n:
-            raise ValueError(f"block of {n} tokens has keys {tuple(self.keys.shape)} and values "
+            raise InvalidArgumentError(f"block of {n} tokens has keys {tuple(self.keys.shape)} and values "
                              f"{tuple(self.values.shape)}; expected [layers, kv_heads, {n}, head_dim] for both")
 
     def __len__(self) -> int:
@@ -89,7 +90,7 @@ def encode_blocks(
     last layer's KV is written (no attention output or MLP in that layer, no LM head).
     """
     if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        raise InvalidArgumentError("batch_size must be at least 1")
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     out: list[Block | None] = [None] * len(token_lists)
     for lo in range(0, len(order), batch_size):
@@ -108,7 +109,7 @@ def encode_batch(model: PreTrainedModel, token_lists: Sequence[Sequence[int]],
     """
     lengths = [len(ids) for ids in token_lists]
     if min(lengths) == 0:
-        raise ValueError("cannot encode an empty block: every passage needs at least one token")
+        raise InvalidArgumentError("cannot encode an empty block: every passage needs at least one token")
     device = next(model.parameters()).device
     start = len(past) if past is not None else 0
     context = context_id(past.token_ids) if past is not None else ""
@@ -143,7 +144,7 @@ def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[i
     end = max((s + len(b) for b, s in zip(blocks, starts)), default=0)
     cache = empty_cache(model, capacity if capacity is not None else end)
     if end > cache.capacity:
-        raise ValueError(f"blocks reach position {end - 1} but the cache has room for {cache.capacity}")
+        raise InvalidArgumentError(f"blocks reach position {end - 1} but the cache has room for {cache.capacity}")
     rotary = rotary_module(model)
     for b, s in zip(blocks, starts):
         move = None if b.start == s else rerotation(torch.arange(b.start, b.start + len(b)),

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
+from blockrag.errors import CacheFullError, InvalidArgumentError
 from .transformer import KVCache, Positions, attend, forward
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
@@ -59,20 +60,20 @@ class DecodeOptions:
 
     def __post_init__(self) -> None:
         if self.mode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.mode!r}")
+            raise InvalidArgumentError(f"decode must be one of {DECODE_MODES}, got {self.mode!r}")
         k = self.recycle_k
         if isinstance(k, bool) or not (isinstance(k, int) and k >= 1 or isinstance(k, float) and 0 < k <= 1):
-            raise ValueError(f"recycle_k must be a token count >= 1 (int) or a fraction of the prompt in (0, 1] "
+            raise InvalidArgumentError(f"recycle_k must be a token count >= 1 (int) or a fraction of the prompt in (0, 1] "
                              f"(float), got {k!r}")
         if self.stride < 1:
-            raise ValueError(f"stride must be at least 1, got {self.stride}")
+            raise InvalidArgumentError(f"stride must be at least 1, got {self.stride}")
         if self.dynamic_threshold is not None and (self.mode != "recycled" or not -1 <= self.dynamic_threshold <= 1):
-            raise ValueError("dynamic_threshold is a cosine similarity in [-1, 1] and applies to decode='recycled' "
+            raise InvalidArgumentError("dynamic_threshold is a cosine similarity in [-1, 1] and applies to decode='recycled' "
                              f"only; got {self.dynamic_threshold!r} with decode={self.mode!r}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel must be a positive odd number, got {self.pool_kernel}")
+            raise InvalidArgumentError(f"pool_kernel must be a positive odd number, got {self.pool_kernel}")
         if self.sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+            raise InvalidArgumentError(f"sinks must be >= 0, got {self.sinks}")
 
     def budget(self, context: int) -> int:
         """K for a context of ``context`` tokens."""
@@ -101,7 +102,7 @@ class Decoding(ABC):
     def step(self, token: int) -> torch.Tensor:
         """Feed ``token`` (the next one of the answer) and return the logits that predict the one after it."""
         if self.cache.length >= self.cache.capacity:
-            raise RuntimeError(f"the cache of {self.cache.capacity} positions cannot hold another token")
+            raise CacheFullError(f"the cache of {self.cache.capacity} positions cannot hold another token")
         positions = Positions.span(self.cache.length, 1, self.device)
         ids = torch.tensor([[token]], device=self.device)
         logits = forward(self.model, self.cache, ids, positions, attention=self.attention(positions))
@@ -151,7 +152,7 @@ class _KVBuffer:
     def write(self, at: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         end = at + keys.shape[2]
         if end > self._keys.shape[2]:
-            raise RuntimeError(f"KV buffer of {self._keys.shape[2]} tokens cannot hold token {end}")
+            raise CacheFullError(f"KV buffer of {self._keys.shape[2]} tokens cannot hold token {end}")
         self._keys[:, :, at:end] = keys
         self._values[:, :, at:end] = values
 
@@ -180,7 +181,7 @@ class PartialDecoding(Decoding):
     def __init__(self, model: PreTrainedModel, cache: KVCache):
         super().__init__(model, cache)
         if cache.keys[0].shape[0] != 1:
-            raise ValueError("partial decoding needs the prefilled cache of one prompt (batch size 1)")
+            raise InvalidArgumentError("partial decoding needs the prefilled cache of one prompt (batch size 1)")
 
     def attention(self, positions: Positions):
         def attention(layer, query, key, value, raw_query, scaling):
@@ -317,7 +318,7 @@ class StreamingDecoding(PartialDecoding):
 
     def __init__(self, model: PreTrainedModel, cache: KVCache, budget: int, sinks: int = 4):
         if budget <= sinks:
-            raise ValueError(f"streaming needs a budget (recycle_k) above its {sinks} sink tokens, got {budget}")
+            raise InvalidArgumentError(f"streaming needs a budget (recycle_k) above its {sinks} sink tokens, got {budget}")
         super().__init__(model, cache)
         self.layers = [_StreamingLayer(*cache.layer(i), budget, sinks) for i in range(len(cache.keys))]
 
@@ -332,7 +333,7 @@ def start_decoding(model: PreTrainedModel, cache: KVCache, options: DecodeOption
     New tokens' KV goes into ``cache``'s free slots; it needs room for them.
     """
     if cache.capacity < cache.length + max_new_tokens:
-        raise ValueError(f"the cache has room for {cache.capacity - cache.length} new tokens, not {max_new_tokens}")
+        raise InvalidArgumentError(f"the cache has room for {cache.capacity - cache.length} new tokens, not {max_new_tokens}")
     if options.mode == "full":
         return FullDecoding(model, cache)
     if options.mode == "streaming":

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, prefill_over_blocks
-from .errors import AdapterNotFoundError, ExtraNotInstalledError
+from blockrag.errors import InvalidArgumentError, AdapterNotFoundError, MissingExtraError
 from .generate import BlockEngine, prompt_layout
 from .model import ADAPTER_CONFIG, ADAPTER_SETTINGS, adapter_passage_order, check_adapter, package_versions
 from .prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, tokenize
@@ -97,10 +97,10 @@ def example_tokens(engine: BlockEngine, example: TrainingExample) -> ExampleToke
     """Tokenize ``example`` exactly as ``engine`` prompts it, then append the answer and the EOS token."""
     eos = engine.tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token, so an answer's end cannot be learnt; set tokenizer.eos_token")
+        raise InvalidArgumentError("the tokenizer has no EOS token, so an answer's end cannot be learnt; set tokenizer.eos_token")
     answer = tokenize(engine.tokenizer, example.answer.strip())
     if not answer:
-        raise ValueError(f"the answer to {example.question!r} is empty; every example needs an answer to learn")
+        raise InvalidArgumentError(f"the answer to {example.question!r} is empty; every example needs an answer to learn")
     template = engine.template(example.prefix)
     layout = prompt_layout(template.head, [_Passage(p) for p in example.passages],
                            template.question_text(example.question))
@@ -122,7 +122,7 @@ def answer_logits(model: PreTrainedModel, tokens: ExampleTokens, attention: Trai
     Only the rows that predict labelled tokens go through the LM head.
     """
     if attention != "full" and attention not in BLOCK_MODES:
-        raise ValueError(f"attention must be 'full' or one of {BLOCK_MODES}, got {attention!r}")
+        raise InvalidArgumentError(f"attention must be 'full' or one of {BLOCK_MODES}, got {attention!r}")
     device = next(model.parameters()).device
     ids, keep = tokens.input_ids.to(device), len(tokens) - tokens.answer_start + 1
     if attention == "full":
@@ -173,11 +173,11 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if self.block_mode not in BLOCK_MODES:
-            raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
+            raise InvalidArgumentError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
         if self.passage_order not in PASSAGE_ORDERS:
-            raise ValueError(f"passage_order must be one of {PASSAGE_ORDERS}, got {self.passage_order!r}")
+            raise InvalidArgumentError(f"passage_order must be one of {PASSAGE_ORDERS}, got {self.passage_order!r}")
         if self.epochs < 1 or self.rank < 1 or not self.lr > 0 or not 0 <= self.full_fraction <= 1:
-            raise ValueError("need epochs >= 1, rank >= 1, lr > 0 and 0 <= full_fraction <= 1, got "
+            raise InvalidArgumentError("need epochs >= 1, rank >= 1, lr > 0 and 0 <= full_fraction <= 1, got "
                              f"{self.epochs}, {self.rank}, {self.lr}, {self.full_fraction}")
 
 
@@ -219,8 +219,7 @@ def _peft():
     try:
         import peft
     except ImportError as exc:
-        raise ExtraNotInstalledError(f"fine-tuning needs peft ({exc}); install it with "
-                                     '`pip install "blockrag[finetune]"`.') from exc
+        raise MissingExtraError("fine-tuning", "finetune", exc) from exc
     return peft
 
 
@@ -241,12 +240,12 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
     if resume is not None:
         resume = check_adapter(resume, engine.fingerprint, next(engine.model.parameters()).dtype)
         if lora_shape(resume) != settings.lora_shape():
-            raise ValueError(f"the adapter in {resume} has LoRA settings {lora_shape(resume)}, but these settings ask "
+            raise InvalidArgumentError(f"the adapter in {resume} has LoRA settings {lora_shape(resume)}, but these settings ask "
                              f"for {settings.lora_shape()}; train on with the adapter's own "
                              "(blockrag.engine.finetune.lora_shape gives them)")
         trained_order = adapter_passage_order(resume)
         if trained_order != settings.passage_order:
-            raise ValueError(f"the adapter in {resume} was trained with passages placed {trained_order}, but these "
+            raise InvalidArgumentError(f"the adapter in {resume} was trained with passages placed {trained_order}, but these "
                              f"settings place them {settings.passage_order}; train on in the adapter's order")
         record_file = resume / ADAPTER_SETTINGS
         old = json.loads(record_file.read_text()) if record_file.is_file() else {}
@@ -256,7 +255,7 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
     all_tokens = [example_tokens(engine, e) for e in examples]
     tokens = [t for t in all_tokens if len(t) <= limit]
     if not tokens:
-        raise ValueError(f"no example fits in {limit} tokens ({len(all_tokens)} given); raise max_tokens or "
+        raise InvalidArgumentError(f"no example fits in {limit} tokens ({len(all_tokens)} given); raise max_tokens or "
                          "pass fewer passages per example")
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)  # LoRA initialisation and dropout

@@ -21,7 +21,7 @@ import torch
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks,
                      prefill_over_blocks)
 from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, start_decoding
-from .errors import BlockragError, PromptTooLongError
+from blockrag.errors import UnknownOptionError, InvalidArgumentError, BlockMismatchError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import PASSAGE_SEPARATOR, PassageOrder, PromptTemplate, passage_text, tokenize
 from .recovery import Recovery, positions_to_recompute
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 PrefillMode = Literal["block", "full"]
 PREFILL_MODES: tuple[PrefillMode, ...] = ("block", "full")
-
-
-class BlockMismatchError(BlockragError):
-    """A precomputed block was encoded after another prefix or in another block mode than the request's."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got "
+            raise InvalidArgumentError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got "
                              f"{self.temperature}, {self.top_p}, {self.top_k}")
 
 
@@ -82,11 +78,11 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         if self.mode not in PREFILL_MODES:
-            raise ValueError(f"mode must be one of {PREFILL_MODES}, got {self.mode!r}")
+            raise InvalidArgumentError(f"mode must be one of {PREFILL_MODES}, got {self.mode!r}")
         if self.block_mode is not None and self.block_mode not in BLOCK_MODES:
-            raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
+            raise InvalidArgumentError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+            raise InvalidArgumentError("max_new_tokens must be at least 1")
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         self.sampling  # noqa: B018 - validates the sampling and decoding fields now, not mid-request
         self.decoding(AUTO_RECYCLE_FROM)
@@ -96,7 +92,7 @@ class GenerationOptions:
         """``options`` (default: the defaults) with ``fields`` replaced; an unknown field raises ``TypeError``."""
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise TypeError(f"unknown generation option(s) {sorted(unknown)}; the options are "
+            raise UnknownOptionError(f"unknown generation option(s) {sorted(unknown)}; the options are "
                             f"{[f.name for f in dataclasses.fields(cls)]}")
         return dataclasses.replace(options or cls(), **fields)
 
@@ -227,7 +223,7 @@ class BlockEngine:
     def __init__(self, loaded: LoadedModel, *, system_prompt: str | None = None, block_mode: BlockMode = "prefix",
                  batch_size: int = 8, store: BlockStore | None = None):
         if block_mode not in BLOCK_MODES:
-            raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {block_mode!r}")
+            raise InvalidArgumentError(f"block_mode must be one of {BLOCK_MODES}, got {block_mode!r}")
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -283,7 +279,7 @@ class BlockEngine:
         """What passage blocks are encoded after: the prefix block in ``prefix`` mode, nothing in ``naive``."""
         mode = block_mode or self.block_mode
         if mode not in BLOCK_MODES:
-            raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {mode!r}")
+            raise InvalidArgumentError(f"block_mode must be one of {BLOCK_MODES}, got {mode!r}")
         return self.prefix_block(prefix) if mode == "prefix" else None
 
     def passage_token_ids(self, passage: str, exact_text: bool = False) -> list[int]:
@@ -392,7 +388,7 @@ class BlockEngine:
         """Like :meth:`generate_segments`, yielding text deltas."""
         o = GenerationOptions.of(options, fields)
         if o.block_mode is not None:
-            raise ValueError("block_mode does not apply to segment prompts: their blocks are given; encode them "
+            raise InvalidArgumentError("block_mode does not apply to segment prompts: their blocks are given; encode them "
                              "with `engine.encode(..., block_mode=...)` instead")
         return TextStream(self._run(lambda n: self._segment_prefill(segments, o.mode, o.recovery, n), o))
 
@@ -422,11 +418,11 @@ class BlockEngine:
         token of it attends by position to the slots up to its own, which then hold the recomputed KV.
         """
         if mode not in PREFILL_MODES:
-            raise ValueError(f"mode must be one of {PREFILL_MODES}, got {mode!r}")
+            raise InvalidArgumentError(f"mode must be one of {PREFILL_MODES}, got {mode!r}")
         pieces = [s if isinstance(s, Block) else torch.tensor(tokenize(self.tokenizer, s), dtype=torch.long)
                   for s in segments]
         if not pieces or isinstance(pieces[-1], Block) or len(pieces[-1]) == 0:
-            raise ValueError("a prompt must end with a text segment of at least one token")
+            raise InvalidArgumentError("a prompt must end with a text segment of at least one token")
         lengths = [len(p) for p in pieces]
         total = sum(lengths)
         self._check_length(total)

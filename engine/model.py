@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import (AdapterMismatchError, AdapterNotFoundError, ExtraNotInstalledError, ModelNotFoundError,
+from blockrag.errors import (InvalidArgumentError, AdapterMismatchError, AdapterNotFoundError, MissingExtraError, ModelNotFoundError,
                      UnsupportedModelError)
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
 from .transformer import rotary_module
@@ -162,7 +162,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
 
 def load_model(
@@ -244,8 +244,7 @@ def merge_adapter(model: PreTrainedModel, fingerprint: str,
     try:
         from peft import PeftModel
     except ImportError as exc:
-        raise ExtraNotInstalledError(f"applying an adapter needs peft ({exc}); install it with "
-                                     '`pip install "blockrag[finetune]"`.') from exc
+        raise MissingExtraError("applying an adapter", "finetune", exc) from exc
     merged = PeftModel.from_pretrained(model, folder).merge_and_unload().eval()
     h = hashlib.sha256(fingerprint.encode())
     h.update((folder / ADAPTER_CONFIG).read_bytes())

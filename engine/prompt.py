@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+from blockrag.errors import InvalidArgumentError
+
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedTokenizerBase
 
@@ -65,7 +67,7 @@ def in_prompt_order(ranked: Sequence[_T], order: PassageOrder = DEFAULT_PASSAGE_
     """Passages ranked best first, in the order a prompt places them: ``"best-last"`` puts the best next to the
     question."""
     if order not in PASSAGE_ORDERS:
-        raise ValueError(f"order must be one of {PASSAGE_ORDERS}, got {order!r}")
+        raise InvalidArgumentError(f"order must be one of {PASSAGE_ORDERS}, got {order!r}")
     return list(reversed(ranked)) if order == "best-last" else list(ranked)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from blockrag.errors import InvalidArgumentError
 from .transformer import KVCache, Positions, empty_cache, forward
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
@@ -45,12 +46,12 @@ class Recovery:
 
     def __post_init__(self) -> None:
         if not 0 <= self.recompute <= 1:
-            raise ValueError(f"recompute is a fraction of the passage tokens in [0, 1], got {self.recompute!r}")
+            raise InvalidArgumentError(f"recompute is a fraction of the passage tokens in [0, 1], got {self.recompute!r}")
         if self.check_layer < 1:
-            raise ValueError(f"check_layer must be at least 1, got {self.check_layer!r}: layer 0's keys and values "
+            raise InvalidArgumentError(f"check_layer must be at least 1, got {self.check_layer!r}: layer 0's keys and values "
                              "do not depend on the context, so they cannot show which tokens deviate")
         if self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens!r}")
+            raise InvalidArgumentError(f"sink_tokens must be >= 0, got {self.sink_tokens!r}")
 
 
 def deviation(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -77,7 +78,7 @@ def positions_to_recompute(model: PreTrainedModel, recovery: Recovery, cache: KV
     """
     layers = model.config.num_hidden_layers
     if recovery.recompute > 0 and recovery.check_layer >= layers:
-        raise ValueError(f"check_layer={recovery.check_layer} but the model has layers 0 to {layers - 1}; "
+        raise InvalidArgumentError(f"check_layer={recovery.check_layer} but the model has layers 0 to {layers - 1}; "
                          "pick an early one (CacheBlend uses 1)")
     device = input_ids.device
     if not spans:

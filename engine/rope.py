@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from blockrag.errors import InvalidArgumentError
+
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) ->
     rounded once. The angles are computed once for many calls.
     """
     if source.shape != target.shape or source.ndim != 1:
-        raise ValueError(f"need 1-D source and target positions of one length, got {tuple(source.shape)} "
+        raise InvalidArgumentError(f"need 1-D source and target positions of one length, got {tuple(source.shape)} "
                          f"and {tuple(target.shape)}")
     cos_s, sin_s = _cos_sin(rotary, source)
     cos_t, sin_t = _cos_sin(rotary, target)
@@ -54,7 +56,7 @@ def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) ->
 
     def move(keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if keys.shape[-2] != source.shape[0]:
-            raise ValueError(f"keys hold {keys.shape[-2]} tokens but {source.shape[0]} positions were given")
+            raise InvalidArgumentError(f"keys hold {keys.shape[-2]} tokens but {source.shape[0]} positions were given")
         if out is None:
             out = torch.empty_like(keys)
         c, s = cos.to(keys.device), sin.to(keys.device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnsupportedModelError
+from blockrag.errors import InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
@@ -110,7 +110,7 @@ class KVCache:
     def write(self, layer: int, positions: "Positions", keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put the KV of the tokens at ``positions`` into their slots of ``layer``."""
         if positions.end > self.capacity:
-            raise ValueError(f"the cache has room for {self.capacity} positions, not position {positions.end - 1}")
+            raise InvalidArgumentError(f"the cache has room for {self.capacity} positions, not position {positions.end - 1}")
         if positions.contiguous:
             self.keys[layer][:, :, positions.first:positions.end] = keys
             self.values[layer][:, :, positions.first:positions.end] = values
@@ -124,7 +124,7 @@ class KVCache:
         its keys through ``move(keys, out=slots)`` where given (a re-rotation)."""
         end = first + keys.shape[2]
         if end > self.capacity:
-            raise ValueError(f"a block reaches position {end - 1} but the cache has room for {self.capacity}")
+            raise InvalidArgumentError(f"a block reaches position {end - 1} but the cache has room for {self.capacity}")
         if self.stacked is not None:
             pairs = [(self.stacked[0][:, 0, :, first:end], self.stacked[1][:, 0, :, first:end], keys, values)]
         else:
@@ -152,7 +152,7 @@ class Positions:
 
     def __init__(self, ids: torch.Tensor):
         if ids.ndim != 1 or len(ids) == 0:
-            raise ValueError(f"need a non-empty 1-D tensor of positions, got shape {tuple(ids.shape)}")
+            raise InvalidArgumentError(f"need a non-empty 1-D tensor of positions, got shape {tuple(ids.shape)}")
         self.ids = ids
         self.first, self.end, n = int(ids[0]), int(ids[-1]) + 1, len(ids)
         self.contiguous = self.end - self.first == n
@@ -248,7 +248,7 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
     KV of those layers is what a caller wants.
     """
     if input_ids.shape[1] != len(positions.ids):
-        raise ValueError(f"{input_ids.shape[1]} tokens but {len(positions.ids)} positions")
+        raise InvalidArgumentError(f"{input_ids.shape[1]} tokens but {len(positions.ids)} positions")
     attention = attention or CacheAttention(cache, positions)
     body = model.model
     cos, sin = rope_angles(model, positions.ids)

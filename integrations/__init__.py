@@ -4,21 +4,10 @@ Importing this package never imports a framework; each adapter module needs its 
 The framework-free parts (content matching, running prompts) live in :mod:`.matching` and :mod:`.runner`.
 """
 
-from blockrag.engine import BlockragError
+from blockrag.errors import GenerationTimeoutError, MissingExtraError
 
 from .matching import Passage, PassageIndex
-from .runner import Completion, GenerationOptions, GenerationTimeoutError, PromptRunner, ReuseReport, Usage
-
-EXTRAS = {"llama-index": "LlamaIndex", "langchain": "LangChain"}
-
-
-class MissingExtraError(BlockragError, ImportError):
-    """An adapter's framework is not installed."""
-
-    def __init__(self, extra: str, cause: ImportError):
-        super().__init__(f"the {EXTRAS[extra]} integration needs its framework ({cause.name or cause}); "
-                         f'install it with `pip install "blockrag[{extra}]"`.')
-
+from .runner import Completion, GenerationOptions, PromptRunner, ReuseReport, Usage
 
 __all__ = ["Completion", "GenerationOptions", "GenerationTimeoutError", "MissingExtraError", "Passage",
            "PassageIndex", "PromptRunner", "ReuseReport", "Usage"]

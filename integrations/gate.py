@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from blockrag.errors import InvalidArgumentError
 from blockrag.engine import Block, BlockEngine, PrefillMode
 
 
@@ -57,7 +58,7 @@ class GateSampler:
 
     def __init__(self, fraction: float = 0.0, seed: int | None = None):
         if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"the gate's fraction must be between 0 and 1, got {fraction}")
+            raise InvalidArgumentError(f"the gate's fraction must be between 0 and 1, got {fraction}")
         self.fraction = fraction
         self._random = random.Random(seed)
         self._lock = threading.Lock()

@@ -14,7 +14,7 @@ from typing import Any
 from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, PassageOrder,
                              PrefillMode, in_prompt_order)
 
-from . import MissingExtraError
+from blockrag.errors import UnknownOptionError, InvalidArgumentError, MissingExtraError
 from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
 from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, aiter_in_thread, call_options, index_nodes,
@@ -35,7 +35,7 @@ try:
 
     from .fields import DecodeFields  # pydantic, which the framework brings
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise MissingExtraError("langchain", exc) from exc
+    raise MissingExtraError("the LangChain integration", "langchain", exc) from exc
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
 _CALL_OPTIONS = ("block_ids", "gate", *ADAPTER_OPTIONS)
@@ -61,7 +61,7 @@ def message_text(message: BaseMessage) -> tuple[str, list[Passage]]:
             parts.append((True, passage.text))
             passages.append(passage)
         else:
-            raise ValueError(f"ChatBlockAttention reads 'text' and 'text-plain' content blocks; got {kind!r}. "
+            raise InvalidArgumentError(f"ChatBlockAttention reads 'text' and 'text-plain' content blocks; got {kind!r}. "
                              "Pass documents as text-plain blocks with their text inline.")
     text = ""
     for i, (document, part) in enumerate(parts):
@@ -155,7 +155,7 @@ class ChatBlockAttention(BaseChatModel, DecodeFields):
                  kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         unknown = set(kwargs) - set(_CALL_OPTIONS)
         if unknown:
-            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; ChatBlockAttention accepts {_CALL_OPTIONS}")
+            raise UnknownOptionError(f"unexpected argument(s) {sorted(unknown)}; ChatBlockAttention accepts {_CALL_OPTIONS}")
         turns, hints = [], self._runner.hints_for(kwargs.get("block_ids", ()))
         for message in messages:
             text, passages = message_text(message)

@@ -14,7 +14,7 @@ from typing import Any
 
 from blockrag.engine import DEFAULT_MODEL, BlockEngine, PassageOrder, PrefillMode, in_prompt_order
 
-from . import MissingExtraError
+from blockrag.errors import UnknownOptionError, MissingExtraError
 from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
 from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, ReuseReport, aiter_in_thread, call_options,
@@ -37,7 +37,7 @@ try:
 
     from .fields import DecodeFields  # pydantic, which the framework brings
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise MissingExtraError("llama-index", exc) from exc
+    raise MissingExtraError("the LlamaIndex integration", "llama-index", exc) from exc
 
 BLOCK_KEY_METADATA = "blockrag_block_key"
 """Node metadata holding the store key of the node's block (kept out of embeddings and prompts)."""
@@ -136,7 +136,7 @@ class BlockAttentionLLM(CustomLLM, DecodeFields):
     def _prepare(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         unknown = set(kwargs) - set(_CALL_OPTIONS)
         if unknown:
-            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; BlockAttentionLLM accepts {_CALL_OPTIONS}")
+            raise UnknownOptionError(f"unexpected argument(s) {sorted(unknown)}; BlockAttentionLLM accepts {_CALL_OPTIONS}")
         options = call_options(self, kwargs, kwargs.get("stop", self.stop))
         hints = [*self._runner.hints_for(kwargs.get("node_ids", ())), *self._hints]
         text = prompt if formatted else self.completion_to_prompt(prompt)

@@ -14,17 +14,15 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from blockrag.engine import (DEFAULT_MODEL, BlockEngine, BlockragError, DecodeMode, GenerationOptions, PrefillMode,
+from blockrag.engine import (DEFAULT_MODEL, BlockEngine, DecodeMode, GenerationOptions, PrefillMode,
                              blockrag_home)
+
+from blockrag.errors import GenerationTimeoutError
 
 from .gate import Gate
 from .matching import BlockUse, Passage, PassageIndex, PromptPlan, plan_prompt
 
 T = TypeVar("T")
-
-
-class GenerationTimeoutError(BlockragError, TimeoutError):
-    """Generation ran past the caller's ``timeout``."""
 
 
 DECODE_DESCRIPTION = ("'auto' decodes long prompts with Recycled Attention and short ones fully; or 'full', "

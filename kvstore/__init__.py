@@ -11,7 +11,7 @@ import os
 from .base import UNAVAILABLE_POLICIES, EntryStore, KVStore, StoreStats, UnavailablePolicy, key_fingerprint
 from .disk import DEFAULT_SIZE_LIMIT, DiskKVStore
 from .entry import FORMAT_VERSION, STORE_DTYPES, StoreDtype, decode_entry, encode_entry
-from .errors import CorruptEntryError, StoreError, StoreFullError, StoreUnavailableError, WrongModelError
+from blockrag.errors import CorruptEntryError, StoreError, StoreFullError, StoreUnavailableError, WrongModelError
 from .memory import DEFAULT_MEMORY_BYTES, MemoryTier
 from .redis_store import RedisKVStore
 

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal, TypeVar
 from blockrag.engine import Block, block_key
 
 from .entry import STORE_DTYPES, StoreDtype, decode_entry, encode_entry
-from .errors import CorruptEntryError, StoreUnavailableError, WrongModelError
+from blockrag.errors import InvalidArgumentError, CorruptEntryError, StoreUnavailableError, WrongModelError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +46,7 @@ def key_fingerprint(key: str) -> str:
     """The model fingerprint a content-addressed key (:func:`blockrag.engine.block_key`) names."""
     fingerprint, separator, _ = key.partition("-")
     if not fingerprint or not separator:
-        raise ValueError(f"{key!r} is not a block key; use blockrag.engine.block_key(fingerprint, context, token_ids)")
+        raise InvalidArgumentError(f"{key!r} is not a block key; use blockrag.engine.block_key(fingerprint, context, token_ids)")
     return fingerprint
 
 
@@ -157,9 +157,9 @@ class EntryStore(KVStore):
     def __init__(self, *, dtype: StoreDtype = "auto", fingerprint: str | None = None,
                  on_unavailable: UnavailablePolicy = "raise"):
         if dtype not in STORE_DTYPES:
-            raise ValueError(f"store dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+            raise InvalidArgumentError(f"store dtype must be one of {STORE_DTYPES}, got {dtype!r}")
         if on_unavailable not in UNAVAILABLE_POLICIES:
-            raise ValueError(f"on_unavailable must be one of {UNAVAILABLE_POLICIES}, got {on_unavailable!r}")
+            raise InvalidArgumentError(f"on_unavailable must be one of {UNAVAILABLE_POLICIES}, got {on_unavailable!r}")
         self.dtype: StoreDtype = dtype
         self.on_unavailable: UnavailablePolicy = on_unavailable
         self._down = False
@@ -225,7 +225,7 @@ class EntryStore(KVStore):
     def put(self, key: str, block: Block) -> bool:
         fingerprint = key_fingerprint(key)
         if block_key(fingerprint, block.context, block.token_ids) != key:
-            raise ValueError(f"{key!r} is not this block's key; store it under "
+            raise InvalidArgumentError(f"{key!r} is not this block's key; store it under "
                              "blockrag.engine.block_key(fingerprint, block.context, block.token_ids)")
         try:
             self._claim(fingerprint)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from blockrag.errors import BenchmarkError
 from blockrag.engine import BlockEngine, block_key, load_model
 from blockrag.engine.model import package_versions
 
@@ -82,7 +83,7 @@ def _timed_load(store, keys: list[str]) -> float:
     found = store.get_many(keys)
     seconds = time.perf_counter() - started
     if any(b is None for b in found):
-        raise RuntimeError("a stored block was not found; the benchmark's store is incomplete")
+        raise BenchmarkError("a stored block was not found; the benchmark's store is incomplete")
     return seconds
 
 
@@ -137,7 +138,7 @@ def _measure(args: argparse.Namespace, root: Path) -> dict:
         answering, source = candidates[name]
         result = answering.generate(None, source, QUESTION, max_new_tokens=1)
         if source is passages and result.block_tokens < passage_tokens:
-            raise RuntimeError(f"{name}: the store did not serve every passage block")
+            raise BenchmarkError(f"{name}: the store did not serve every passage block")
         return result.ttft_s
 
     for name in candidates:

@@ -17,7 +17,7 @@ from diskcache.core import MODE_BINARY, MODE_RAW
 
 from .base import EntryStore, StoreStats, parallel_map
 from .entry import FORMAT_VERSION, StoreDtype
-from .errors import StoreError, StoreFullError
+from blockrag.errors import InvalidArgumentError, StoreError, StoreFullError
 
 DEFAULT_SIZE_LIMIT = 8 << 30
 #: Names the model a store folder serves; written once, atomically, by the first writer.
@@ -33,7 +33,7 @@ class SafeDisk(diskcache.Disk):
 
     def put(self, key):
         if type(key) is not str:
-            raise TypeError(f"block store keys are str, got {type(key).__name__}")
+            raise InvalidArgumentError(f"block store keys are str, got {type(key).__name__}")
         return super().put(key)
 
     def get(self, key, raw):
@@ -41,7 +41,7 @@ class SafeDisk(diskcache.Disk):
 
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if type(value) is not bytes:
-            raise TypeError(f"block store values are bytes, got {type(value).__name__}")
+            raise InvalidArgumentError(f"block store values are bytes, got {type(value).__name__}")
         return super().store(value, read, key=key)
 
     def fetch(self, mode, filename, value, read):

@@ -30,7 +30,7 @@ import torch
 
 from blockrag.engine import Block, block_key
 
-from .errors import CorruptEntryError
+from blockrag.errors import InvalidArgumentError, CorruptEntryError
 
 FORMAT_VERSION = 1
 
@@ -52,7 +52,7 @@ _HEADER_FIELDS = {"format": int, "fingerprint": str, "context": str, "start": in
 def resolve_encoding(dtype: StoreDtype, block_dtype: torch.dtype) -> str:
     """The encoding an entry gets: ``auto`` halves fp32 blocks to bf16 and keeps 16-bit blocks as they are."""
     if dtype not in STORE_DTYPES:
-        raise ValueError(f"store dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+        raise InvalidArgumentError(f"store dtype must be one of {STORE_DTYPES}, got {dtype!r}")
     if dtype != "auto":
         return dtype
     return "fp16" if block_dtype == torch.float16 else "bf16"
@@ -111,7 +111,7 @@ def encode_entry(block: Block, fingerprint: str, dtype: StoreDtype = "auto") -> 
     """The entry bytes of ``block`` computed by the model ``fingerprint``, stored in ``dtype``."""
     source = str(block.keys.dtype).removeprefix("torch.")
     if source not in _SOURCE_DTYPES or block.values.dtype != block.keys.dtype:
-        raise ValueError(f"blocks are stored from float32, bfloat16 or float16 KV, got keys {block.keys.dtype} "
+        raise InvalidArgumentError(f"blocks are stored from float32, bfloat16 or float16 KV, got keys {block.keys.dtype} "
                          f"and values {block.values.dtype}")
     encoding = resolve_encoding(dtype, block.keys.dtype)
     keys, values = block.keys.detach().cpu(), block.values.detach().cpu()

@@ -6,6 +6,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
+from blockrag.errors import InvalidArgumentError
 from blockrag.engine import Block
 
 from .base import KVStore, StoreStats
@@ -26,7 +27,7 @@ class MemoryTier(KVStore):
 
     def __init__(self, store: KVStore, max_bytes: int = DEFAULT_MEMORY_BYTES):
         if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+            raise InvalidArgumentError(f"max_bytes must be >= 0, got {max_bytes}")
         self.store = store
         self.max_bytes = max_bytes
         self._blocks: OrderedDict[str, Block] = OrderedDict()

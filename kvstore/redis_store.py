@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from .base import EntryStore, StoreStats, UnavailablePolicy
 from .entry import StoreDtype
-from .errors import StoreError, StoreFullError, StoreUnavailableError
+from blockrag.errors import InvalidArgumentError, MissingExtraError, StoreFullError, StoreUnavailableError
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -33,10 +33,10 @@ class RedisKVStore(EntryStore):
                  on_unavailable: UnavailablePolicy = "raise"):
         try:
             import redis
-        except ImportError:
-            raise StoreError("the Redis backend needs redis-py: pip install 'blockrag[redis]'") from None
+        except ImportError as exc:
+            raise MissingExtraError("the Redis store", "redis", exc) from exc
         if not re.fullmatch(r"[\w.-]+", namespace):
-            raise ValueError(f"namespace must be letters, digits, '_', '.' or '-', got {namespace!r}")
+            raise InvalidArgumentError(f"namespace must be letters, digits, '_', '.' or '-', got {namespace!r}")
         self._redis = redis
         self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
         kwargs = self._client.connection_pool.connection_kwargs

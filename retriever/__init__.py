@@ -9,7 +9,7 @@
 from .chunking import DEFAULT_CHUNK_TOKENS, node_id, split_text
 from .documents import Document, SampleQuestion, bundled_corpus, bundled_questions, load_documents
 from .embedding import DEFAULT_EMBEDDING_MODEL, Embedder, EmbeddingDtype
-from .errors import (DocumentFormatError, EmbeddingModelNotFoundError, IndexFullError, IndexMismatchError,
+from blockrag.errors import (DocumentFormatError, EmbeddingModelNotFoundError, IndexFullError, IndexMismatchError,
                      IndexNotFoundError, NodeNotFoundError, RetrieverError)
 from .index import VECTOR_INDEX_KINDS, Index, IndexConfig, Node, VectorIndexKind, read_config
 from .ingest import IngestReport, ingest

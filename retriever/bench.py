@@ -20,6 +20,7 @@ from typing import get_args
 
 import torch
 
+from blockrag.errors import BenchmarkError
 from blockrag.engine import BlockEngine
 from blockrag.engine.model import package_versions
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
                         report = ingest(part, folder, engine=engine, embedder=embedder,
                                         batch_passages=args.batch_passages, progress=False)
             if report.encoded != len(token_lists):
-                raise RuntimeError(f"slice {k}: expected {len(token_lists)} passages encoded, got {report}")
+                raise BenchmarkError(f"slice {k}: expected {len(token_lists)} passages encoded, got {report}")
             bare["wall"], bare["cpu"] = bare["wall"] + forward.wall, bare["cpu"] + forward.cpu
             for key, value in (("wall", pipeline.wall), ("cpu", pipeline.cpu), ("kv", report.kv_seconds),
                                ("embed", report.embed_seconds), ("write", report.write_seconds)):
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         if not args.index:
             shutil.rmtree(folder, ignore_errors=True)
     if again.passages != passages or again.model_work:
-        raise RuntimeError(f"the second run should find all {passages} passages stored, got: {again}")
+        raise BenchmarkError(f"the second run should find all {passages} passages stored, got: {again}")
     return {
         "benchmark": "ingest",
         "model": args.model, "embedding_model": args.embedding_model, "embedding_dtype": str(embedder.dtype),

@@ -10,6 +10,8 @@ import hashlib
 import re
 from typing import TYPE_CHECKING
 
+from blockrag.errors import InvalidArgumentError
+
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedTokenizerBase
 
@@ -98,7 +100,7 @@ def split_text(text: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int = 
     than ``max_tokens`` on its own is cut, at a word boundary.
     """
     if max_tokens < 8:
-        raise ValueError(f"passages need at least 8 tokens, got max_tokens={max_tokens}")
+        raise InvalidArgumentError(f"passages need at least 8 tokens, got max_tokens={max_tokens}")
     units = _sentences(text)
     if not units:
         return []

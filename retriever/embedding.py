@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import EmbeddingModelNotFoundError
+from blockrag.errors import InvalidArgumentError, EmbeddingModelNotFoundError
 
 #: The alias of the packaged model: distribution, module, folder inside it.
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -41,7 +41,7 @@ def resolve_embedding_dtype(dtype: EmbeddingDtype, device: torch.device) -> torc
     if dtype == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"embedding dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise InvalidArgumentError(f"embedding dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
 
 

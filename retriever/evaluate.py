@@ -34,7 +34,7 @@ from blockrag.engine.model import package_versions
 from blockrag.engine.prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, in_prompt_order
 from blockrag.kvstore import KVStore, open_store
 
-from .errors import RetrieverError
+from blockrag.errors import InvalidArgumentError, EvaluationError
 from .index import Index
 from .ingest import ingest
 from .qa import QAItem, best_subspan_match, first_line, load_qa, oracle_plus_random, qa_documents, retrieved_nodes
@@ -56,10 +56,6 @@ Z_95 = 1.959963984540054
 RECOVERY_OPTIONS = {"recompute": "recompute", "check": "check_layer", "sink": "sink_tokens"}
 MODE_HELP = ("modes are full, block (the index's block mode), naive and prefix; a block mode may be followed by "
              "recovery options +recompute=FRACTION, +check=LAYER, +sink=TOKENS, e.g. prefix+recompute=0.15+check=1")
-
-
-class EvaluationError(RetrieverError):
-    """The evaluation was asked for something it cannot do, or its results file belongs to another run."""
 
 
 # --- modes ------------------------------------------------------------------------------------------------------
@@ -201,7 +197,7 @@ class EngineReader:
 
     def __init__(self, engine: BlockEngine, max_new_tokens: int):
         if engine.store is None:
-            raise ValueError("EngineReader needs an engine with a block store (engine.store)")
+            raise InvalidArgumentError("EngineReader needs an engine with a block store (engine.store)")
         self.engine = engine
         self.max_new_tokens = max_new_tokens
 

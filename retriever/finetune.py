@@ -23,7 +23,7 @@ from blockrag.engine.finetune import FinetuneSettings, TrainingExample, finetune
 from blockrag.engine.model import adapter_passage_order
 from blockrag.engine.prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, in_prompt_order
 
-from .errors import IndexMismatchError
+from blockrag.errors import InvalidArgumentError, IndexMismatchError
 from .evaluate import DEFAULT_SYSTEM_PROMPT, DEFAULT_TOP_K
 from .index import Index
 from .qa import QAItem, best_subspan_match, load_qa, retrieved_passages
@@ -80,10 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def finetune_command(args: argparse.Namespace) -> int:
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        raise InvalidArgumentError(f"--top-k must be at least 1, got {args.top_k}")
     items = load_qa(args.qa, limit=args.limit, start=args.start)
     if not items:
-        raise ValueError(f"{args.qa} has no questions from line {args.start}; lower --start.")
+        raise InvalidArgumentError(f"{args.qa} has no questions from line {args.start}; lower --start.")
     order = args.order or (adapter_passage_order(args.resume) if args.resume else DEFAULT_PASSAGE_ORDER)
     with Index.open(args.index) as index:
         retriever = Retriever(index)

@@ -35,7 +35,7 @@ from blockrag.kvstore import KVStore, open_store
 from blockrag.kvstore.disk import is_disk_full
 
 from .chunking import DEFAULT_CHUNK_TOKENS, faiss_id, node_from_faiss_id
-from .errors import IndexFullError, IndexMismatchError, IndexNotFoundError, NodeNotFoundError
+from blockrag.errors import InvalidArgumentError, IndexFullError, IndexMismatchError, IndexNotFoundError, NodeNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Index:
             raise IndexMismatchError(f"{folder} already holds an index; open it with Index.open, or choose an "
                                      "empty folder.")
         if config.vector_index not in VECTOR_INDEX_KINDS:
-            raise ValueError(f"vector_index must be one of {VECTOR_INDEX_KINDS}, got {config.vector_index!r}")
+            raise InvalidArgumentError(f"vector_index must be one of {VECTOR_INDEX_KINDS}, got {config.vector_index!r}")
         folder.mkdir(parents=True, exist_ok=True)
         index = cls(folder, config, kv_store)
         text = json.dumps({"format": FORMAT_VERSION, **asdict(config)}, indent=2)
@@ -234,7 +234,7 @@ class Index:
     def search(self, vectors: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """For each query vector, up to ``top_k`` (node ID, inner product) pairs, best first."""
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+            raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
         if self.config.vector_index == "hnsw":
             faiss.downcast_index(self._vectors.index).hnsw.efSearch = max(64, top_k)
         scores, ids = self._vectors.search(np.ascontiguousarray(vectors, dtype=np.float32), top_k)
@@ -271,7 +271,7 @@ class Index:
         """Add passages whose KV is already stored, with their vectors, in one committed transaction."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.shape != (len(nodes), self.config.dimension):
-            raise ValueError(f"expected {len(nodes)} vectors of dimension {self.config.dimension}, "
+            raise InvalidArgumentError(f"expected {len(nodes)} vectors of dimension {self.config.dimension}, "
                              f"got {vectors.shape}")
         with self._db:
             self._db.executemany("INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",

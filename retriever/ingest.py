@@ -28,7 +28,7 @@ from .chunking import split_text
 from .chunking import node_id as make_node_id
 from .documents import Document
 from .embedding import DEFAULT_EMBEDDING_MODEL, Embedder
-from .errors import DocumentFormatError, IndexMismatchError
+from blockrag.errors import DocumentFormatError, IndexMismatchError
 from .index import Index, IndexConfig, Node, VectorIndexKind, read_config
 
 DEFAULT_BATCH_PASSAGES = 32

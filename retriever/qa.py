@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .documents import Document
-from .errors import DocumentFormatError
+from blockrag.errors import DataFileError, InvalidArgumentError, DocumentFormatError
 from .index import Node
 from .retrieve import Retriever
 
@@ -44,7 +44,7 @@ def _rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number from 0, parsed object) for every line; ``.gz`` files are decompressed."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass an NQ-open JSONL(.gz) file such as "
+        raise DataFileError(f"{path} does not exist; pass an NQ-open JSONL(.gz) file such as "
                                 "../shared/data/nq-open-dev.jsonl.gz.")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as lines:
@@ -82,7 +82,7 @@ def qa_documents(path: str | os.PathLike, limit: int | None = None) -> list[Docu
 def load_qa(path: str | os.PathLike, limit: int | None = None, start: int = 0) -> list[QAItem]:
     """The questions of an NQ-open file from line ``start`` (from 0), at most ``limit`` of them."""
     if start < 0 or (limit is not None and limit < 0):
-        raise ValueError(f"start and limit must not be negative, got start={start}, limit={limit}")
+        raise InvalidArgumentError(f"start and limit must not be negative, got start={start}, limit={limit}")
     items = []
     for i, row in _rows(path):
         if i < start:
@@ -136,10 +136,10 @@ def oracle_plus_random(items: Sequence[QAItem], item: QAItem, k: int, gold_posit
     With the gold passage always present, accuracy measures reading alone, without retrieval errors.
     """
     if not 0 <= gold_position < k:
-        raise ValueError(f"the gold position must be in 0..{k - 1} for {k} passages, got {gold_position}")
+        raise InvalidArgumentError(f"the gold position must be in 0..{k - 1} for {k} passages, got {gold_position}")
     pool = list(dict.fromkeys(other.gold for other in items if other.gold != item.gold))
     if len(pool) < k - 1:
-        raise ValueError(f"{k} passages need {k - 1} distractors, but the file has only {len(pool)} other distinct "
+        raise InvalidArgumentError(f"{k} passages need {k - 1} distractors, but the file has only {len(pool)} other distinct "
                          "passages; lower --oracle-plus-random.")
     passages = rng.sample(pool, k - 1)
     passages.insert(gold_position, item.gold)

@@ -8,7 +8,7 @@ from blockrag.engine import BlockEngine, GenerationResult, LoadedModel, PrefillM
 from blockrag.engine.prompt import PassageOrder, in_prompt_order
 
 from .embedding import Embedder
-from .errors import IndexMismatchError
+from blockrag.errors import IndexMismatchError
 from .index import Index, Node
 
 

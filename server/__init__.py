@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from blockrag.engine import ExtraNotInstalledError
+from blockrag.errors import MissingExtraError
 
 _EXPORTS = {
-    "BlockragServer": ".app", "ServerSettings": ".app", "ServerThread": ".thread", "ServerStartError": ".thread",
-    "ContextLengthError": ".errors", "InternalServerError": ".errors", "InvalidRequestError": ".errors",
-    "ModelNotServedError": ".errors", "QueueFullError": ".errors", "ServerError": ".errors",
-    "UnknownBlockError": ".errors",
+    "BlockragServer": ".app", "ServerSettings": ".app", "ServerThread": ".thread", "ServerStartError": "blockrag.errors",
+    "ContextLengthError": "blockrag.errors", "InternalServerError": "blockrag.errors", "InvalidRequestError": "blockrag.errors",
+    "ModelNotServedError": "blockrag.errors", "QueueFullError": "blockrag.errors", "ServerError": "blockrag.errors",
+    "UnknownBlockError": "blockrag.errors",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -28,6 +28,5 @@ def __getattr__(name: str) -> Any:
     try:
         module = importlib.import_module(_EXPORTS[name], __name__)
     except ImportError as exc:
-        raise ExtraNotInstalledError(f"the server needs {exc.name}; install it with "
-                                     '`pip install "blockrag[serve]"`.') from exc
+        raise MissingExtraError("the server", "serve", exc) from exc
     return getattr(module, name)

@@ -32,7 +32,7 @@ from blockrag.integrations.gate import GateSampler
 from blockrag.integrations.matching import PromptPlan, render_chat
 from blockrag.kvstore import StoreError
 
-from .errors import (ContextLengthError, InternalServerError, InvalidRequestError, ModelNotServedError,
+from blockrag.errors import (InvalidArgumentError, ContextLengthError, InternalServerError, InvalidRequestError, ModelNotServedError,
                      RouteNotFoundError, ServerError, StoreFailedError, UnknownBlockError)
 from .metrics import CLIENT_CLOSED, ServerMetrics
 from .passages import KnownPassages, StoreScanner
@@ -83,7 +83,7 @@ class BlockragServer:
     def __init__(self, engine: BlockEngine, settings: ServerSettings, *, passages: Iterable[Passage] = (),
                  scan_store: bool = False):
         if settings.default_mode not in ("block", "full"):
-            raise ValueError(f"default_mode must be 'block' or 'full', got {settings.default_mode!r}")
+            raise InvalidArgumentError(f"default_mode must be 'block' or 'full', got {settings.default_mode!r}")
         self.engine = engine
         self.settings = settings
         self.runner = PromptRunner(engine)

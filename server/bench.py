@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from blockrag.errors import BenchmarkError
 from blockrag.engine import DEFAULT_MODEL, PREFILL_MODES, in_prompt_order
 
 SYSTEM_PROMPT = "Answer the question using the documents given by the user. Answer briefly."
@@ -60,7 +61,7 @@ def _request(url: str, body: dict) -> tuple[float, dict]:
         connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
         if response.status != 200:
-            raise RuntimeError(f"the server answered {response.status}: {response.read().decode()}")
+            raise BenchmarkError(f"the server answered {response.status}: {response.read().decode()}")
         ttft, usage = None, {}
         for line in response:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
@@ -104,7 +105,7 @@ def _load(url: str, model: str, prompts: list, mode: str, clients: int, per_clie
         t.join()
     wall = time.perf_counter() - started
     if errors:
-        raise RuntimeError(f"{len(errors)} requests failed; the first: {errors[0]}") from errors[0]
+        raise BenchmarkError(f"{len(errors)} requests failed; the first: {errors[0]}") from errors[0]
     return {"concurrency": clients, "mode": mode, "requests": len(ttfts), "wall_s": round(wall, 3),
             "requests_per_s": round(len(ttfts) / wall, 3),
             "ttft_p50_s": round(float(np.percentile(ttfts, 50)), 4),

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from blockrag.engine import PrefillMode
 from blockrag.engine import DecodeMode, GenerationOptions
 
-from .errors import InvalidRequestError
+from blockrag.errors import InvalidArgumentError, InvalidRequestError
 
 BLOCKRAG_OPTIONS = ("block_ids", "mode", "decode", "gate")
 """The fields of the ``blockrag`` extension object (``extra_body={"blockrag": {...}}`` in the openai client)."""
@@ -50,7 +50,7 @@ class StreamOptions(BaseModel):
 def _neutral(value: Any, allowed: tuple[Any, ...]) -> Any:
     """``value`` if it asks for nothing this server cannot do (one of ``allowed``)."""
     if value not in allowed:
-        raise ValueError(f"this server does not support {value!r} here; leave the field out or send "
+        raise InvalidArgumentError(f"this server does not support {value!r} here; leave the field out or send "
                          f"{allowed[-1]!r}")
     return value
 
@@ -77,9 +77,9 @@ class _Request(BaseModel):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and (len(value) > 4 or not all(value)):
-            raise ValueError("stop takes up to 4 non-empty strings")
+            raise InvalidArgumentError("stop takes up to 4 non-empty strings")
         if value == "":
-            raise ValueError("stop must not be empty")
+            raise InvalidArgumentError("stop must not be empty")
         return value
 
     @field_validator("n")
@@ -100,7 +100,7 @@ class _Request(BaseModel):
     @model_validator(mode="after")
     def _usage_needs_stream(self) -> "_Request":
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidArgumentError("stream_options is only allowed when stream is true")
         return self
 
     def max_new_tokens(self, default: int) -> int:
@@ -191,7 +191,7 @@ class CompletionRequest(_Request):
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
-            raise ValueError("send one prompt per request (a string, or a list holding one string)")
+            raise InvalidArgumentError("send one prompt per request (a string, or a list holding one string)")
         return value
 
     @field_validator("echo")

@@ -9,9 +9,7 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
-
-class ServerStartError(RuntimeError):
-    """uvicorn did not start listening (the port is taken, or the app failed at start-up)."""
+from blockrag.errors import ServerStartError
 
 
 class ServerThread:

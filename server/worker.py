@@ -23,7 +23,7 @@ from blockrag.engine import Block
 from blockrag.integrations import Completion, PromptRunner
 from blockrag.integrations.gate import GateResult, compare_first_token
 
-from .errors import QueueFullError
+from blockrag.errors import InvalidArgumentError, QueueFullError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,7 +61,7 @@ class EngineWorker:
                  retry_after_s: int, on_gate: Callable[[GateResult], None], on_gate_skipped: Callable[[], None],
                  on_stopped: Callable[[], None]):
         if max_active < 1 or max_queue < 0 or max_gate_backlog < 0:
-            raise ValueError("need max_active >= 1, max_queue >= 0 and max_gate_backlog >= 0")
+            raise InvalidArgumentError("need max_active >= 1, max_queue >= 0 and max_gate_backlog >= 0")
         self.runner = runner
         self.max_active, self.max_queue, self.max_gate_backlog = max_active, max_queue, max_gate_backlog
         self.retry_after_s = retry_after_s

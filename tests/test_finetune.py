@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from blockrag.engine import BlockEngine, LoadedModel, load_model, model_fingerprint
-from blockrag.engine.errors import AdapterMismatchError, AdapterNotFoundError
+from blockrag.errors import AdapterMismatchError, AdapterNotFoundError
 from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingExample, answer_logits, example_loss,
                                       example_tokens, finetune, lora_shape)
 from blockrag.engine.model import ADAPTER_SETTINGS

@@ -1,40 +1,39 @@
-"""The ``blockrag ingest`` and ``blockrag query`` commands (their arguments are parsed in :mod:`blockrag.cli`)."""
+"""``blockrag query``: answer a question over an index, printing the passages used and the time to first token."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import textwrap
+from typing import TYPE_CHECKING
 
-from blockrag.engine import BlockragError
+from blockrag.engine import PASSAGE_ORDERS, PREFILL_MODES
 
-from .documents import load_documents
-from .index import Index
-from .ingest import ingest
-from .retrieve import Answer, Retriever, answer, load_engine
+if TYPE_CHECKING:
+    from blockrag.retriever import Answer
 
 
-def ingest_command(args: argparse.Namespace) -> int:
-    """Exit status 1 with the error's own advice for bad input, a full disk, another model's store...: every
-    such error is raised before anything is written, or leaves what was committed for a re-run to resume."""
-    try:
-        documents = load_documents(args.paths)
-        report = ingest(documents, args.index, model=args.model, chunk_tokens=args.chunk_tokens,
-                        vector_index=args.vector_index, batch_passages=args.batch_passages)
-    except BlockragError as exc:
-        print(f"blockrag ingest: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(f"{args.index}: {report}")
-    return 0
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="DIR")
+    parser.add_argument("question")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--mode", choices=PREFILL_MODES, default="block")
+    parser.add_argument("--order", choices=PASSAGE_ORDERS,
+                        help="where the best passage goes in the prompt (default: the model's, best last unless an "
+                        "adapter was trained otherwise)")
+    parser.add_argument("--model", help="where to load the index's LLM from (default: as recorded in the index)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
 
 
 def print_passages(result: Answer, indent: str = "  ") -> None:
+    """The retrieved passages, best first, with their scores and a snippet each."""
     for rank, (node, score) in enumerate(result.passages, 1):
         snippet = textwrap.shorten(node.text, 100, placeholder=" ...")
         print(f"{indent}{rank}. [{score:.3f}] {node.doc_id} #{node.position} ({node.tokens} tokens): {snippet}")
 
 
-def query_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from blockrag.retriever import Index, Retriever, answer, load_engine
+
     with Index.open(args.index) as index:
         engine = load_engine(index, args.model)
         head = engine.block_context()  # the prompt's head: encoded once per process, as a server would

@@ -1,4 +1,4 @@
-"""``blockrag serve``: the command line of the server (imports the server itself only when run)."""
+"""``blockrag serve``: an OpenAI-compatible server over cached passage blocks (imports the server only when run)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
 
 
-def serve_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
@@ -42,7 +42,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from blockrag.integrations.runner import node_passages
     from blockrag.kvstore import open_store
 
-    from .app import BlockragServer, ServerSettings
+    from blockrag.server.app import BlockragServer, ServerSettings
 
     logging.basicConfig(level=args.log_level.upper())
     passages = []
