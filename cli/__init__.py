@@ -44,7 +44,6 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    logging.getLogger().setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         from transformers.utils import logging as transformers_logging
 
@@ -54,7 +53,9 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.verbose:
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO)
+    else:
         quiet_libraries()
     return int(importlib.import_module(args.command_module).run(args) or 0)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 #: benchmark name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "ttft": ("blockrag.engine.bench_ttft", "time to first token: full prefill against Block-Attention"),
-    "decode": ("blockrag.engine.bench_decode", "decode speed and fidelity: Recycled Attention, StreamingLLM, full"),
-    "ingest": ("blockrag.retriever.bench", "ingestion: whole pipeline against bare model forward, re-run cost"),
-    "store": ("blockrag.kvstore.bench", "block store: bytes per token, load throughput, TTFT from disk"),
-    "serve": ("blockrag.server.bench", "the OpenAI-compatible server: requests/s and TTFT under concurrent clients"),
+    "ttft": ("blockrag.benchmarks.ttft", "time to first token: full prefill against Block-Attention"),
+    "decode": ("blockrag.benchmarks.decode", "decode speed and fidelity: Recycled Attention, StreamingLLM, full"),
+    "ingest": ("blockrag.benchmarks.ingest", "ingestion: whole pipeline against its model work alone, re-run cost"),
+    "store": ("blockrag.benchmarks.store", "block store: bytes per token, load throughput, TTFT from disk"),
+    "serve": ("blockrag.benchmarks.serve", "the OpenAI-compatible server: requests/s and TTFT under concurrent clients"),
 }
 
 

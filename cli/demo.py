@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     with Index.open(folder) as index:
         engine = load_engine(index, loaded=loaded)
         retriever = Retriever(index)
-        engine.block_context()  # the prompt's head: encoded once per process, as a server would
+        engine.passage_context().block  # the prompt's head: encoded once per process, as a server would
         ttft: dict[str, list[float]] = {"full": [], "block": []}
         for sample in bundled_questions()[:QUESTIONS]:
             print(f"\nQ: {sample.question}  (the corpus says: {sample.answer})")

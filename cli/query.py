@@ -26,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def print_passages(result: Answer, indent: str = "  ") -> None:
     """The retrieved passages, best first, with their scores and a snippet each."""
-    for rank, (node, score) in enumerate(result.passages, 1):
+    for rank, hit in enumerate(result.passages, 1):
+        node = hit.node
         snippet = textwrap.shorten(node.text, 100, placeholder=" ...")
-        print(f"{indent}{rank}. [{score:.3f}] {node.doc_id} #{node.position} ({node.tokens} tokens): {snippet}")
+        print(f"{indent}{rank}. [{hit.score:.3f}] {node.doc_id} #{node.position} ({node.tokens} tokens): {snippet}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     with Index.open(args.index) as index:
         engine = load_engine(index, args.model)
-        head = engine.block_context()  # the prompt's head: encoded once per process, as a server would
+        head = engine.passage_context().block  # the prompt's head: encoded once per process, as a server would
         result = answer(Retriever(index), engine, args.question, top_k=args.top_k, mode=args.mode,
                         order=args.order, max_new_tokens=args.max_new_tokens)
     r = result.result

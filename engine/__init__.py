@@ -1,12 +1,15 @@
 """blockrag's engine: Block-Attention prefill over cached passage blocks, on a local Hugging Face model."""
 
-from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
+from blockrag.errors import (AdapterMismatchError, AdapterNotFoundError, BlockMismatchError, BlockragError,
+                             InvalidArgumentError, MissingExtraError, ModelNotFoundError, PromptTooLongError,
+                             UnsupportedModelError)
+
+from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, PassageContext, StoredPassage, assemble, block_key,
+                     context_id, encode_blocks)
 from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
                        RecycledDecoding, StreamingDecoding, start_decoding)
-from blockrag.errors import (AdapterMismatchError, AdapterNotFoundError, BlockMismatchError, BlockragError, InvalidArgumentError, MissingExtraError,
-                     ModelNotFoundError, PromptTooLongError, UnsupportedModelError)
-from .generate import (PREFILL_MODES, BlockEngine, GenerationOptions, GenerationResult,
-                       PrefillMode, SamplingOptions, TextStream)
+from .generate import (PREFILL_MODES, BlockEngine, GenerationOptions, GenerationResult, Prefill, PrefillMode,
+                       SamplingOptions, TextStream)
 from .model import DEFAULT_MODEL, LoadedModel, blockrag_home, load_model, model_fingerprint
 from .prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, PromptTemplate, in_prompt_order
 from .recovery import Recovery
@@ -14,13 +17,12 @@ from .rope import rerotate
 from .transformer import KVCache
 
 __all__ = [
-    "AdapterMismatchError", "AdapterNotFoundError", "InvalidArgumentError", "MissingExtraError", "assemble", "Block", "block_key",
-    "BLOCK_MODES", "BlockEngine", "BlockMismatchError", "BlockMode",
-    "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES", "DecodeMode", "DecodeOptions",
-    "Decoding", "DEFAULT_MODEL", "DEFAULT_PASSAGE_ORDER", "encode_blocks", "FixedStride", "FullDecoding",
-    "GenerationOptions", "GenerationResult", "in_prompt_order", "KVCache", "load_model", "LoadedModel",
-    "model_fingerprint", "ModelNotFoundError", "PASSAGE_ORDERS", "PassageOrder", "PREFILL_MODES", "PrefillMode",
-    "PromptTemplate",
+    "AdapterMismatchError", "AdapterNotFoundError", "assemble", "Block", "block_key", "BLOCK_MODES", "BlockEngine",
+    "BlockMismatchError", "BlockMode", "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES",
+    "DecodeMode", "DecodeOptions", "Decoding", "DEFAULT_MODEL", "DEFAULT_PASSAGE_ORDER", "encode_blocks",
+    "FixedStride", "FullDecoding", "GenerationOptions", "GenerationResult", "in_prompt_order", "InvalidArgumentError",
+    "KVCache", "load_model", "LoadedModel", "MissingExtraError", "model_fingerprint", "ModelNotFoundError",
+    "PASSAGE_ORDERS", "PassageContext", "PassageOrder", "Prefill", "PREFILL_MODES", "PrefillMode", "PromptTemplate",
     "PromptTooLongError", "QuerySimilarity", "Recovery", "RecycledDecoding", "rerotate", "SamplingOptions",
-    "start_decoding", "StreamingDecoding", "TextStream", "UnsupportedModelError",
+    "start_decoding", "StoredPassage", "StreamingDecoding", "TextStream", "UnsupportedModelError",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
@@ -58,6 +59,26 @@ def context_id(token_ids: Sequence[int] | torch.Tensor) -> str:
     """Identity of a context by its token ids (the model itself is named by its fingerprint)."""
     ids = torch.as_tensor(token_ids, dtype=torch.int64).cpu().numpy().tobytes()
     return hashlib.sha256(ids).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class PassageContext:
+    """What passage blocks are encoded after: the prompt's head block (``prefix`` block mode) or nothing (``naive``)."""
+
+    block: Block | None
+
+    @cached_property
+    def id(self) -> str:
+        """The :func:`context_id` its blocks record (``""`` for nothing)."""
+        return context_id(self.block.token_ids) if self.block is not None else ""
+
+
+@dataclass(frozen=True)
+class StoredPassage:
+    """A passage's text with the store key of its block, known from ingestion: served without tokenizing it."""
+
+    text: str
+    key: str
 
 
 def block_key(fingerprint: str, context: str, token_ids: Sequence[int] | torch.Tensor) -> str:

@@ -18,8 +18,8 @@ from typing import Literal
 
 import torch
 
-from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks,
-                     prefill_over_blocks)
+from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, PassageContext, StoredPassage, assemble, block_key,
+                     encode_blocks, prefill_over_blocks)
 from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, start_decoding
 from blockrag.errors import UnknownOptionError, InvalidArgumentError, BlockMismatchError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
@@ -150,9 +150,11 @@ class TextStream:
 
 
 @dataclass
-class _Prefill:
-    """The state after prefilling a prompt: its cache, the last position's logits, and token counts.
+class Prefill:
+    """A prefilled prompt: its cache (with room for the answer), the last position's logits, and token counts.
 
+    ``served`` prompt tokens came from blocks that existed before the call; ``prefilled`` went
+    through the model in it.
     ``recomputed`` counts the tokens of each block (in prompt order) that a :class:`Recovery` recomputed.
     """
 
@@ -236,7 +238,7 @@ class BlockEngine:
         config_eos = self.model.generation_config.eos_token_id
         eos = config_eos if isinstance(config_eos, list) else [config_eos]
         self.eos_ids = {int(i) for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
-        self._prefixes: OrderedDict[str | None, Block] = OrderedDict()
+        self._heads: OrderedDict[str | None, Block] = OrderedDict()
         self._templates: dict[str | None, PromptTemplate] = {}
         self._lock = threading.RLock()
         warm_rotation(next(self.model.parameters()).dtype, self.device)
@@ -255,32 +257,33 @@ class BlockEngine:
     def fingerprint(self) -> str:
         return self.loaded.fingerprint
 
-    def template(self, prefix: str | None = None) -> PromptTemplate:
-        """The prompt layout around the passages for system prompt ``prefix`` (rendered once per prefix)."""
-        system = self.system_prompt if prefix is None else prefix
+    def template(self, system_prompt: str | None = None) -> PromptTemplate:
+        """The prompt's text around the passages for ``system_prompt`` (None: the engine's), rendered once each."""
+        system = self.system_prompt if system_prompt is None else system_prompt
         if system not in self._templates:
             self._templates[system] = PromptTemplate.from_tokenizer(self.tokenizer, system)
         return self._templates[system]
 
-    def prefix_block(self, prefix: str | None = None) -> Block:
-        """The KV of the prompt's head (system turn and user-turn opening), computed once per prefix text."""
+    def head_block(self, system_prompt: str | None = None) -> Block:
+        """The KV of the prompt's head (system turn and user-turn opening), computed once per system prompt."""
         with self._lock:  # frameworks call one engine from several threads
-            if prefix in self._prefixes:
-                self._prefixes.move_to_end(prefix)
-                return self._prefixes[prefix]
-            ids = tokenize(self.tokenizer, self.template(prefix).head)
+            if system_prompt in self._heads:
+                self._heads.move_to_end(system_prompt)
+                return self._heads[system_prompt]
+            ids = tokenize(self.tokenizer, self.template(system_prompt).head)
             block = encode_blocks(self.model, [ids])[0]
-            self._prefixes[prefix] = block
-            while len(self._prefixes) > 16:
-                self._prefixes.popitem(last=False)
+            self._heads[system_prompt] = block
+            while len(self._heads) > 16:
+                self._heads.popitem(last=False)
             return block
 
-    def block_context(self, prefix: str | None = None, block_mode: BlockMode | None = None) -> Block | None:
-        """What passage blocks are encoded after: the prefix block in ``prefix`` mode, nothing in ``naive``."""
+    def passage_context(self, system_prompt: str | None = None,
+                        block_mode: BlockMode | None = None) -> PassageContext:
+        """What passage blocks are encoded after: the head block in ``prefix`` block mode, nothing in ``naive``."""
         mode = block_mode or self.block_mode
         if mode not in BLOCK_MODES:
             raise InvalidArgumentError(f"block_mode must be one of {BLOCK_MODES}, got {mode!r}")
-        return self.prefix_block(prefix) if mode == "prefix" else None
+        return PassageContext(self.head_block(system_prompt) if mode == "prefix" else None)
 
     def passage_token_ids(self, passage: str, exact_text: bool = False) -> list[int]:
         """Token ids of a passage's block, tokenized on its own.
@@ -290,86 +293,96 @@ class BlockEngine:
         """
         return tokenize(self.tokenizer, passage if exact_text else passage_text(passage))
 
-    def encode(self, passages: Sequence[str], *, prefix: str | None = None, block_mode: BlockMode | None = None,
-               exact_text: bool = False) -> list[Block]:
-        """Encode passages into blocks (batched) for later :meth:`generate` calls with the same prefix and mode."""
-        past = self.block_context(prefix, block_mode)
+    def encode(self, passages: Sequence[str], *, system_prompt: str | None = None,
+               block_mode: BlockMode | None = None, exact_text: bool = False) -> list[Block]:
+        """Encode passages into blocks (batched) for later :meth:`generate` calls with the same system prompt and
+        block mode."""
+        past = self.passage_context(system_prompt, block_mode).block
         return encode_blocks(self.model, [self.passage_token_ids(p, exact_text) for p in passages], past,
                              self.batch_size)
 
-    def _context(self, prefix: str | None, block_mode: BlockMode | None) -> tuple[Block | None, str]:
-        """The block passages are encoded after, and its :func:`context_id` (``""`` for naive blocks)."""
-        past = self.block_context(prefix, block_mode)
-        return past, context_id(past.token_ids) if past is not None else ""
-
-    def token_block_keys(self, token_lists: Sequence[Sequence[int]], *, prefix: str | None = None,
+    def token_block_keys(self, token_lists: Sequence[Sequence[int]], *, system_prompt: str | None = None,
                          block_mode: BlockMode | None = None) -> list[str]:
-        """The store keys of blocks of these token lists, encoded after ``prefix`` in ``block_mode``."""
-        _, context = self._context(prefix, block_mode)
-        return [block_key(self.fingerprint, context, ids) for ids in token_lists]
+        """The store keys of blocks of these token lists, encoded after ``system_prompt``'s head in ``block_mode``."""
+        context = self.passage_context(system_prompt, block_mode)
+        return [block_key(self.fingerprint, context.id, ids) for ids in token_lists]
 
-    def block_keys(self, passages: Sequence[str], *, prefix: str | None = None, block_mode: BlockMode | None = None,
-                   exact_text: bool = False) -> list[str]:
+    def block_keys(self, passages: Sequence[str], *, system_prompt: str | None = None,
+                   block_mode: BlockMode | None = None, exact_text: bool = False) -> list[str]:
         """The store keys :meth:`blocks` uses for ``passages`` (to find or delete their stored KV)."""
-        return self.token_block_keys([self.passage_token_ids(p, exact_text) for p in passages], prefix=prefix,
-                                     block_mode=block_mode)
+        return self.token_block_keys([self.passage_token_ids(p, exact_text) for p in passages],
+                                     system_prompt=system_prompt, block_mode=block_mode)
 
-    def blocks(self, passages: Sequence[str | Block], *, prefix: str | None = None,
+    def blocks(self, passages: Sequence[str | Block | StoredPassage], *, system_prompt: str | None = None,
                block_mode: BlockMode | None = None, exact_text: bool = False) -> tuple[list[Block], int]:
         """Blocks for ``passages``: given ones as they are, then the store's, then encoded now (and stored).
 
         Returns the blocks and how many of their tokens needed no model work in this call.
         """
-        out, reused = self._blocks(passages, prefix, block_mode, exact_text)
+        out, reused = self._blocks(passages, self.passage_context(system_prompt, block_mode), exact_text)
         return out, sum(len(b) for b, r in zip(out, reused) if r)
 
-    def _blocks(self, passages: Sequence[str | Block], prefix: str | None, block_mode: BlockMode | None,
+    def _blocks(self, passages: Sequence[str | Block | StoredPassage], context: PassageContext,
                 exact_text: bool) -> tuple[list[Block], list[bool]]:
-        """:meth:`blocks`, telling for each block whether it existed before this call (given or stored)."""
-        past, context = self._context(prefix, block_mode)
-        start = len(past) if past is not None else 0
+        """:meth:`blocks`, telling for each block whether it existed before this call (given or stored).
+
+        A :class:`StoredPassage` is looked up by its key as it is: its text is tokenized only if the
+        store does not hold it.
+        """
+        start = len(context.block) if context.block is not None else 0
         out: list[Block | None] = [p if isinstance(p, Block) else None for p in passages]
         todo = [i for i, p in enumerate(passages) if not isinstance(p, Block)]
-        ids = {i: self.passage_token_ids(passages[i], exact_text) for i in todo}  # type: ignore[arg-type]
-        keys = dict(zip(todo, self.token_block_keys([ids[i] for i in todo], prefix=prefix, block_mode=block_mode)))
+        texts = {i: passages[i].text if isinstance(passages[i], StoredPassage) else passages[i] for i in todo}
+        ids: dict[int, list[int]] = {i: self.passage_token_ids(texts[i], exact_text)  # type: ignore[arg-type]
+                                     for i in todo if not isinstance(passages[i], StoredPassage)}
+        keys = {i: passages[i].key if isinstance(passages[i], StoredPassage)  # type: ignore[union-attr]
+                else block_key(self.fingerprint, context.id, ids[i]) for i in todo}
         if self.store is not None and todo:
             for i, found in zip(todo, self.store.get_many([keys[i] for i in todo])):
-                # A store entry is served only if it really holds these tokens, encoded where they follow this context.
-                if found is not None and found.context == context and found.start == start and \
-                        found.token_ids.tolist() == ids[i]:
+                # A store entry is served only if it really holds these tokens (for a caller's key: the tokens that
+                # key names), encoded where they follow this context.
+                if found is not None and found.context == context.id and found.start == start and \
+                        (found.token_ids.tolist() == ids[i] if i in ids
+                         else block_key(self.fingerprint, context.id, found.token_ids) == keys[i]):
                     out[i] = found
                 elif found is not None:
                     log.warning("store entry %s holds other tokens, context or start; recomputing it", keys[i])
         reused = [b is not None for b in out]
         missing = [i for i in todo if out[i] is None]
-        for i, block in zip(missing, encode_blocks(self.model, [ids[i] for i in missing], past, self.batch_size)):
+        for i in missing:
+            if i not in ids:
+                ids[i] = self.passage_token_ids(texts[i], exact_text)  # type: ignore[arg-type]
+                keys[i] = block_key(self.fingerprint, context.id, ids[i])
+        for i, block in zip(missing, encode_blocks(self.model, [ids[i] for i in missing], context.block,
+                                                   self.batch_size)):
             out[i] = block
             if self.store is not None:
                 self.store.put(keys[i], block)
         for b in out:
-            if b.context != context:  # type: ignore[union-attr]
+            if b.context != context.id:  # type: ignore[union-attr]
                 raise BlockMismatchError(
-                    "a passage block was encoded after another prefix or block mode than this request uses; "
-                    "re-encode it with `engine.encode(passages, prefix=..., block_mode=...)` matching the request.")
+                    "a passage block was encoded after another system prompt or block mode than this request uses; "
+                    "re-encode it with `engine.encode(passages, system_prompt=..., block_mode=...)` matching the "
+                    "request.")
         return out, reused  # type: ignore[return-value]
 
-    def generate(self, prefix: str | None, passages: Sequence[str | Block], question: str,
+    def generate(self, system_prompt: str | None, passages: Sequence[str | Block | StoredPassage], question: str,
                  options: GenerationOptions | None = None, **fields) -> GenerationResult:
-        """Answer ``question`` over ``passages`` after the system prompt ``prefix`` (None: the engine's default).
+        """Answer ``question`` over ``passages`` after ``system_prompt`` (None: the engine's default).
 
-        Passages may be texts or precomputed blocks from :meth:`encode`, placed in the order given: for
-        retrieval results, ``in_prompt_order(ranked, engine.passage_order)`` puts the best next to the
-        question, where blocks answer best (see ``DEFAULT_PASSAGE_ORDER``). ``options`` and keyword
-        ``fields`` (which replace options' fields) are those of :class:`GenerationOptions`.
+        Passages may be texts, precomputed blocks from :meth:`encode`, or :class:`StoredPassage` (a
+        text with its known store key), placed in the order given: for retrieval results,
+        ``in_prompt_order(ranked, engine.passage_order)`` puts the best next to the question, where
+        blocks answer best (see ``DEFAULT_PASSAGE_ORDER``). ``options`` and keyword ``fields`` (which
+        replace options' fields) are those of :class:`GenerationOptions`.
         """
-        return _finished(self.stream(prefix, passages, question, options, **fields))
+        return _finished(self.stream(system_prompt, passages, question, options, **fields))
 
-    def stream(self, prefix: str | None, passages: Sequence[str | Block], question: str,
+    def stream(self, system_prompt: str | None, passages: Sequence[str | Block | StoredPassage], question: str,
                options: GenerationOptions | None = None, **fields) -> TextStream:
         """Like :meth:`generate`, yielding text deltas; the stream's ``result`` holds the counts afterwards."""
         o = GenerationOptions.of(options, fields)
-        return TextStream(self._run(lambda n: self._rag_prefill(prefix, passages, question, o.mode, o.block_mode,
-                                                                o.recovery, n), o))
+        return TextStream(self._run(lambda: self.prefill(system_prompt, passages, question, o), o))
 
     def generate_segments(self, segments: Sequence[str | Block], options: GenerationOptions | None = None,
                           **fields) -> GenerationResult:
@@ -387,38 +400,46 @@ class BlockEngine:
                         **fields) -> TextStream:
         """Like :meth:`generate_segments`, yielding text deltas."""
         o = GenerationOptions.of(options, fields)
-        if o.block_mode is not None:
-            raise InvalidArgumentError("block_mode does not apply to segment prompts: their blocks are given; encode them "
-                             "with `engine.encode(..., block_mode=...)` instead")
-        return TextStream(self._run(lambda n: self._segment_prefill(segments, o.mode, o.recovery, n), o))
+        return TextStream(self._run(lambda: self.prefill_segments(segments, o), o))
 
-    def _rag_prefill(self, prefix: str | None, passages: Sequence[str | Block], question: str, mode: PrefillMode,
-                     block_mode: BlockMode | None, recovery: Recovery | None = None,
-                     new_tokens: int = 1) -> _Prefill:
-        question_text = self.template(prefix).question_text(question)
-        if mode == "full":
-            texts = [p if isinstance(p, Block) else passage_text(p) for p in passages]
-            return self._segment_prefill(prompt_layout(self.template(prefix).head, texts, question_text), mode,
-                                         new_tokens=new_tokens)
-        fresh_prefix = prefix not in self._prefixes
-        head = self.prefix_block(prefix)
-        blocks, reused = self._blocks(passages, prefix, block_mode, False)
-        done = self._segment_prefill(prompt_layout(head, blocks, question_text), mode, recovery, new_tokens)
+    def prefill(self, system_prompt: str | None, passages: Sequence[str | Block | StoredPassage], question: str,
+                options: GenerationOptions | None = None, **fields) -> Prefill:
+        """Prefill the prompt :meth:`generate` answers, without decoding: its cache, with room for
+        ``max_new_tokens`` more, and the first token's logits (for benchmarks, checks, custom decoding)."""
+        o = GenerationOptions.of(options, fields)
+        template = self.template(system_prompt)
+        question_text = template.question_text(question)
+        if o.mode == "full":
+            texts = [p.text if isinstance(p, StoredPassage) else p for p in passages]
+            texts = [p if isinstance(p, Block) else passage_text(p) for p in texts]
+            return self._prefill(prompt_layout(template.head, texts, question_text), o)
+        fresh_head = system_prompt not in self._heads
+        head = self.head_block(system_prompt)
+        context = PassageContext(head if (o.block_mode or self.block_mode) == "prefix" else None)
+        blocks, reused = self._blocks(passages, context, False)
+        done = self._prefill(prompt_layout(head, blocks, question_text), o)
         # Served: the tokens of blocks that existed before this call, less those recomputed in context.
-        served = sum(len(b) - r for b, r, old in zip([head, *blocks], done.recomputed, [not fresh_prefix, *reused])
+        served = sum(len(b) - r for b, r, old in zip([head, *blocks], done.recomputed, [not fresh_head, *reused])
                      if old)
-        return _Prefill(done.cache, done.logits, served, done.prompt_tokens - served, done.recomputed)
+        return Prefill(done.cache, done.logits, served, done.prompt_tokens - served, done.recomputed)
 
-    def _segment_prefill(self, segments: Sequence[str | Block], mode: PrefillMode,
-                         recovery: Recovery | None = None, new_tokens: int = 1) -> _Prefill:
+    def prefill_segments(self, segments: Sequence[str | Block], options: GenerationOptions | None = None,
+                         **fields) -> Prefill:
+        """Prefill the prompt :meth:`generate_segments` answers, without decoding (as :meth:`prefill`)."""
+        o = GenerationOptions.of(options, fields)
+        if o.block_mode is not None:
+            raise InvalidArgumentError("block_mode does not apply to segment prompts: their blocks are given; "
+                                       "encode them with `engine.encode(..., block_mode=...)` instead")
+        return self._prefill(segments, o)
+
+    def _prefill(self, segments: Sequence[str | Block], options: GenerationOptions) -> Prefill:
         """Prefill text segments over the blocks before them; in full mode, every token.
 
-        The cache has a slot for every position of the prompt and ``new_tokens`` more. In block mode,
-        the block tokens ``recovery`` picks are recomputed in the same forward pass as the text: every
-        token of it attends by position to the slots up to its own, which then hold the recomputed KV.
+        The cache has a slot for every position of the prompt and ``max_new_tokens`` more. In block
+        mode, the block tokens ``recovery`` picks are recomputed in the same forward pass as the text:
+        every token of it attends by position to the slots up to its own, which then hold the
+        recomputed KV.
         """
-        if mode not in PREFILL_MODES:
-            raise InvalidArgumentError(f"mode must be one of {PREFILL_MODES}, got {mode!r}")
         pieces = [s if isinstance(s, Block) else torch.tensor(tokenize(self.tokenizer, s), dtype=torch.long)
                   for s in segments]
         if not pieces or isinstance(pieces[-1], Block) or len(pieces[-1]) == 0:
@@ -426,23 +447,24 @@ class BlockEngine:
         lengths = [len(p) for p in pieces]
         total = sum(lengths)
         self._check_length(total)
-        capacity = min(total + new_tokens, self.max_positions)
+        capacity = min(total + options.max_new_tokens, self.max_positions)
         ids = torch.cat([p.token_ids if isinstance(p, Block) else p for p in pieces]).to(self.device)
-        if mode == "full":
+        if options.mode == "full":
             cache = empty_cache(self.model, capacity)
             logits = forward(self.model, cache, ids[None], Positions.span(0, total, self.device))
-            return _Prefill(cache, logits[0, -1], 0, total)
+            return Prefill(cache, logits[0, -1], 0, total)
         starts = [sum(lengths[:i]) for i in range(len(pieces))]
         blocks = [(p, s) for p, s in zip(pieces, starts) if isinstance(p, Block)]
         cache = assemble(self.model, [b for b, _ in blocks], [s for _, s in blocks], capacity)
         in_block = torch.cat([torch.full((len(p),), isinstance(p, Block)) for p in pieces]).to(self.device)
         fresh = ~in_block  # the positions this forward pass computes: the text, and block tokens recomputed
-        if recovery is not None:
-            fresh[positions_to_recompute(self.model, recovery, cache, ids, [(s, len(b)) for b, s in blocks])] = True
+        if options.recovery is not None:
+            fresh[positions_to_recompute(self.model, options.recovery, cache, ids,
+                                         [(s, len(b)) for b, s in blocks])] = True
         logits = prefill_over_blocks(self.model, ids, cache, fresh)
         recomputed = tuple(int((fresh[s:s + len(b)]).sum()) for b, s in blocks)
         served = int(in_block.sum()) - sum(recomputed)
-        return _Prefill(cache, logits[-1], served, total - served, recomputed)
+        return Prefill(cache, logits[-1], served, total - served, recomputed)
 
     def _check_length(self, tokens: int) -> None:
         if tokens >= self.max_positions:
@@ -450,10 +472,10 @@ class BlockEngine:
                                      f"{self.max_positions}; pass fewer or shorter passages.")
 
     @torch.inference_mode()
-    def _run(self, prefill: Callable[[int], _Prefill], options: GenerationOptions) -> Iterator[str | GenerationResult]:
+    def _run(self, prefill: Callable[[], Prefill], options: GenerationOptions) -> Iterator[str | GenerationResult]:
         max_new_tokens, stops = options.max_new_tokens, options.stop
         started = time.perf_counter()
-        done = prefill(max_new_tokens)
+        done = prefill()
         cache, logits, served, prefilled = done.cache, done.logits, done.served, done.prefilled
         sample = _Sampler(options.sampling, self.device)
         token = sample(logits)

@@ -21,7 +21,7 @@ import torch
 from blockrag.errors import (InvalidArgumentError, AdapterMismatchError, AdapterNotFoundError, MissingExtraError, ModelNotFoundError,
                      UnsupportedModelError)
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
-from .transformer import rotary_module
+from .transformer import dequantized, loading_quietly, rotary_module
 
 if TYPE_CHECKING:  # transformers' model classes load slowly: imported where a model is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -104,14 +104,10 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     log.info("converting %s to safetensors in %s (once)", gguf, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
-    config.quantization_config = None
-    del config.quantization_config
-    plain = type(loaded)(config)
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
+    with loading_quietly():
+        plain = dequantized(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                 dtype=torch.float32))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
@@ -191,9 +187,10 @@ def load_model(
             f"{sorted(BUNDLED_MODELS)}; hub ids work only where the Hugging Face hub is reachable."
         ) from exc
     check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=None
-    ).to(device)
+    with loading_quietly():
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=None
+        ).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     fingerprint = model_fingerprint(model, tokenizer)

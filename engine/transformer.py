@@ -12,12 +12,17 @@ attention reads each KV head once.
 The layers' own modules are called as they are (norms, projections with their biases or LoRA
 layers, Qwen3's query and key norms, the MLP), so fine-tuning trains through this same pass; only
 their order and the attention are written here. This is the one module of blockrag that knows how
-transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models.
+transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models, or touches anything of
+transformers beyond its public loading API: the releases it is written against are
+:data:`SUPPORTED_TRANSFORMERS`, the range ``pyproject.toml`` allows (a test holds the two equal).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,6 +34,45 @@ from blockrag.errors import InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
+
+
+#: The transformers releases whose model layout this module follows: the releases CI tests.
+SUPPORTED_TRANSFORMERS = ">=5.24,<5.25"
+
+
+@contextlib.contextmanager
+def loading_quietly() -> Iterator[None]:
+    """Hide transformers' own progress bars while a model loads or converts, unless blockrag logs at INFO.
+
+    blockrag's output is quiet by default; ``blockrag --verbose`` (or INFO logging of the
+    ``blockrag`` logger) shows them.
+    """
+    if logging.getLogger("blockrag").isEnabledFor(logging.INFO):
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as transformers_logging
+
+    shown, bar = transformers_logging.is_progress_bar_enabled(), gguf_loading.tqdm
+    transformers_logging.disable_progress_bar()
+    gguf_loading.tqdm = functools.partial(bar, disable=True)  # GGUF conversion uses tqdm directly
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bar
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
+def dequantized(model: PreTrainedModel) -> PreTrainedModel:
+    """A plain copy of a model loaded from GGUF, without the quantization record that would make it save as GGUF."""
+    config = model.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def rotary_module(model: nn.Module) -> nn.Module:

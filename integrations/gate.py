@@ -38,7 +38,7 @@ def first_token_logits(engine: BlockEngine, segments: Sequence[str | Block], mod
     The one place that reaches into the engine's prefill, until the engine offers this as a public method.
     """
     with torch.inference_mode():
-        return engine._segment_prefill(segments, mode).logits.float()
+        return engine.prefill_segments(segments, mode=mode, max_new_tokens=1).logits.float()
 
 
 def compare_first_token(engine: BlockEngine, segments: Sequence[str | Block]) -> GateResult:

@@ -219,17 +219,15 @@ class BlockAttentionRetriever(BaseRetriever):
 
     k: int = Field(default=4, gt=0)
     _retriever: Any = PrivateAttr()
-    _nodes: dict[str, Any] = PrivateAttr()
 
     def __init__(self, retriever: Any, **kwargs: Any):
         super().__init__(**kwargs)
         self._retriever = retriever
-        self._nodes = {node.id: node for node in index_nodes(retriever.index)}
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        hits = [(self._nodes[i], score) for i, score in self._retriever.retrieve(query, self.k) if i in self._nodes]
-        return [Document(page_content=n.text, id=n.id, metadata={**n.metadata, "doc_id": n.doc_id, "score": score})
-                for n, score in hits]
+        return [Document(page_content=hit.text, id=hit.id,
+                         metadata={**hit.metadata, "doc_id": hit.node.doc_id, "score": hit.score})
+                for hit in self._retriever.retrieve(query, self.k)]
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
         return await asyncio.to_thread(self._get_relevant_documents, query, run_manager=run_manager.get_sync())

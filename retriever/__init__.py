@@ -2,7 +2,7 @@
 
     report = ingest(load_documents(["docs/"]), "my-index")   # one pass: embeddings and KV blocks
     index = Index.open("my-index")
-    hits = Retriever(index).retrieve("question", top_k=5)    # [(node ID, score), ...]
+    hits = Retriever(index).retrieve("question", top_k=5)    # [ScoredNode(node, score), ...], best first
     index.node(hits[0][0]).text
 """
 
@@ -15,13 +15,13 @@ from .index import VECTOR_INDEX_KINDS, Index, IndexConfig, Node, VectorIndexKind
 from .ingest import IngestReport, ingest
 from .qa import (QAItem, best_subspan_match, first_line, load_qa, normalize_answer, oracle_plus_random, qa_documents,
                  retrieved_nodes, retrieved_passages)
-from .retrieve import Answer, Retriever, answer, load_engine
+from .retrieve import Answer, Retriever, ScoredNode, answer, load_engine
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS", "DEFAULT_EMBEDDING_MODEL", "VECTOR_INDEX_KINDS", "Answer", "Document",
     "DocumentFormatError", "Embedder", "EmbeddingDtype", "EmbeddingModelNotFoundError", "Index", "IndexConfig",
     "IndexFullError",
-    "IndexMismatchError", "IndexNotFoundError", "IngestReport", "Node", "NodeNotFoundError", "Retriever",
+    "IndexMismatchError", "IndexNotFoundError", "IngestReport", "Node", "NodeNotFoundError", "Retriever", "ScoredNode",
     "RetrieverError", "SampleQuestion", "VectorIndexKind", "answer", "bundled_corpus", "bundled_questions", "ingest", "load_documents",
     "load_engine", "node_id", "read_config", "split_text",
     "QAItem", "best_subspan_match", "first_line", "load_qa", "normalize_answer", "oracle_plus_random", "qa_documents",

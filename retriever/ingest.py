@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, BlockStore
+from blockrag.engine import DEFAULT_MODEL, BlockEngine
 from blockrag.kvstore import KVStore, StoreUnavailableError, WrongModelError
 
 from .chunking import split_text
@@ -75,9 +74,6 @@ class _Models:
                  settings: dict[str, object], fingerprint: str | None, folder: Path):
         self._engine, self._embedder = engine, embedder
         self._model, self._settings, self._fingerprint, self._folder = model, settings, fingerprint, folder
-        self._store: KVStore | None = None
-        self._previous_store: BlockStore | None = None
-        self._swapped = False
         if engine is not None:
             self._check(engine)
 
@@ -85,9 +81,6 @@ class _Models:
         if self._engine is None:
             self._engine = BlockEngine.from_pretrained(self._model, **self._settings)
             self._check(self._engine)
-        if self._store is not None and not self._swapped:
-            self._previous_store, self._engine.store = self._engine.store, self._store
-            self._swapped = True
         return self._engine
 
     def embedder(self, name: str) -> Embedder:
@@ -101,17 +94,6 @@ class _Models:
     @property
     def loaded_embedder(self) -> Embedder | None:
         return self._embedder
-
-    @contextmanager
-    def storing_into(self, store: KVStore) -> Iterator[None]:
-        """Point the engine's ``store`` at the index's store for the call; it keeps its cached prefix blocks."""
-        self._store = store
-        try:
-            yield
-        finally:
-            if self._swapped:
-                self._engine.store = self._previous_store  # type: ignore[union-attr]
-            self._store, self._swapped = None, False
 
     def _check(self, engine: BlockEngine) -> None:
         if self._fingerprint is not None and engine.fingerprint != self._fingerprint:
@@ -212,7 +194,7 @@ def ingest(
     if existing is not None and model != existing.model:
         models.engine()  # another name for the index's model: only its fingerprint can tell
     index = _open_or_create(folder, models, model, embedding_model, chunk_tokens, vector_index, kv_store)
-    with index, models.storing_into(index.kv):
+    with index:
         return _ingest(documents, index, models, batch_passages, progress, started)
 
 

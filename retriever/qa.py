@@ -120,7 +120,7 @@ def first_line(prediction: str) -> str:
 
 def retrieved_nodes(retriever: Retriever, question: str, top_k: int) -> list[Node]:
     """The ``top_k`` passages nearest to ``question``, best first, with their document IDs."""
-    return retriever.index.nodes([node_id for node_id, _ in retriever.retrieve(question, top_k)])
+    return [hit.node for hit in retriever.retrieve(question, top_k)]
 
 
 def retrieved_passages(retriever: Retriever, question: str, top_k: int) -> list[str]:

@@ -1,15 +1,45 @@
-"""Retrieval by node ID, and answering a question over the passages retrieved."""
+"""Retrieval of scored passages, and answering a question over the passages retrieved."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from blockrag.engine import BlockEngine, GenerationResult, LoadedModel, PrefillMode, load_model
+from blockrag.engine import BlockEngine, GenerationResult, LoadedModel, PrefillMode, StoredPassage, load_model
 from blockrag.engine.prompt import PassageOrder, in_prompt_order
+from blockrag.errors import IndexMismatchError
 
 from .embedding import Embedder
-from blockrag.errors import IndexMismatchError
 from .index import Index, Node
+
+
+@dataclass(frozen=True)
+class ScoredNode:
+    """A retrieved passage and its cosine similarity to the query."""
+
+    node: Node
+    score: float
+
+    @property
+    def id(self) -> str:
+        return self.node.id
+
+    @property
+    def text(self) -> str:
+        return self.node.text
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.node.metadata
+
+    @property
+    def block_key(self) -> str:
+        """The store key of the passage's KV block, as ingestion stored it."""
+        return self.node.kv_key
+
+    def passage(self) -> StoredPassage:
+        """The passage as the engine takes it: its block is looked up by the known key, with no tokenizing."""
+        return StoredPassage(self.node.text, self.node.kv_key)
 
 
 class Retriever:
@@ -26,9 +56,11 @@ class Retriever:
         self.index = index
         self.embedder = embedder
 
-    def retrieve(self, query: str, top_k: int = 5) -> list[tuple[str, float]]:
-        """Up to ``top_k`` (node ID, cosine similarity) pairs, best first; see :meth:`Index.node`."""
-        return self.index.search(self.embedder.embed([query]), top_k)[0]
+    def retrieve(self, query: str, top_k: int = 5) -> list[ScoredNode]:
+        """Up to ``top_k`` passages nearest to ``query``, best first, with their scores and block keys."""
+        hits = self.index.search(self.embedder.embed([query]), top_k)[0]
+        nodes = {node.id: node for node in self.index.nodes([node_id for node_id, _ in hits])}
+        return [ScoredNode(nodes[node_id], score) for node_id, score in hits if node_id in nodes]
 
 
 def load_engine(index: Index, model: str | None = None, *, loaded: LoadedModel | None = None,
@@ -56,7 +88,7 @@ class Answer:
 
     question: str
     result: GenerationResult
-    passages: list[tuple[Node, float]]
+    passages: list[ScoredNode]
 
     @property
     def text(self) -> str:
@@ -73,9 +105,6 @@ def answer(retriever: Retriever, engine: BlockEngine, question: str, *, top_k: i
     the question is prefilled; in full mode the whole prompt is.
     """
     hits = retriever.retrieve(question, top_k)
-    nodes = retriever.index.nodes([node_id for node_id, _ in hits])
-    placed = in_prompt_order(nodes, order or engine.passage_order)
-    result = engine.generate(None, [n.text for n in placed], question, mode=mode, max_new_tokens=max_new_tokens,
-                             **sampling)
-    scores = dict(hits)
-    return Answer(question, result, [(n, scores[n.id]) for n in nodes])
+    placed = in_prompt_order([hit.passage() for hit in hits], order or engine.passage_order)
+    result = engine.generate(None, placed, question, mode=mode, max_new_tokens=max_new_tokens, **sampling)
+    return Answer(question, result, hits)

@@ -99,7 +99,7 @@ class BlockragServer:
         self.metrics = ServerMetrics(lambda: self.worker.waiting, lambda: self.worker.active, lambda: len(self.known))
         self.scanner = StoreScanner(self.known, settings.scan_interval_s) \
             if scan_store and settings.scan_interval_s > 0 else None
-        engine.prefix_block()  # the prompt head's KV, computed now rather than in the first request
+        engine.head_block()  # the prompt head's KV, computed now rather than in the first request
         self.app = self._build()
 
     @contextlib.asynccontextmanager

@@ -23,7 +23,7 @@ SCAN_BATCH = 256
 
 def engine_context(engine: BlockEngine) -> str:
     """The context id of the blocks this engine serves in prompts (its prompt head, or none for naive blocks)."""
-    past = engine.block_context()
+    past = engine.passage_context().block
     return context_id(past.token_ids) if past is not None else ""
 
 

@@ -223,8 +223,8 @@ def test_streaming_window_over_a_block_prompt_holds_the_first_and_last_positions
     tokens by position, separators and passages among them where they sit), not what prefill wrote last (the
     separators and question, after every block); layer-0 keys depend only on token and position, so the full-mode
     cache of the same prompt is the reference."""
-    block = tiny_engine._rag_prefill(None, BLOCK_PASSAGES, "How tall is it?", "block", "prefix", new_tokens=2)
-    full = tiny_engine._rag_prefill(None, BLOCK_PASSAGES, "How tall is it?", "full", None, new_tokens=2)
+    block = tiny_engine.prefill(None, BLOCK_PASSAGES, "How tall is it?", mode="block", block_mode="prefix", max_new_tokens=2)
+    full = tiny_engine.prefill(None, BLOCK_PASSAGES, "How tall is it?", mode="full", max_new_tokens=2)
     budget, sinks, n = 48, 4, block.cache.length  # a window reaching back over the separators and a passage
     decoding = start_decoding(tiny_engine.model, block.cache, DecodeOptions("streaming", recycle_k=budget), 2)
     expected = full.cache.layer(0)[0][:, :, [*range(sinks), *range(n - (budget - sinks), n)]]
@@ -238,8 +238,7 @@ def test_recycled_equals_full_over_block_and_recovered_caches_when_k_covers_them
     runs = {}
     for name, options in (("full", DecodeOptions("full")), ("recycled", DecodeOptions("recycled", 1.0, 1000)),
                           ("every_step_full", DecodeOptions("recycled", 3, 1))):
-        done = tiny_engine._rag_prefill(None, BLOCK_PASSAGES, "How tall is it?", "block", "prefix", recovery,
-                                        new_tokens=len(answer))
+        done = tiny_engine.prefill(None, BLOCK_PASSAGES, "How tall is it?", mode="block", block_mode="prefix", recovery=recovery, max_new_tokens=len(answer))
         decoding = start_decoding(tiny_engine.model, done.cache, options, len(answer))
         runs[name] = [decoding.step(int(t)) for t in answer]
     assert_same_logits(runs["recycled"], runs["full"])

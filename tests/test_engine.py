@@ -22,7 +22,7 @@ def keys_at(model, ids: torch.Tensor, start: int) -> torch.Tensor:
     cache = DynamicCache(config=model.config)
     positions = torch.arange(start, start + ids.shape[0]).unsqueeze(0)
     with torch.no_grad():
-        model.model(input_ids=ids.unsqueeze(0), position_ids=positions, past_key_values=cache, use_cache=True)
+        model.model(input_ids=ids.unsqueeze(0), position_ids=positions, cache=cache, use_cache=True)
     return torch.stack([layer.keys[0] for layer in cache.layers])
 
 
@@ -119,7 +119,7 @@ def test_segments_with_text_between_blocks_equal_masked_forward(tiny_engine):
     b1, b2 = encode_blocks(model, passages)
     segments = [texts[0], b1, texts[1], b2, texts[2]]
     with torch.no_grad():
-        got = tiny_engine._segment_prefill(segments, "block").logits
+        got = tiny_engine.prefill_segments(segments, mode="block", max_new_tokens=1).logits
         ids = [tiny_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         flat = torch.tensor(ids[0] + passages[0] + ids[1] + passages[1] + ids[2])[None]
         layout = [(len(ids[0]), "text"), (12, "block"), (len(ids[1]), "text"), (17, "block"), (len(ids[2]), "text")]
@@ -145,33 +145,33 @@ def test_prefix_mode_equals_independent_reference(tiny_engine):
                 "Gamma."]
     question = "Which passage mentions a river?"
     with torch.no_grad():
-        got = engine._rag_prefill(None, passages, question, "block", "prefix").logits
-        head = engine.prefix_block().token_ids
+        got = engine.prefill(None, passages, question, mode="block", block_mode="prefix", max_new_tokens=1).logits
+        head = engine.head_block().token_ids
         full = DynamicCache(config=model.config)
-        model.model(input_ids=head[None], past_key_values=full, use_cache=True)
+        model.model(input_ids=head[None], cache=full, use_cache=True)
         separator = torch.tensor(engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"])
         offset = len(head)
         for text in passages:
             ids = torch.tensor(engine.passage_token_ids(text))
             c = DynamicCache(config=model.config)
-            model.model(input_ids=torch.cat([head, ids])[None], past_key_values=c, use_cache=True)
+            model.model(input_ids=torch.cat([head, ids])[None], cache=c, use_cache=True)
             shift = torch.full((len(ids),), offset - len(head))
             for i, layer in enumerate(c.layers):
                 full.update(_reference_rotate(layer.keys[:, :, len(head):], shift, model.config),
                             layer.values[:, :, len(head):], i)
-            model.model(input_ids=separator[None], past_key_values=full, use_cache=True)  # sees all before it
+            model.model(input_ids=separator[None], cache=full, use_cache=True)  # sees all before it
             offset += len(ids) + len(separator)
         q = torch.tensor(engine.tokenizer(engine.template().question_text(question),
                                           add_special_tokens=False)["input_ids"])[None]
-        expected = model(input_ids=q, past_key_values=full, use_cache=True).logits[0, -1]
+        expected = model(input_ids=q, cache=full, use_cache=True).logits[0, -1]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 def test_one_passage_block_mode_equals_full_attention(tiny_engine):
     passages = ["The only passage: the lighthouse on Carrow Point was lit in 1871 and automated in 1990."]
     with torch.no_grad():
-        block = tiny_engine._rag_prefill(None, passages, "When was it lit?", "block", "prefix")
-        full = tiny_engine._rag_prefill(None, passages, "When was it lit?", "full", None)
+        block = tiny_engine.prefill(None, passages, "When was it lit?", mode="block", block_mode="prefix", max_new_tokens=1)
+        full = tiny_engine.prefill(None, passages, "When was it lit?", mode="full", max_new_tokens=1)
     torch.testing.assert_close(block.logits, full.logits, rtol=0, atol=1e-4)
     assert block.prompt_tokens == full.prompt_tokens
 
@@ -221,7 +221,7 @@ def test_counts_stream_and_stop_strings(smollm):
     question_tokens = len(engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"] + engine.tokenizer(
         engine.template().question_text("How many people speak Velloran?"), add_special_tokens=False)["input_ids"])
     assert first.prefilled_tokens == question_tokens  # the blank line after the passage, and the question
-    assert first.block_tokens == len(blocks[0]) + len(engine.prefix_block())
+    assert first.block_tokens == len(blocks[0]) + len(engine.head_block())
     stream = engine.stream(None, blocks, "How many people speak Velloran?", max_new_tokens=20)
     deltas = list(stream)
     assert "".join(deltas) == stream.result.text == first.text and len(deltas) > 1
@@ -245,7 +245,7 @@ def test_block_from_another_prefix_is_refused(tiny_engine):
     naive = tiny_engine.encode(["A passage."], block_mode="naive")
     with pytest.raises(BlockMismatchError, match="re-encode"):
         tiny_engine.generate(None, naive, "Q?", block_mode="prefix", max_new_tokens=1)
-    other = tiny_engine.encode(["A passage."], prefix="Another system prompt.")
+    other = tiny_engine.encode(["A passage."], system_prompt="Another system prompt.")
     with pytest.raises(BlockMismatchError):
         tiny_engine.generate(None, other, "Q?", max_new_tokens=1)
     assert tiny_engine.generate("Another system prompt.", other, "Q?", max_new_tokens=1).completion_tokens <= 1

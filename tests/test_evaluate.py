@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from blockrag.cli import main as cli_main
-from blockrag.engine import GenerationResult, Recovery
-from blockrag.retriever import (DocumentFormatError, Node, QAItem, answer, best_subspan_match, first_line, load_qa,
+from blockrag.engine import GenerationResult, Recovery, StoredPassage
+from blockrag.retriever import (DocumentFormatError, Node, QAItem, ScoredNode, answer, best_subspan_match, first_line, load_qa,
                                 oracle_plus_random, qa_documents)
 from blockrag.retriever.evaluate import (EvalMode, EvalQuestion, EvaluationError, ResultsFile, evaluate,
                                          markdown_table, mcnemar_exact, oracle_questions, parse_mode, parse_modes,
@@ -184,7 +184,7 @@ class RankedIndex:
         self._nodes = {f"n{i}": Node(f"n{i}", f"doc{i}", 0, f"Passage {i}.", 3, f"key{i}") for i in range(n)}
 
     def retrieve(self, question, top_k):
-        return [(i, 1.0 - k / 10) for k, i in enumerate(list(self._nodes)[:top_k])]
+        return [ScoredNode(node, 1.0 - k / 10) for k, node in enumerate(list(self._nodes.values())[:top_k])]
 
     def nodes(self, ids):
         return [self._nodes[i] for i in ids]
@@ -210,13 +210,14 @@ def test_retrieved_passages_are_placed_best_last_by_default():
         retrieved_questions(items, retriever, 3, "best-middle")
     engine = PassageRecorder()
     answered = answer(retriever, engine, "q?", top_k=2)
-    assert engine.passages == ["Passage 1.", "Passage 0."]  # the prompt: best last, next to the question
-    assert [node.id for node, _ in answered.passages] == ["n0", "n1"]  # the answer lists them best first
+    # the prompt: best last, next to the question, each with the store key of its block
+    assert engine.passages == [StoredPassage("Passage 1.", "key1"), StoredPassage("Passage 0.", "key0")]
+    assert [hit.id for hit in answered.passages] == ["n0", "n1"]  # the answer lists them best first
     answer(retriever, engine, "q?", top_k=2, order="best-first")
-    assert engine.passages == ["Passage 0.", "Passage 1."]
+    assert [p.text for p in engine.passages] == ["Passage 0.", "Passage 1."]
     engine.passage_order = "best-first"  # a model fine-tuned best first reads them in its own order
     answer(retriever, engine, "q?", top_k=2)
-    assert engine.passages == ["Passage 0.", "Passage 1."]
+    assert [p.text for p in engine.passages] == ["Passage 0.", "Passage 1."]
 
 
 # --- resuming ---------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingEx
                                       example_tokens, finetune, lora_shape)
 from blockrag.engine.model import ADAPTER_SETTINGS
 from blockrag.engine.transformer import Positions, forward
-from blockrag.retriever import IndexMismatchError, QAItem
+from blockrag.retriever import IndexMismatchError, QAItem, ScoredNode
 from blockrag.retriever.finetune import training_example
 from tiny_models import block_attention_mask
 
@@ -53,8 +53,7 @@ def inference_logits(engine: BlockEngine, example: TrainingExample, mode: str, b
     """What the engine computes for the answer tokens: the prefill's last logits, then the answer fed on its cache."""
     tokens = example_tokens(engine, example)
     answer = tokens.input_ids[tokens.answer_start:-1]  # the answer without its EOS: each predicts the next
-    done = engine._rag_prefill(example.prefix, list(example.passages), example.question, mode, block_mode,
-                               new_tokens=len(answer))
+    done = engine.prefill(example.prefix, list(example.passages), example.question, mode=mode, block_mode=block_mode, max_new_tokens=len(answer))
     assert done.prompt_tokens == tokens.answer_start  # the same prompt, token for token
     positions = Positions.span(tokens.answer_start, len(answer))
     rest = forward(engine.model, done.cache, answer[None], positions, logits=len(answer))[0]
@@ -247,7 +246,7 @@ class _Retriever:
         self.index, self.ranking = index, ranking
 
     def retrieve(self, question, top_k):
-        return [(i, 1.0) for i in self.ranking[:top_k]]
+        return [ScoredNode(node, 1.0) for node in self.index.nodes(self.ranking[:top_k])]
 
 
 def test_training_examples_always_hold_the_gold_passage():

@@ -506,7 +506,7 @@ def test_engine_takes_blocks_from_the_store(smollm, tmp_path):
     reader = BlockEngine(smollm, store=DiskKVStore(tmp_path, dtype="fp32"))  # as in a later process
     later = reader.generate(None, PASSAGES, question, max_new_tokens=12)
     passage_tokens = sum(len(reader.passage_token_ids(p)) for p in PASSAGES)
-    head_tokens = len(reader.prefix_block())
+    head_tokens = len(reader.head_block())
     assert first.block_tokens == 0 and first.prefilled_tokens == first.prompt_tokens
     assert again.block_tokens == head_tokens + passage_tokens  # the passages came from the store
     assert later.block_tokens == passage_tokens  # a new engine encodes its prefix once, passages come stored
@@ -556,7 +556,7 @@ def nq(smollm_fp32):
         text = engine.template().question_text(item["question"]) + item["answers"][0]
         prompts.append(([(i + 1) % len(items), i, (i + 2) % len(items)],
                         torch.tensor([engine.tokenizer(text, add_special_tokens=False)["input_ids"]])))
-    head = engine.prefix_block()
+    head = engine.head_block()
     reference = [next_token_predictions(engine, [head, *(blocks[c] for c in chosen)], ids) for chosen, ids in prompts]
     return engine, blocks, prompts, reference
 
@@ -578,7 +578,7 @@ def test_int8_on_real_passages_is_bounded_and_small(nq):
 @pytest.mark.parametrize("dtype", ["int8", "bf16"])
 def test_lossy_blocks_predict_the_next_tokens_of_fp32_blocks(nq, dtype):
     engine, blocks, prompts, reference = nq
-    head = engine.prefix_block()
+    head = engine.head_block()
     lossy = [decode_entry(encode_entry(b, engine.fingerprint, dtype), key_of(b, engine.fingerprint))
              for b in blocks]
     agree = total = 0
@@ -599,4 +599,4 @@ def test_an_entry_claiming_another_start_is_not_served(tiny_engine, tmp_path):
     engine.store.put(engine.block_keys([passage])[0],
                      Block(block.token_ids, block.keys, block.values, block.start + 1, block.context))
     result = engine.generate(None, [passage], "Where does it start?", max_new_tokens=1)
-    assert result.block_tokens == len(engine.prefix_block())  # the head only: the passage was encoded again
+    assert result.block_tokens == len(engine.head_block())  # the head only: the passage was encoded again

@@ -52,9 +52,9 @@ def test_recomputing_every_naive_block_token_equals_full_attention(tiny_engine, 
     engine = BlockEngine(LoadedModel(model, tiny_engine.tokenizer, tiny_engine.fingerprint))
     segments, _, spans = segment_prompt(engine, leading_block=True)
     with torch.no_grad():
-        got = engine._segment_prefill(segments, "block", Recovery(recompute=1.0))
-        full = engine._segment_prefill(segments, "full")
-        plain = engine._segment_prefill(segments, "block")
+        got = engine.prefill_segments(segments, mode="block", recovery=Recovery(recompute=1.0), max_new_tokens=1)
+        full = engine.prefill_segments(segments, mode="full", max_new_tokens=1)
+        plain = engine.prefill_segments(segments, mode="block", max_new_tokens=1)
     assert (plain.logits - full.logits).abs().max() > 1e-3  # blocks alone do differ from full attention
     torch.testing.assert_close(got.logits, full.logits, rtol=0, atol=1e-4)
     # The leading block's entries are kept (at position 0 it is already in context); every other slot holds what
@@ -67,8 +67,8 @@ def test_recomputing_every_naive_block_token_equals_full_attention(tiny_engine, 
                          ids=["recompute-all", "sinks-longer-than-passages"])
 def test_full_recovery_in_prefix_mode_equals_full_attention(tiny_engine, recovery):
     with torch.no_grad():
-        got = tiny_engine._rag_prefill(None, PASSAGES, QUESTION, "block", "prefix", recovery)
-        full = tiny_engine._rag_prefill(None, PASSAGES, QUESTION, "full", None)
+        got = tiny_engine.prefill(None, PASSAGES, QUESTION, mode="block", block_mode="prefix", recovery=recovery, max_new_tokens=1)
+        full = tiny_engine.prefill(None, PASSAGES, QUESTION, mode="full", max_new_tokens=1)
     torch.testing.assert_close(got.logits, full.logits, rtol=0, atol=1e-4)
     assert got.recomputed == (0, *(len(tiny_engine.passage_token_ids(p)) for p in PASSAGES))  # never the head
     assert_same_cache(got.cache, full.cache)  # the head block, then the forward pass's tokens, each in its slot
@@ -80,7 +80,7 @@ def test_partial_recovery_equals_forward_with_recomputed_tokens_unmasked(tiny_en
     segments, ids, spans = segment_prompt(tiny_engine, seed=5)
     recovery = Recovery(recompute=0.25, sink_tokens=1)
     with torch.no_grad():
-        got = tiny_engine._segment_prefill(segments, "block", recovery)
+        got = tiny_engine.prefill_segments(segments, mode="block", recovery=recovery, max_new_tokens=1)
         blocks = [s for s in segments if not isinstance(s, str)]
         recomputed = positions_to_recompute(model, recovery, assemble(model, blocks, [s for s, _ in spans]), ids,
                                             spans)
@@ -95,7 +95,7 @@ def test_partial_recovery_equals_forward_with_recomputed_tokens_unmasked(tiny_en
         allowed[recomputed] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()[recomputed]
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
         reference = DynamicCache(config=model.config)
-        expected = model(input_ids=ids[None], attention_mask=mask, past_key_values=reference, use_cache=True).logits
+        expected = model(input_ids=ids[None], attention_mask=mask, cache=reference, use_cache=True).logits
     torch.testing.assert_close(got.logits, expected[0, -1], rtol=0, atol=1e-4)
     # Kept block entries and the forward pass's tokens (text and recomputed), each in the slot of its position.
     assert_same_cache(got.cache, reference)
@@ -110,7 +110,7 @@ def test_selection_is_the_top_deviation_tokens_and_the_sinks(tiny_engine):
     with torch.no_grad():
         assembled = assemble(model, blocks, [s for s, _ in spans])
         full = DynamicCache(config=model.config)
-        model.model(input_ids=ids[None], past_key_values=full, use_cache=True)
+        model.model(input_ids=ids[None], cache=full, use_cache=True)
     positions = torch.cat([torch.arange(s, s + n) for s, n in spans])
     f = full.layers[1]  # check_layer=1
     keys, values = (x[0][:, positions] for x in assembled.layer(1, assembled.capacity))
@@ -134,8 +134,8 @@ def test_selection_is_the_top_deviation_tokens_and_the_sinks(tiny_engine):
 def test_no_recovery_options_change_nothing(tiny_engine):
     segments, _, _ = segment_prompt(tiny_engine)
     with torch.no_grad():
-        for run in (lambda r: tiny_engine._segment_prefill(segments, "block", r),
-                    lambda r: tiny_engine._rag_prefill(None, PASSAGES, QUESTION, "block", "prefix", r)):
+        for run in (lambda r: tiny_engine.prefill_segments(segments, mode="block", recovery=r, max_new_tokens=1),
+                    lambda r: tiny_engine.prefill(None, PASSAGES, QUESTION, mode="block", block_mode="prefix", recovery=r, max_new_tokens=1)):
             plain, zero = run(None), run(Recovery())
             assert torch.equal(plain.logits, zero.logits)
             assert (plain.served, plain.prefilled) == (zero.served, zero.prefilled)
@@ -148,9 +148,9 @@ def test_partial_recovery_moves_logits_towards_full_attention(tiny_engine, recov
     it held for 30 of 30 random prompts of this shape, for both options; here one fixed prompt."""
     segments, _, _ = segment_prompt(tiny_engine, seed=6)
     with torch.no_grad():
-        full = tiny_engine._segment_prefill(segments, "full").logits
-        plain = tiny_engine._segment_prefill(segments, "block").logits
-        recovered = tiny_engine._segment_prefill(segments, "block", recovery).logits
+        full = tiny_engine.prefill_segments(segments, mode="full", max_new_tokens=1).logits
+        plain = tiny_engine.prefill_segments(segments, mode="block", max_new_tokens=1).logits
+        recovered = tiny_engine.prefill_segments(segments, mode="block", recovery=recovery, max_new_tokens=1).logits
     assert (recovered - full).norm() < (plain - full).norm()
 
 
@@ -165,8 +165,8 @@ def test_recomputed_tokens_count_as_prefilled(tiny_engine):
     assert sinks.prompt_tokens == plain.prompt_tokens
     # Passages encoded in this call were model work already: recomputing some of their tokens changes no count.
     fresh = tiny_engine.generate(None, PASSAGES, QUESTION, recovery=Recovery(sink_tokens=2), **kw)
-    assert (fresh.block_tokens, fresh.prefilled_tokens) == (len(tiny_engine.prefix_block()),
-                                                            plain.prompt_tokens - len(tiny_engine.prefix_block()))
+    assert (fresh.block_tokens, fresh.prefilled_tokens) == (len(tiny_engine.head_block()),
+                                                            plain.prompt_tokens - len(tiny_engine.head_block()))
     segments, _, spans = segment_prompt(tiny_engine)
     plain = tiny_engine.generate_segments(segments, **kw)
     stream = tiny_engine.stream_segments(segments, recovery=Recovery(sink_tokens=3), **kw)

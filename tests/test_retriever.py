@@ -120,8 +120,9 @@ def test_retrieval_returns_the_passage_that_answers(built, embedder):
         retriever = Retriever(index, embedder)
         for sample in bundled_questions():
             hits = retriever.retrieve(sample.question, top_k=3)
-            assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
-            best = index.node(hits[0][0])
+            assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
+            assert [h.node for h in hits] == index.nodes([h.id for h in hits])  # the index's own passages
+            best = hits[0].node
             assert best.doc_id == sample.document, sample.question
             assert sample.answer in best.text, sample.question
             assert best.metadata["title"] and best.metadata["source"].endswith(f"{sample.document}.md")
@@ -221,7 +222,7 @@ def test_update_replaces_changed_passages_and_delete_removes_everything(built, t
         first, new = index.document_nodes(tesk.id)
         assert first == Node(**{**kept.__dict__, "metadata": changed.metadata})  # untouched, new metadata
         assert "twelve" in new.text and index.kv.contains(new.kv_key)
-        assert Retriever(index, embedder).retrieve(question, top_k=1)[0][0] == new.id
+        assert Retriever(index, embedder).retrieve(question, top_k=1)[0].id == new.id
 
         gone = index.document_nodes("marrowbridge")
         assert index.delete_document("marrowbridge") == len(gone) == 1
@@ -230,7 +231,7 @@ def test_update_replaces_changed_passages_and_delete_removes_everything(built, t
         assert not any(index.kv.contains(n.kv_key) for n in gone)
         assert len(index) == index.vector_count == count - 1
         hits = Retriever(index, embedder).retrieve("Which month is the Marrowbridge cheese fair held in?", top_k=20)
-        assert gone[0].id not in {i for i, _ in hits} and len(hits) == count - 1
+        assert gone[0].id not in {h.id for h in hits} and len(hits) == count - 1
     with Index.open(folder) as index:  # both changes persisted
         assert index.vector_count == count - 1 and index.document_nodes(tesk.id)[1] == new
 
@@ -314,7 +315,7 @@ def test_a_stopped_run_keeps_its_batches_and_the_next_run_resumes(built, tmp_pat
         assert index.vector_count == len(index) == built[1].passages
         assert "rebuilding" in caplog.text
         sample = bundled_questions()[0]
-        assert index.node(Retriever(index, embedder).retrieve(sample.question)[0][0]).doc_id == sample.document
+        assert Retriever(index, embedder).retrieve(sample.question)[0].node.doc_id == sample.document
 
 
 def test_hnsw_index_deletes_by_rebuilding(tmp_path):

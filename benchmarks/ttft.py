@@ -10,17 +10,14 @@ all: the limit block mode approaches (``none_s``, and ``block_over_none``, measu
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 
 import torch
 
-from .blocks import encode_blocks
-from .generate import BlockEngine
-from .model import LoadedModel, load_model, model_fingerprint, package_versions, resolve_dtype
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, LoadedModel, encode_blocks, load_model, model_fingerprint
+from blockrag.engine.model import resolve_dtype
 
-QUESTION = "Considering every document above, which of them describes the event in the most detail and why?"
+from .common import QUESTION, add_model_argument, machine, question_tokens, random_tokens
 
 #: Shapes of real models, for timing with random weights where their checkpoints cannot be had.
 RANDOM_SHAPES = {
@@ -31,7 +28,7 @@ RANDOM_SHAPES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="model to load (alias, folder or GGUF)")
+    add_model_argument(parser)
     parser.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES),
                         help="time a random-weight model of this shape instead; --model then only gives the tokenizer")
     parser.add_argument("--lengths", default="1024,2048,4096,8000", help="prompt lengths in tokens, comma separated")
@@ -47,7 +44,7 @@ def _load(args: argparse.Namespace) -> LoadedModel:
         return load_model(args.model, dtype=args.dtype, device=args.device)
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = load_model(args.model).tokenizer if args.model == "smollm2-135m" else \
+    tokenizer = load_model(args.model).tokenizer if args.model == DEFAULT_MODEL else \
         AutoTokenizer.from_pretrained(args.model)
     config = LlamaConfig(**RANDOM_SHAPES[args.random_shape], head_dim=128)
     dtype = resolve_dtype(args.dtype, args.device)
@@ -93,18 +90,17 @@ def run(args: argparse.Namespace) -> dict:
     loaded = _load(args)
     engine = BlockEngine(loaded)
     config = loaded.model.config
-    past = engine.block_context()
-    question_tokens = len(engine.tokenizer(engine.template().question_text(QUESTION))["input_ids"])
+    past = engine.passage_context().block
+    question = question_tokens(engine)
     generator = torch.Generator().manual_seed(0)
-    low, high = 1000, min(config.vocab_size, len(engine.tokenizer)) - 1
-    warm = encode_blocks(loaded.model, [[low] * 8], past)
+    warm = encode_blocks(loaded.model, random_tokens(engine, generator, 1, 8), past)
     _timed(engine, warm, "full", 1)  # warm-up of both paths (and of the fused re-rotation on GPUs)
     _timed(engine, warm, "block", 1)
     results = []
     for target in (int(x) for x in args.lengths.split(",")):
-        n_passages = max(1, round((target - len(past) - question_tokens) / args.passage_tokens))
-        ids = torch.randint(low, high, (n_passages, args.passage_tokens), generator=generator).tolist()
-        blocks = encode_blocks(loaded.model, ids, past, batch_size=engine.batch_size)
+        n_passages = max(1, round((target - len(past) - question) / args.passage_tokens))
+        blocks = encode_blocks(loaded.model, random_tokens(engine, generator, n_passages, args.passage_tokens), past,
+                               batch_size=engine.batch_size)
         full_s, full_prefilled = _timed(engine, blocks, "full", args.repeats)
         block_s, block_prefilled = _timed(engine, blocks, "block", args.repeats)
         none_s, _ = _timed(engine, [], "block", args.repeats)
@@ -121,9 +117,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "ttft",
         "model": args.random_shape and f"random-weight {args.random_shape}" or args.model,
         "device": str(engine.device), "dtype": str(next(loaded.model.parameters()).dtype),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None},
-        "versions": package_versions(),
+        "machine": machine(engine.device),
         "repeats": args.repeats, "median_ratio": round(statistics.median(r["ratio"] for r in results), 4),
         "results": results,
     }

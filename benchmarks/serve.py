@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import tempfile
 import threading
 import time
@@ -22,7 +20,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from blockrag.errors import BenchmarkError
+from blockrag.errors import BenchmarkError, InvalidArgumentError
 from blockrag.engine import DEFAULT_MODEL, PREFILL_MODES, in_prompt_order
 
 SYSTEM_PROMPT = "Answer the question using the documents given by the user. Answer briefly."
@@ -45,7 +43,7 @@ def _prompts(index, engine, passages: int) -> list[list[dict[str, str]]]:
     retriever = Retriever(index)
     out = []
     for question in bundled_questions():
-        ranked = [index.node(i).text for i, _ in retriever.retrieve(question.question, passages)]
+        ranked = [hit.text for hit in retriever.retrieve(question.question, passages)]
         documents = "\n\n".join(in_prompt_order(ranked, engine.passage_order))
         out.append([{"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": f"Documents:\n\n{documents}\n\nQuestion: {question.question}"}])
@@ -118,21 +116,20 @@ def _load(url: str, model: str, prompts: list, mode: str, clients: int, per_clie
 def run(args: argparse.Namespace) -> dict:
     modes = args.modes.split(",")
     if not set(modes) <= set(PREFILL_MODES):
-        raise SystemExit(f"--modes takes {', '.join(PREFILL_MODES)}, got {args.modes!r}")
+        raise InvalidArgumentError(f"--modes takes {', '.join(PREFILL_MODES)}, got {args.modes!r}")
     with tempfile.TemporaryDirectory(prefix="blockrag-bench-serve-") as root:
         return _measure(args, [int(c) for c in args.concurrency.split(",")], modes, Path(root))
 
 
 def _measure(args: argparse.Namespace, concurrency: list[int], modes: list[str], root: Path) -> dict:
-    import torch
-
     from blockrag.engine import BlockEngine, load_model
-    from blockrag.engine.model import package_versions
     from blockrag.integrations.runner import node_passages
     from blockrag.retriever import Index, bundled_corpus, ingest, load_engine
 
-    from .app import BlockragServer, ServerSettings
-    from .thread import ServerThread
+    from blockrag.server.app import BlockragServer, ServerSettings
+    from blockrag.server.thread import ServerThread
+
+    from .common import machine
 
     loaded = load_model(args.model)
     ingest(bundled_corpus(), root / "index", engine=BlockEngine(loaded), model=args.model, progress=False)
@@ -156,8 +153,7 @@ def _measure(args: argparse.Namespace, concurrency: list[int], modes: list[str],
     return {
         "benchmark": "serve", "model": args.model, "passages": args.passages, "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client, "max_active": args.max_active,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
-        "versions": package_versions(),
+        "machine": machine(engine.device),
         "block_over_full_ttft_p95": ratios,
         "results": results,
     }

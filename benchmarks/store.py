@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,22 +23,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from blockrag.errors import BenchmarkError
 from blockrag.engine import BlockEngine, block_key, load_model
-from blockrag.engine.model import package_versions
+from blockrag.errors import BenchmarkError
+from blockrag.kvstore.disk import DiskKVStore
+from blockrag.kvstore.entry import encode_entry
+from blockrag.kvstore.memory import MemoryTier
 
-from .disk import DiskKVStore
-from .entry import encode_entry
-from .memory import MemoryTier
-
-QUESTION = "Considering every document above, which of them describes the event in the most detail and why?"
+from .common import QUESTION, add_model_argument, machine, question_tokens, random_tokens
 DTYPES = ("fp32", "bf16", "int8")
 DEFAULT_DTYPE = "bf16"  # what "auto" stores for an fp32 model
 TARGET_RATIO = 1.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="model to load (alias, folder or GGUF)")
+    add_model_argument(parser)
     parser.add_argument("--tokens", type=int, default=8000, help="prompt length in tokens for TTFT")
     parser.add_argument("--passage-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the minimum is reported")
@@ -49,13 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _passages(engine: BlockEngine, tokens: int, passage_tokens: int) -> list[str]:
     """Texts of ``passage_tokens`` random tokens each, as many as fit a ``tokens``-token prompt once re-tokenized."""
-    question_tokens = len(engine.tokenizer(engine.template().question_text(QUESTION))["input_ids"])
-    room = tokens - len(engine.prefix_block()) - question_tokens
-    vocab = min(engine.model.config.vocab_size, len(engine.tokenizer))
+    room = tokens - len(engine.head_block()) - question_tokens(engine)
     generator = torch.Generator().manual_seed(0)
     passages: list[str] = []
     while True:
-        ids = torch.randint(1000, vocab - 1, (passage_tokens,), generator=generator).tolist()
+        (ids,) = random_tokens(engine, generator, 1, passage_tokens)
         text = engine.tokenizer.decode(ids, skip_special_tokens=True)
         room -= len(engine.passage_token_ids(text))
         if room < 0:
@@ -155,8 +150,7 @@ def _measure(args: argparse.Namespace, root: Path) -> dict:
     return {
         "benchmark": "store", "model": args.model, "device": "cpu",
         "dtype": str(next(loaded.model.parameters()).dtype),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
-        "versions": package_versions(), "repeats": args.repeats, "store_dir": str(root.parent),
+        "machine": machine(engine.device), "repeats": args.repeats, "store_dir": str(root.parent),
         "prompt_tokens": full.prompt_tokens, "passages": len(passages), "passage_tokens": passage_tokens,
         "bytes_per_token": bytes_per_token,
         "write": write,

@@ -1,7 +1,7 @@
-"""``blockrag bench ingest``: the whole ingestion pipeline against the bare model forward it cannot avoid.
+"""``blockrag bench ingest``: the whole ingestion pipeline against the model work it cannot avoid.
 
-The corpus is cut into slices; for each slice the bare forward (the model's own forward over its
-passages in the same length-sorted batches) and :func:`ingest` of its documents
+The corpus is cut into slices; for each slice the model work alone (the engine's encoding of its
+passages into blocks, in the same length-sorted batches) and :func:`ingest` of its documents
 into one growing index (chunking, KV computed and stored, embeddings, FAISS, document store) run
 back to back, in alternating order, so that both see the same load on a shared machine. Then
 :func:`ingest` runs again over the whole corpus. Wall and process CPU times are both reported.
@@ -10,8 +10,6 @@ back to back, in alternating order, so that both see the same load on a shared m
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -20,15 +18,15 @@ from typing import get_args
 
 import torch
 
-from blockrag.errors import BenchmarkError
-from blockrag.engine import BlockEngine
-from blockrag.engine.model import package_versions
+from blockrag.engine import BlockEngine, encode_blocks
+from blockrag.errors import BenchmarkError, InvalidArgumentError
+from blockrag.retriever.chunking import split_text
+from blockrag.retriever.documents import Document
+from blockrag.retriever.embedding import DEFAULT_EMBEDDING_MODEL, Embedder, EmbeddingDtype
+from blockrag.retriever.ingest import DEFAULT_BATCH_PASSAGES, ingest
+from blockrag.retriever.qa import qa_documents
 
-from .chunking import split_text
-from .documents import Document
-from .embedding import DEFAULT_EMBEDDING_MODEL, Embedder, EmbeddingDtype
-from .ingest import DEFAULT_BATCH_PASSAGES, ingest
-from .qa import qa_documents
+from .common import add_model_argument, machine
 
 DEFAULT_DATA = "../shared/data/nq-open-dev.jsonl.gz"
 
@@ -36,7 +34,7 @@ DEFAULT_DATA = "../shared/data/nq-open-dev.jsonl.gz"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="NQ-open JSONL.gz; its ctxs[0] passages are the corpus")
     parser.add_argument("--limit", type=int, help="use only the first N passages")
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_argument(parser)
     parser.add_argument("--embedding-model", default=DEFAULT_EMBEDDING_MODEL)
     parser.add_argument("--embedding-dtype", default="auto", choices=get_args(EmbeddingDtype),
                         help="auto: bf16 where the hardware computes it natively, else fp32")
@@ -66,28 +64,9 @@ class _Clock:
             torch.cuda.synchronize()
 
 
-@torch.inference_mode()
-def _bare_forward(engine: BlockEngine, token_lists: list[list[int]]) -> None:
-    """The model's own forward over the passages (length-sorted), in the batches ingestion encodes them in.
-
-    A plain ``model.model(...)`` call after the same prefix: the whole base model runs, as anyone
-    computing the KV with transformers would run it (ingestion stops after the last layer's KV).
-    """
-    from transformers import DynamicCache
-
-    model, past = engine.model, engine.block_context()
-    start = len(past) if past is not None else 0
-    for lo in range(0, len(token_lists), engine.batch_size):
-        batch = token_lists[lo:lo + engine.batch_size]
-        ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
-        for row, tokens in enumerate(batch):
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-        cache = DynamicCache(config=model.config)
-        for i in range(past.keys.shape[0] if past is not None else 0):
-            cache.update(past.keys[i].expand(len(batch), -1, -1, -1), past.values[i].expand(len(batch), -1, -1, -1), i)
-        positions = torch.arange(start, start + ids.shape[1]).expand(len(batch), -1)
-        model.model(input_ids=ids.to(engine.device), position_ids=positions.to(engine.device), past_key_values=cache,
-                    use_cache=True)
+def _model_work(engine: BlockEngine, token_lists: list[list[int]]) -> None:
+    """The model work ingestion cannot avoid: the engine's batched block encoding of the passages, nothing else."""
+    encode_blocks(engine.model, token_lists, engine.passage_context().block, engine.batch_size)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -106,12 +85,12 @@ def run(args: argparse.Namespace) -> dict:
                                              batch_size=args.batch_size)
     with _Clock() as load_embedder:
         embedder = Embedder(args.embedding_model, device=args.device, dtype=args.embedding_dtype)
-    _bare_forward(engine, [engine.passage_token_ids("A warm-up passage.")] * engine.batch_size)
+    _model_work(engine, [engine.passage_token_ids("A warm-up passage.")] * engine.batch_size)
     embedder.embed(["A warm-up passage."])
 
     folder = Path(args.index) if args.index else Path(tempfile.mkdtemp(prefix="blockrag-bench-ingest-"))
     if args.index and folder.exists():
-        raise SystemExit(f"{folder} exists; the benchmark builds a fresh index (pass a new folder)")
+        raise InvalidArgumentError(f"{folder} exists; the benchmark builds a fresh index (pass a new folder)")
     bare = {"wall": 0.0, "cpu": 0.0}
     first = {"wall": 0.0, "cpu": 0.0, "kv": 0.0, "embed": 0.0, "write": 0.0}
     passages = tokens = 0
@@ -129,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
             for clock in ((forward, pipeline) if k % 2 == 0 else (pipeline, forward)):
                 with clock:
                     if clock is forward:
-                        _bare_forward(engine, token_lists)
+                        _model_work(engine, token_lists)
                     else:
                         report = ingest(part, folder, engine=engine, embedder=embedder,
                                         batch_passages=args.batch_passages, progress=False)
@@ -154,19 +133,17 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model, "embedding_model": args.embedding_model, "embedding_dtype": str(embedder.dtype),
         "device": str(engine.device),
         "dtype": str(next(engine.model.parameters()).dtype),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None},
-        "versions": package_versions(),
+        "machine": machine(engine.device),
         "documents": len(documents), "passages": passages, "distinct_passages": len(seen), "tokens": tokens,
         "batch_size": args.batch_size, "batch_passages": args.batch_passages, "slices": len(ratios),
         "load_s": {"llm": round(load_llm.wall, 2), "embedder": round(load_embedder.wall, 2)},
-        "bare_forward": {"wall_s": round(bare["wall"], 2), "cpu_s": round(bare["cpu"], 2),
+        "model_work": {"wall_s": round(bare["wall"], 2), "cpu_s": round(bare["cpu"], 2),
                          "passages_per_s": round(len(seen) / bare["wall"], 3)},
         "pipeline": {"wall_s": round(first["wall"], 2), "cpu_s": round(first["cpu"], 2),
                      "passages_per_s": round(len(seen) / first["wall"], 3),
                      "kv_s": round(first["kv"], 2), "embed_s": round(first["embed"], 2),
                      "write_s": round(first["write"], 2)},
-        "pipeline_over_bare": {"wall": round(first["wall"] / bare["wall"], 4),
+        "pipeline_over_model_work": {"wall": round(first["wall"] / bare["wall"], 4),
                                "cpu": round(first["cpu"] / bare["cpu"], 4), "per_slice_wall": ratios},
         "second_run": {"wall_s": round(second.wall, 3), "cpu_s": round(second.cpu, 3),
                        "over_first": round(second.wall / first["wall"], 4)},

@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .decoding import DecodeOptions, RecycledDecoding, start_decoding
+from blockrag.engine import BlockEngine, DecodeOptions, KVCache, RecycledDecoding, load_model, start_decoding
 from blockrag.errors import DataFileError
-from .generate import BlockEngine
-from .transformer import KVCache
-from .model import load_model, package_versions
+
+from .common import add_model_argument, machine
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open-dev.jsonl.gz"
 PREFIX = ("You are a helpful assistant. Using the documents given by the user, answer the question in detail: "
@@ -35,7 +32,7 @@ PREFIX = ("You are a helpful assistant. Using the documents given by the user, a
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="model to load (alias, folder or GGUF)")
+    add_model_argument(parser)
     parser.add_argument("--contexts", default="2048,4096,8000", help="prompt lengths in tokens, comma separated")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps per strategy")
     parser.add_argument("--recycle-k", type=float, default=1 / 8, help="K as a fraction of the context")
@@ -154,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         for p in tqdm(range(args.prompts), desc=f"{target}-token prompts", leave=False):
             question, passages = build_prompt(engine, records, c * args.prompts + p, target)
             started = time.perf_counter()
-            done = engine._rag_prefill(None, passages, question, args.prefill, None, new_tokens=args.new_tokens)
+            done = engine.prefill(None, passages, question, mode=args.prefill, max_new_tokens=args.new_tokens)
             prefill_s = time.perf_counter() - started
             first = int(done.logits.float().index_fill(0, torch.tensor(sorted(engine.eos_ids), device=engine.device),
                                                        float("-inf")).argmax())
@@ -188,7 +185,5 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": args.prompts, "recycle_k": args.recycle_k, "stride": args.stride,
         "dynamic_threshold": args.dynamic_threshold, "dynamic_stride": args.dynamic_stride,
         "pool_kernel": args.pool_kernel, "rounds": args.rounds, "device": str(engine.device),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "load_average": [round(x, 2) for x in os.getloadavg()]},
-        "versions": package_versions(), "results": results,
+        "machine": machine(engine.device), "results": results,
     }

@@ -1,0 +1,44 @@
+"""What the benchmarks share: the record of the machine they ran on, and prompts of random tokens."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from blockrag.engine import DEFAULT_MODEL
+from blockrag.engine.model import package_versions
+
+if TYPE_CHECKING:
+    from blockrag.engine import BlockEngine
+
+#: The question of prompts built from random passages (TTFT does not depend on what tokens say).
+QUESTION = "Considering every document above, which of them describes the event in the most detail and why?"
+#: Random passage tokens are drawn from ids at least this high, past the special and byte tokens.
+FIRST_PLAIN_TOKEN = 1000
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model to load (alias, folder or GGUF)")
+
+
+def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Where a benchmark ran: platform, CPUs, torch threads, GPU and load average, with package versions."""
+    device = torch.device(device)
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average": [round(x, 2) for x in os.getloadavg()], "versions": package_versions()}
+
+
+def question_tokens(engine: BlockEngine, question: str = QUESTION) -> int:
+    """Tokens of the prompt's text after the passages: the question in the engine's template."""
+    return len(engine.tokenizer(engine.template().question_text(question))["input_ids"])
+
+
+def random_tokens(engine: BlockEngine, generator: torch.Generator, count: int, length: int) -> list[list[int]]:
+    """``count`` passages of ``length`` random plain tokens each."""
+    vocab = min(engine.model.config.vocab_size, len(engine.tokenizer))
+    return torch.randint(FIRST_PLAIN_TOKEN, vocab - 1, (count, length), generator=generator).tolist()
