@@ -11,11 +11,15 @@ import pytest
 
 from blockrag.cli import main as cli_main
 from blockrag.engine import GenerationResult, Recovery
-from blockrag.retriever import (DocumentFormatError, Node, QAItem, answer, best_subspan_match, first_line, load_qa,
-                                oracle_plus_random, qa_documents)
-from blockrag.retriever.evaluate import (EvalMode, EvalQuestion, EvaluationError, ResultsFile, evaluate,
-                                         markdown_table, mcnemar_exact, oracle_questions, parse_mode, parse_modes,
-                                         retrieved_questions, summarize, wilson_interval)
+from blockrag.errors import EvaluationError
+from blockrag.evaluation.modes import EvalMode, parse_mode, parse_modes
+from blockrag.evaluation.qa import QAItem, best_subspan_match, first_line, load_qa, oracle_plus_random, qa_documents
+from blockrag.evaluation.questions import EvalQuestion, oracle_questions, retrieved_questions
+from blockrag.evaluation.report import markdown_table, summarize
+from blockrag.evaluation.results import ResultsFile
+from blockrag.evaluation.run import evaluate
+from blockrag.evaluation.stats import mcnemar_exact, wilson_interval
+from blockrag.retriever import DocumentFormatError, Node, answer
 
 NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq-open-dev.jsonl.gz"
 needs_nq = pytest.mark.skipif(not NQ.is_file(), reason=f"{NQ} is absent (project data, not shipped to users; "

@@ -12,14 +12,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from blockrag.engine import BlockEngine, LoadedModel, load_model, model_fingerprint
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, LoadedModel, load_model, model_fingerprint
 from blockrag.errors import AdapterMismatchError, AdapterNotFoundError
-from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingExample, answer_logits, example_loss,
-                                      example_tokens, finetune, lora_shape)
-from blockrag.engine.model import ADAPTER_SETTINGS
+from blockrag.engine.adapter import ADAPTER_SETTINGS, lora_shape
 from blockrag.engine.transformer import Positions, forward
-from blockrag.retriever import IndexMismatchError, QAItem
-from blockrag.retriever.finetune import training_example
+from blockrag.evaluation.qa import QAItem
+from blockrag.retriever import IndexMismatchError
+from blockrag.training.examples import training_example
+from blockrag.training.trainer import (IGNORE_INDEX, FinetuneSettings, TrainingExample, answer_logits, example_loss,
+                                       example_tokens, finetune)
 from tiny_models import block_attention_mask
 
 EXAMPLE = TrainingExample(
@@ -41,7 +42,7 @@ def tiny_llama(seed: int = 0, attn: str = "eager"):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_model("smollm2-135m").tokenizer
+    return load_model(DEFAULT_MODEL).tokenizer
 
 
 def engine_for(model, tokenizer, block_mode="naive") -> BlockEngine:
