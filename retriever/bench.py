@@ -28,7 +28,7 @@ from .chunking import split_text
 from .documents import Document
 from .embedding import DEFAULT_EMBEDDING_MODEL, Embedder, EmbeddingDtype
 from .ingest import DEFAULT_BATCH_PASSAGES, ingest
-from .qa import qa_documents
+from blockrag.evaluation.qa import qa_documents
 
 DEFAULT_DATA = "../shared/data/nq-open-dev.jsonl.gz"
 
