@@ -333,18 +333,22 @@ def test_summary_pairs_every_mode_with_the_first():
 # --- the command, end to end on SmolLM2 ---------------------------------------------------------------------------
 
 
+#: Made-up facts, one passage each: easy to retrieve, unknown to any model.
+FACTS = [
+    ("What colour is the Vardel lighthouse?", ["red"], "Vardel lighthouse",
+     "The Vardel lighthouse stands on the northern cape and is painted bright red."),
+    ("Who founded the town of Ostrel?", ["Mira Kolb"], "Ostrel",
+     "The town of Ostrel was founded in 1642 by the merchant Mira Kolb."),
+    ("What do the people of Quenby grow?", ["saffron"], "Quenby",
+     "Farmers in the valley of Quenby grow saffron on terraced fields."),
+    ("How long is the Tarn bridge?", ["340 metres"], "Tarn bridge",
+     "The Tarn bridge crosses the river in a single span of 340 metres."),
+]
+
+
 @pytest.mark.slow
 def test_eval_command_end_to_end(tmp_path, capsys):
-    data = write_qa(tmp_path / "qa.jsonl.gz", [
-        ("What colour is the Vardel lighthouse?", ["red"], "Vardel lighthouse",
-         "The Vardel lighthouse stands on the northern cape and is painted bright red."),
-        ("Who founded the town of Ostrel?", ["Mira Kolb"], "Ostrel",
-         "The town of Ostrel was founded in 1642 by the merchant Mira Kolb."),
-        ("What do the people of Quenby grow?", ["saffron"], "Quenby",
-         "Farmers in the valley of Quenby grow saffron on terraced fields."),
-        ("How long is the Tarn bridge?", ["340 metres"], "Tarn bridge",
-         "The Tarn bridge crosses the river in a single span of 340 metres."),
-    ])
+    data = write_qa(tmp_path / "qa.jsonl.gz", FACTS)
     out, index = tmp_path / "out" / "eval.json", tmp_path / "index"
 
     def run(limit: int) -> dict:
@@ -416,16 +420,7 @@ def test_an_adapter_is_refused_on_the_rows_it_was_trained_on(tmp_path, caplog):
 
 def test_finetune_then_eval_never_scores_the_training_rows(tmp_path, capsys):
     """`blockrag finetune` records the rows; `blockrag eval --adapter` refuses them and records them in its result."""
-    data = write_qa(tmp_path / "qa.jsonl.gz", [
-        ("What colour is the Vardel lighthouse?", ["red"], "Vardel lighthouse",
-         "The Vardel lighthouse stands on the northern cape and is painted bright red."),
-        ("Who founded the town of Ostrel?", ["Mira Kolb"], "Ostrel",
-         "The town of Ostrel was founded in 1642 by the merchant Mira Kolb."),
-        ("What do the people of Quenby grow?", ["saffron"], "Quenby",
-         "Farmers in the valley of Quenby grow saffron on terraced fields."),
-        ("How long is the Tarn bridge?", ["340 metres"], "Tarn bridge",
-         "The Tarn bridge crosses the river in a single span of 340 metres."),
-    ])
+    data = write_qa(tmp_path / "qa.jsonl.gz", FACTS)
     base, index, adapter = tmp_path / "base", tmp_path / "index", tmp_path / "adapter"
     tiny_model("llama").save_pretrained(base)
     load_model(DEFAULT_MODEL).tokenizer.save_pretrained(base)
