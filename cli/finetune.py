@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
                       source=example_source(args.qa, items), progress=not args.no_progress)
     print(report)
     print(f"Evaluate it with `blockrag eval {args.qa} --index {args.index} --model {args.model} --adapter {args.out}` "
-          f"(the same --dtype; passages placed {order}, as trained; rows {args.start}-{items[-1].index} were trained "
-          "on, so evaluate other rows); the adapter's model has its own fingerprint, so it gets its own KV blocks.")
+          f"(the same --dtype; passages placed {order}, as trained; on rows other than {args.start}-{items[-1].index}: "
+          "the adapter records the rows it was trained on, and eval refuses them); the adapter's model has its own "
+          "fingerprint, so it gets its own KV blocks.")
     return 0
