@@ -24,7 +24,7 @@ from blockrag.retriever.chunking import split_text
 from blockrag.retriever.documents import Document
 from blockrag.retriever.embedding import DEFAULT_EMBEDDING_MODEL, Embedder, EmbeddingDtype
 from blockrag.retriever.ingest import DEFAULT_BATCH_PASSAGES, ingest
-from blockrag.retriever.qa import qa_documents
+from blockrag.evaluation.qa import qa_documents
 
 from .common import add_model_argument, machine
 

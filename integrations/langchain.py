@@ -17,7 +17,7 @@ from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, 
 from blockrag.errors import UnknownOptionError, InvalidArgumentError, MissingExtraError
 from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
-from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, aiter_in_thread, call_options, index_nodes,
+from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, aiter_in_thread, call_options,
                      index_passages, shared_engine)
 
 try:

@@ -13,8 +13,6 @@ from blockrag.errors import (DocumentFormatError, EmbeddingModelNotFoundError, I
                      IndexNotFoundError, NodeNotFoundError, RetrieverError)
 from .index import VECTOR_INDEX_KINDS, Index, IndexConfig, Node, VectorIndexKind, read_config
 from .ingest import IngestReport, ingest
-from .qa import (QAItem, best_subspan_match, first_line, load_qa, normalize_answer, oracle_plus_random, qa_documents,
-                 retrieved_nodes, retrieved_passages)
 from .retrieve import Answer, Retriever, ScoredNode, answer, load_engine
 
 __all__ = [
@@ -24,6 +22,4 @@ __all__ = [
     "IndexMismatchError", "IndexNotFoundError", "IngestReport", "Node", "NodeNotFoundError", "Retriever", "ScoredNode",
     "RetrieverError", "SampleQuestion", "VectorIndexKind", "answer", "bundled_corpus", "bundled_questions", "ingest", "load_documents",
     "load_engine", "node_id", "read_config", "split_text",
-    "QAItem", "best_subspan_match", "first_line", "load_qa", "normalize_answer", "oracle_plus_random", "qa_documents",
-    "retrieved_nodes", "retrieved_passages",
 ]

@@ -10,12 +10,20 @@ from pathlib import Path
 import pytest
 
 from blockrag.cli import main as cli_main
-from blockrag.engine import GenerationResult, Recovery, StoredPassage
-from blockrag.retriever import (DocumentFormatError, Node, QAItem, ScoredNode, answer, best_subspan_match, first_line, load_qa,
-                                oracle_plus_random, qa_documents)
-from blockrag.retriever.evaluate import (EvalMode, EvalQuestion, EvaluationError, ResultsFile, evaluate,
-                                         markdown_table, mcnemar_exact, oracle_questions, parse_mode, parse_modes,
-                                         retrieved_questions, summarize, wilson_interval)
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, GenerationResult, Recovery, StoredPassage, load_model
+from blockrag.engine.adapter import ADAPTER_SETTINGS, TrainingRows, adapter_training_rows, file_sha256
+from blockrag.errors import EvaluationError, TrainedRowsError
+from blockrag.kvstore import open_store
+from blockrag.evaluation.modes import EvalMode, parse_mode, parse_modes
+from blockrag.evaluation.qa import QAItem, best_subspan_match, first_line, load_qa, oracle_plus_random, qa_documents
+from blockrag.evaluation.questions import EvalQuestion, oracle_questions, retrieved_questions
+from blockrag.evaluation.report import markdown_table, summarize
+from blockrag.evaluation.results import ResultsFile
+from blockrag.evaluation.run import EngineReader, evaluate
+from blockrag.evaluation.stats import mcnemar_exact, wilson_interval
+from blockrag.evaluation.trained import check_untrained, longest_untrained_run
+from blockrag.retriever import DocumentFormatError, Node, ScoredNode, answer, ingest
+from tiny_models import tiny_model
 
 NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq-open-dev.jsonl.gz"
 needs_nq = pytest.mark.skipif(not NQ.is_file(), reason=f"{NQ} is absent (project data, not shipped to users; "
@@ -220,6 +228,32 @@ def test_retrieved_passages_are_placed_best_last_by_default():
     assert [p.text for p in engine.passages] == ["Passage 0.", "Passage 1."]
 
 
+# --- answering from the store -------------------------------------------------------------------------------------
+
+
+def test_the_reader_reads_each_block_once_per_answer(tiny_engine, tmp_path, monkeypatch):
+    """Blocks are stored before the clock starts the first time a passage is needed; after that, the timed
+    generation is the only lookup of a question's blocks."""
+    store = open_store(tmp_path / "kv", fingerprint=tiny_engine.fingerprint)
+    engine = BlockEngine(tiny_engine.loaded, store=store)
+    looked_up: list[str] = []
+    get_many = store.get_many
+    monkeypatch.setattr(store, "get_many", lambda keys: looked_up.extend(keys) or get_many(keys))
+    reader, mode = EngineReader(engine, max_new_tokens=2), parse_mode("prefix")
+    passages = ["The Vardel lighthouse is painted red.", "Ostrel was founded by Mira Kolb."]
+    keys = engine.block_keys(passages, block_mode="prefix")
+    first = reader.answer("What colour is the lighthouse?", passages, mode)
+    assert looked_up == keys + keys and all(key in store for key in keys)  # a miss, encoded and stored; then read
+    looked_up.clear()
+    again = reader.answer("What colour is the lighthouse?", passages, mode)
+    assert looked_up == keys and again.text == first.text and again.block_tokens == first.block_tokens
+    looked_up.clear()
+    fresh = EngineReader(engine, max_new_tokens=2)  # a stored block is not stored again: the store is asked first
+    assert fresh.answer("What colour is the lighthouse?", passages[::-1], mode).block_tokens == first.block_tokens
+    assert looked_up == keys[::-1]
+    assert engine.store is store and engine.block_mode == "prefix"  # the reader changes nothing of the engine
+
+
 # --- resuming ---------------------------------------------------------------------------------------------------
 
 
@@ -300,18 +334,22 @@ def test_summary_pairs_every_mode_with_the_first():
 # --- the command, end to end on SmolLM2 ---------------------------------------------------------------------------
 
 
+#: Made-up facts, one passage each: easy to retrieve, unknown to any model.
+FACTS = [
+    ("What colour is the Vardel lighthouse?", ["red"], "Vardel lighthouse",
+     "The Vardel lighthouse stands on the northern cape and is painted bright red."),
+    ("Who founded the town of Ostrel?", ["Mira Kolb"], "Ostrel",
+     "The town of Ostrel was founded in 1642 by the merchant Mira Kolb."),
+    ("What do the people of Quenby grow?", ["saffron"], "Quenby",
+     "Farmers in the valley of Quenby grow saffron on terraced fields."),
+    ("How long is the Tarn bridge?", ["340 metres"], "Tarn bridge",
+     "The Tarn bridge crosses the river in a single span of 340 metres."),
+]
+
+
 @pytest.mark.slow
 def test_eval_command_end_to_end(tmp_path, capsys):
-    data = write_qa(tmp_path / "qa.jsonl.gz", [
-        ("What colour is the Vardel lighthouse?", ["red"], "Vardel lighthouse",
-         "The Vardel lighthouse stands on the northern cape and is painted bright red."),
-        ("Who founded the town of Ostrel?", ["Mira Kolb"], "Ostrel",
-         "The town of Ostrel was founded in 1642 by the merchant Mira Kolb."),
-        ("What do the people of Quenby grow?", ["saffron"], "Quenby",
-         "Farmers in the valley of Quenby grow saffron on terraced fields."),
-        ("How long is the Tarn bridge?", ["340 metres"], "Tarn bridge",
-         "The Tarn bridge crosses the river in a single span of 340 metres."),
-    ])
+    data = write_qa(tmp_path / "qa.jsonl.gz", FACTS)
     out, index = tmp_path / "out" / "eval.json", tmp_path / "index"
 
     def run(limit: int) -> dict:
@@ -340,3 +378,72 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     for q in range(3):  # every mode of a question saw the same passages, the gold one last (the default order)
         assert len({tuple(r["passages"]) for r in rows if r["question"] == q}) == 1
         assert all(r["gold_rank"] == 1 for r in rows if r["question"] == q)
+
+
+# --- never scoring an adapter on its training rows ----------------------------------------------------------------
+
+
+def test_the_longest_untrained_run_of_rows():
+    assert longest_untrained_run({0, 1, 5}, 10) == (6, 4)  # rows 6-9, longer than rows 2-4
+    assert longest_untrained_run({2, 3}, 6) == (0, 2)  # the first of two runs as long
+    assert longest_untrained_run(set(), 4) == (0, 4)
+    assert longest_untrained_run({0, 1, 2}, 3) is None
+
+
+def adapter_with_rows(folder: Path, trained_on: list[TrainingRows] | None) -> Path:
+    """An adapter folder's record saying which rows it was trained on (all the guard reads)."""
+    folder.mkdir()
+    record = {} if trained_on is None else {"trained_on": [rows.to_json() for rows in trained_on]}
+    (folder / ADAPTER_SETTINGS).write_text(json.dumps(record))
+    return folder
+
+
+def test_an_adapter_is_refused_on_the_rows_it_was_trained_on(tmp_path, caplog):
+    data = write_qa(tmp_path / "qa.jsonl.gz", [(f"q{i}?", [f"a{i}"], f"T{i}", f"text {i}") for i in range(10)])
+    other = write_qa(tmp_path / "other.jsonl.gz", [("q?", ["a"], "T", "another file")])
+    sha = file_sha256(data)
+    trained = [TrainingRows(sha, tuple(range(3, 10)), "elsewhere/qa.jsonl.gz"), TrainingRows(file_sha256(other), (0,))]
+    adapter = adapter_with_rows(tmp_path / "adapter", trained)
+    with pytest.raises(TrainedRowsError, match=r"trained on 7 of the 10 questions this evaluation would score \(rows "
+                       r"3, 4, 5, 6, 7, \.\.\. of qa\.jsonl\.gz\).*--start 0 --limit 3 \(rows 0-2"):
+        check_untrained(adapter, data, sha, range(10))
+    with pytest.raises(TrainedRowsError, match=r"1 of the 2 questions .*\(rows 3 of qa"):
+        check_untrained(adapter, data, sha, [2, 3])
+    assert check_untrained(adapter, data, sha, [0, 1, 2]) == trained  # untrained rows: scored
+    assert check_untrained(adapter, other, "0" * 64, [0]) == trained  # rows of another file (other bytes) are not
+    everything = adapter_with_rows(tmp_path / "everything", [TrainingRows(sha, tuple(range(10)))])
+    with pytest.raises(TrainedRowsError, match="every row of the file was trained on"):
+        check_untrained(everything, data, sha, [4])
+    with caplog.at_level("WARNING"):
+        assert check_untrained(adapter_with_rows(tmp_path / "old", None), data, sha, range(10)) is None
+    assert "does not record the rows it was trained on" in caplog.text
+
+
+def test_finetune_then_eval_never_scores_the_training_rows(tmp_path, capsys):
+    """`blockrag finetune` records the rows; `blockrag eval --adapter` refuses them and records them in its result."""
+    data = write_qa(tmp_path / "qa.jsonl.gz", FACTS)
+    base, index, adapter = tmp_path / "base", tmp_path / "index", tmp_path / "adapter"
+    tiny_model("llama").save_pretrained(base)
+    load_model(DEFAULT_MODEL).tokenizer.save_pretrained(base)
+    ingest(qa_documents(data), index, engine=BlockEngine(load_model(str(base), dtype="float32")), model=str(base),
+           progress=False)
+    assert cli_main(["finetune", str(data), "--index", str(index), "--out", str(adapter), "--model", str(base),
+                     "--start", "2", "--top-k", "2", "--epochs", "1", "--rank", "4", "--no-progress"]) == 0
+    assert adapter_training_rows(adapter) == [TrainingRows(file_sha256(data), (2, 3), str(data))]
+
+    out = tmp_path / "eval.json"
+    command = ["eval", str(data), "--index", str(index), "--model", str(base), "--adapter", str(adapter), "--dtype",
+               "float32", "--top-k", "2", "--max-new-tokens", "2", "--modes", "full,block", "--json", str(out),
+               "--no-progress"]
+    with pytest.raises(TrainedRowsError, match=r"trained on 2 of the 4 questions .*\(rows 2, 3 of qa\.jsonl\.gz\).*"
+                       r"--start 0 --limit 2"):
+        cli_main(command)
+    with pytest.raises(TrainedRowsError, match="1 of the 1 questions"):
+        cli_main([*command, "--start", "3"])
+    assert not out.exists() and not out.with_suffix(".results.jsonl").exists()  # refused before answering
+    assert cli_main([*command, "--limit", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["adapter_trained_on"] == [{"sha256": file_sha256(data), "path": str(data), "count": 2,
+                                                         "ranges": [[2, 3]]}]
+    assert result["modes"]["full"]["n"] == result["modes"]["block"]["n"] == 2
+    assert json.loads(out.with_suffix(".results.jsonl").read_text().splitlines()[0])["settings"] == result["settings"]

@@ -12,14 +12,16 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from blockrag.engine import BlockEngine, LoadedModel, load_model, model_fingerprint
-from blockrag.errors import AdapterMismatchError, AdapterNotFoundError
-from blockrag.engine.finetune import (IGNORE_INDEX, FinetuneSettings, TrainingExample, answer_logits, example_loss,
-                                      example_tokens, finetune, lora_shape)
-from blockrag.engine.model import ADAPTER_SETTINGS
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, LoadedModel, load_model, model_fingerprint
+from blockrag.errors import AdapterMismatchError, AdapterNotFoundError, InvalidArgumentError
+from blockrag.engine.adapter import (ADAPTER_SETTINGS, UNRECORDED_PASSAGE_ORDER, TrainingRows, adapter_passage_order,
+                                     adapter_training_rows, file_sha256, lora_shape, row_ranges)
 from blockrag.engine.transformer import Positions, forward
-from blockrag.retriever import IndexMismatchError, QAItem, ScoredNode
-from blockrag.retriever.finetune import training_example
+from blockrag.evaluation.qa import QAItem
+from blockrag.retriever import IndexMismatchError, ScoredNode
+from blockrag.training.examples import training_example
+from blockrag.training.trainer import (IGNORE_INDEX, ExampleSource, FinetuneSettings, TrainingExample, answer_logits,
+                                       example_loss, example_tokens, finetune)
 from tiny_models import block_attention_mask
 
 EXAMPLE = TrainingExample(
@@ -41,7 +43,7 @@ def tiny_llama(seed: int = 0, attn: str = "eager"):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_model("smollm2-135m").tokenizer
+    return load_model(DEFAULT_MODEL).tokenizer
 
 
 def engine_for(model, tokenizer, block_mode="naive") -> BlockEngine:
@@ -53,7 +55,8 @@ def inference_logits(engine: BlockEngine, example: TrainingExample, mode: str, b
     """What the engine computes for the answer tokens: the prefill's last logits, then the answer fed on its cache."""
     tokens = example_tokens(engine, example)
     answer = tokens.input_ids[tokens.answer_start:-1]  # the answer without its EOS: each predicts the next
-    done = engine.prefill(example.prefix, list(example.passages), example.question, mode=mode, block_mode=block_mode, max_new_tokens=len(answer))
+    done = engine.prefill(example.system_prompt, list(example.passages), example.question, mode=mode,
+                          block_mode=block_mode, max_new_tokens=len(answer))
     assert done.prompt_tokens == tokens.answer_start  # the same prompt, token for token
     positions = Positions.span(tokens.answer_start, len(answer))
     rest = forward(engine.model, done.cache, answer[None], positions, logits=len(answer))[0]
@@ -81,7 +84,7 @@ def test_full_attention_training_equals_full_inference(tokenizer):
 
 def test_prefix_block_training_equals_block_inference(tokenizer):
     engine = engine_for(tiny_llama(), tokenizer, "prefix")
-    example = TrainingExample(EXAMPLE.passages, EXAMPLE.question, EXAMPLE.answer, prefix="Answer in one line.")
+    example = TrainingExample(EXAMPLE.passages, EXAMPLE.question, EXAMPLE.answer, system_prompt="Answer in one line.")
     tokens = example_tokens(engine, example)
     with torch.no_grad():
         trained = answer_logits(engine.model, tokens, "prefix")
@@ -209,6 +212,62 @@ def test_an_adapter_keeps_the_passage_order_it_was_trained_with(trained, tmp_pat
         finetune(engine, [EXAMPLE], tmp_path / "out", FinetuneSettings(rank=4), resume=old, progress=False)
     with pytest.raises(ValueError, match="passage_order must be one of"):
         FinetuneSettings(passage_order="best-middle")
+
+
+def test_an_adapter_without_a_record_reads_best_first_as_one_recorded_without_the_order(trained, tmp_path, caplog):
+    """Both come from before the order was recorded, when training placed passages best first: one default."""
+    base, adapter, _, _ = trained
+    bare, old = tmp_path / "bare", tmp_path / "old"
+    shutil.copytree(adapter, bare)
+    (bare / ADAPTER_SETTINGS).unlink()
+    shutil.copytree(adapter, old)
+    record = json.loads((old / ADAPTER_SETTINGS).read_text())
+    del record["settings"]["passage_order"]
+    (old / ADAPTER_SETTINGS).write_text(json.dumps(record))
+    assert adapter_passage_order(bare) == adapter_passage_order(old) == UNRECORDED_PASSAGE_ORDER == "best-first"
+    assert adapter_passage_order(adapter) == "best-last"  # recorded: as trained
+    with caplog.at_level("WARNING"):
+        loaded = load_model(str(base), dtype="float32", adapter=bare)
+    assert loaded.passage_order == "best-first" and "cannot check that the adapter was trained on" in caplog.text
+    assert adapter_training_rows(bare) is None and adapter_training_rows(old) is None  # rows not recorded
+
+
+def test_row_ranges_keep_a_record_short_and_read_back_exactly():
+    assert row_ranges([9, 3, 4, 5, 7, 4]) == [[3, 5], [7, 7], [9, 9]] and row_ranges([]) == []
+    rows = TrainingRows("ab" * 32, (300, *range(301, 1000), 5), "qa.jsonl.gz")
+    assert rows.rows[0] == 5 and len(rows.rows) == 701
+    assert rows.to_json() == {"sha256": "ab" * 32, "path": "qa.jsonl.gz", "count": 701,
+                              "ranges": [[5, 5], [300, 999]]}
+    assert TrainingRows.from_json(json.loads(json.dumps(rows.to_json()))) == rows
+    with pytest.raises(ValueError, match="from 0"):
+        TrainingRows("ab" * 32, (-1,))
+
+
+def test_an_adapter_records_the_qa_rows_it_trained_on(trained, tmp_path):
+    base, adapter, _, engine = trained
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("the bytes of a QA file: their hash names it\n")
+    too_long = TrainingExample(EXAMPLE.passages * 20, EXAMPLE.question, EXAMPLE.answer)  # over the 512 positions
+    settings = FinetuneSettings(epochs=1, rank=4, full_fraction=0.0, block_mode="prefix")
+    report = finetune(engine, [EXAMPLE, too_long, EXAMPLE], tmp_path / "a", settings,
+                      source=ExampleSource(qa, (7, 8, 3)), progress=False)
+    assert report.skipped == 1
+    record = json.loads((tmp_path / "a" / ADAPTER_SETTINGS).read_text())
+    assert record["format"] == 2
+    assert record["trained_on"] == [{"sha256": file_sha256(qa), "path": str(qa), "count": 2,
+                                     "ranges": [[3, 3], [7, 7]]}]  # row 8's example was skipped: not trained on
+    assert adapter_training_rows(tmp_path / "a") == [TrainingRows(file_sha256(qa), (3, 7), str(qa))]
+    # Resumed, the new adapter has been trained on the old one's rows too.
+    finetune(engine, [EXAMPLE], tmp_path / "b", settings, resume=tmp_path / "a", source=ExampleSource(qa, (4,)),
+             progress=False)
+    assert adapter_training_rows(tmp_path / "b") == [TrainingRows(file_sha256(qa), (3, 4, 7), str(qa))]
+    # Resumed from an adapter whose rows are unknown (trained without a source), the rows stay unknown.
+    finetune(engine, [EXAMPLE], tmp_path / "c", settings, resume=adapter, source=ExampleSource(qa, (4,)),
+             progress=False)
+    assert adapter_training_rows(adapter) is None and adapter_training_rows(tmp_path / "c") is None
+    with pytest.raises(InvalidArgumentError, match="2 rows for 1 examples"):
+        finetune(engine, [EXAMPLE], tmp_path / "d", settings, source=ExampleSource(qa, (1, 2)), progress=False)
+    assert not (tmp_path / "d").exists()
 
 
 def test_resuming_needs_the_adapter_shape_and_base_model(trained, tokenizer, tmp_path):

@@ -13,15 +13,16 @@ after the head, wherever the passage then sits (tested: equal logits). A seeded 
 (``full_fraction``, the paper's ``train_full_attention``) trains the same example with plain causal
 attention instead, so one model serves both block and full mode.
 
-Only LoRA weights are trained (peft); :func:`finetune` saves them with ``save_pretrained`` as
-safetensors plus a JSON record of the settings and the base model's fingerprint, and
-``load_model(..., adapter=folder)`` merges them back into a plain model. Training can go on from
-a saved adapter (``resume``), so a run can be extended with more epochs or other examples later.
+Only LoRA weights are trained (peft); :func:`finetune` saves them through
+:func:`blockrag.engine.adapter.save_adapter` (safetensors plus a JSON record of the settings, the
+base model's fingerprint and the QA rows trained on), and ``load_model(..., adapter=folder)``
+merges them back into a plain model. Training can go on from a saved adapter (``resume``), so a
+run can be extended with more epochs or other examples later.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 import random
@@ -35,14 +36,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, prefill_over_blocks
-from blockrag.errors import InvalidArgumentError, AdapterNotFoundError, MissingExtraError
-from .generate import BlockEngine, prompt_layout
-from .model import ADAPTER_CONFIG, ADAPTER_SETTINGS, adapter_passage_order, check_adapter, package_versions
-from .prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, tokenize
+from blockrag.engine.adapter import (TrainingRows, adapter_passage_order, adapter_record, adapter_training_rows,
+                                     check_adapter, file_sha256, lora_shape, merge_training_rows, save_adapter)
+from blockrag.engine.blocks import BLOCK_MODES, BlockMode, assemble, encode_batch, prefill_over_blocks
+from blockrag.engine.generate import BlockEngine, prompt_layout
+from blockrag.engine.model import package_versions
+from blockrag.engine.prompt import DEFAULT_PASSAGE_ORDER, PASSAGE_ORDERS, PassageOrder, tokenize
+from blockrag.errors import InvalidArgumentError, MissingExtraError
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 #: What an example attends to in training: a block mode, or plain causal attention.
 TrainAttention = Literal["naive", "prefix", "full"]
@@ -56,12 +61,24 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class TrainingExample:
-    """One question answered over passages; ``prefix`` is the system prompt (None: the engine's default)."""
+    """One question answered over passages after ``system_prompt`` (None: the engine's default)."""
 
     passages: tuple[str, ...]
     question: str
     answer: str
-    prefix: str | None = None
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class ExampleSource:
+    """The QA file examples were built from and each one's row in it (line from 0), in the examples' order.
+
+    The adapter records the file's hash and the rows trained on, so that an evaluation can refuse to
+    score the questions it was trained on.
+    """
+
+    path: str | os.PathLike
+    rows: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,7 @@ def example_tokens(engine: BlockEngine, example: TrainingExample) -> ExampleToke
     answer = tokenize(engine.tokenizer, example.answer.strip())
     if not answer:
         raise InvalidArgumentError(f"the answer to {example.question!r} is empty; every example needs an answer to learn")
-    template = engine.template(example.prefix)
+    template = engine.template(example.system_prompt)
     layout = prompt_layout(template.head, [_Passage(p) for p in example.passages],
                            template.question_text(example.question))
     pieces: list[tuple[list[int], SegmentKind]] = [
@@ -167,7 +184,8 @@ class FinetuneSettings:
     reads well only in the order it was trained in (benchmarks/RESULTS.md)."""
 
     def lora_shape(self) -> dict:
-        """The LoRA settings an adapter is saved with, in the form :func:`lora_shape` reads them back."""
+        """The LoRA settings an adapter is saved with, in the form :func:`blockrag.engine.adapter.lora_shape` reads
+        them back."""
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
                 "target_modules": tuple(sorted(self.target_modules))}
 
@@ -204,15 +222,20 @@ class FinetuneReport:
                 f"{self.mean_loss('first'):.3f} -> {self.mean_loss('last'):.3f}; adapter in {self.folder}")
 
 
-def lora_shape(adapter: str | os.PathLike) -> dict:
-    """The LoRA settings an adapter folder was saved with, as :class:`FinetuneSettings` fields."""
-    path = Path(adapter).expanduser() / ADAPTER_CONFIG
-    if not path.is_file():
-        raise AdapterNotFoundError(f"{path.parent} holds no LoRA adapter ({ADAPTER_CONFIG}); pass the folder "
-                                   "`blockrag finetune --out` wrote.")
-    config = json.loads(path.read_text())
-    return {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
-            "target_modules": tuple(sorted(config["target_modules"]))}
+def _trained_on(known: list[TrainingRows] | None, source: ExampleSource | None,
+                kept: Sequence[int]) -> list[TrainingRows] | None:
+    """The QA rows an adapter has been trained on: a resumed adapter's (``known``; None if unknown) and the rows of
+    the examples trained on (``kept``, indexes into ``source.rows``)."""
+    if known is None:
+        log.warning("the resumed adapter records no training rows, so the new one cannot either: evaluations "
+                    "will not be able to refuse to score them")
+        return None
+    if source is None:
+        if known:
+            log.warning("no source given: the new examples' rows are unknown, so the adapter records none")
+        return None
+    rows = TrainingRows(file_sha256(source.path), tuple(source.rows[i] for i in kept), str(source.path))
+    return merge_training_rows(known, [rows])
 
 
 def _peft():
@@ -225,7 +248,8 @@ def _peft():
 
 def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str | os.PathLike,
              settings: FinetuneSettings = FinetuneSettings(), *, base_model: str | None = None,
-             resume: str | os.PathLike | None = None, progress: bool = True) -> FinetuneReport:
+             resume: str | os.PathLike | None = None, source: ExampleSource | None = None,
+             progress: bool = True) -> FinetuneReport:
     """Train a LoRA adapter of ``engine``'s model on ``examples`` and save it in the folder ``out``.
 
     One example per optimizer step (AdamW, constant learning rate), in a seeded order; each step
@@ -234,26 +258,34 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
     ``load_model(..., adapter=out)``. ``base_model`` (how to load the base model) is recorded.
     ``resume`` is an adapter folder of the same base model and LoRA shape to go on training
     (the optimizer starts afresh); the new record keeps the old one under ``resumed_from``.
+    ``source`` names the QA file and row of every example: the file's hash and the rows trained on
+    are recorded (with the resumed adapter's), and ``blockrag eval --adapter`` refuses to score
+    them. Without it the record says nothing of the rows, and evaluations cannot check them.
     """
     peft = _peft()
     previous = None
+    known_rows: list[TrainingRows] | None = []
+    if source is not None and len(source.rows) != len(examples):
+        raise InvalidArgumentError(f"source gives {len(source.rows)} rows for {len(examples)} examples; give each "
+                                   "example's row, in the examples' order")
     if resume is not None:
         resume = check_adapter(resume, engine.fingerprint, next(engine.model.parameters()).dtype)
         if lora_shape(resume) != settings.lora_shape():
             raise InvalidArgumentError(f"the adapter in {resume} has LoRA settings {lora_shape(resume)}, but these settings ask "
                              f"for {settings.lora_shape()}; train on with the adapter's own "
-                             "(blockrag.engine.finetune.lora_shape gives them)")
+                             "(blockrag.engine.adapter.lora_shape gives them)")
         trained_order = adapter_passage_order(resume)
         if trained_order != settings.passage_order:
             raise InvalidArgumentError(f"the adapter in {resume} was trained with passages placed {trained_order}, but these "
                              f"settings place them {settings.passage_order}; train on in the adapter's order")
-        record_file = resume / ADAPTER_SETTINGS
-        old = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        old = adapter_record(resume) or {}
         previous = {"folder": str(resume), **{k: v for k, v in old.items() if k not in ("losses", "versions")},
                     "steps": len(old.get("losses", []))}
+        known_rows = adapter_training_rows(resume)
     limit = min(settings.max_tokens or engine.max_positions, engine.max_positions)
     all_tokens = [example_tokens(engine, e) for e in examples]
-    tokens = [t for t in all_tokens if len(t) <= limit]
+    kept = [i for i, t in enumerate(all_tokens) if len(t) <= limit]
+    tokens = [all_tokens[i] for i in kept]
     if not tokens:
         raise InvalidArgumentError(f"no example fits in {limit} tokens ({len(all_tokens)} given); raise max_tokens or "
                          "pass fewer passages per example")
@@ -291,18 +323,16 @@ def finetune(engine: BlockEngine, examples: Sequence[TrainingExample], out: str 
                     bar.update()
                     bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         folder = Path(out).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder, safe_serialization=True)
         report = FinetuneReport(folder, len(tokens), len(all_tokens) - len(tokens), losses, full_steps,
                                 time.perf_counter() - started)
-        record = {"format": 1, "base_fingerprint": base_fingerprint, "base_model": base_model,
+        record = {"base_fingerprint": base_fingerprint, "base_model": base_model,
                   "base_dtype": str(next(engine.model.parameters()).dtype), "system_prompt": engine.system_prompt,
                   "settings": asdict(settings), "examples": report.examples, "skipped": report.skipped,
                   "full_steps": full_steps, "seconds": round(report.seconds, 1),
                   "losses": [round(x, 4) for x in losses], "versions": package_versions()}
         if previous is not None:
             record["resumed_from"] = previous
-        (folder / ADAPTER_SETTINGS).write_text(json.dumps(record, indent=1) + "\n")
+        save_adapter(model, folder, record, _trained_on(known_rows, source, kept))
     finally:
         model.unload()  # removes the LoRA layers: engine.model is the base model again
         engine.model.eval()
