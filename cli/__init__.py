@@ -2,7 +2,9 @@
 
 Each command module has ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status) and
 imports nothing heavy at module level, so ``blockrag --help`` and a no-op re-ingest stay fast.
-Output is quiet by default: library warnings and their progress bars show with ``--verbose``.
+Output is quiet by default: library warnings and their progress bars show with ``--verbose``. An
+error blockrag raises on purpose (:mod:`blockrag.errors`) ends the command with its message and exit
+status 1; a bad argument ends it with the usage and status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import os
 import sys
 import warnings
+
+from blockrag.errors import BlockragError
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO)
     else:
         quiet_libraries()
-    return int(importlib.import_module(args.command_module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args.command_module).run(args) or 0)
+    except BlockragError as exc:  # raised on purpose, with advice: the message, not a traceback
+        print(f"blockrag {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

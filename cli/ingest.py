@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from blockrag.engine import DEFAULT_MODEL
-from blockrag.errors import BlockragError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,16 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status 1 with the error's own advice for bad input, a full disk, another model's store...: every
-    such error is raised before anything is written, or leaves what was committed for a re-run to resume."""
+    """Every error blockrag raises here (bad input, a full disk, another model's store...) comes before anything is
+    written, or leaves what was committed for a re-run to resume."""
     from blockrag.retriever import ingest, load_documents
 
-    try:
-        documents = load_documents(args.paths)
-        report = ingest(documents, args.index, model=args.model, chunk_tokens=args.chunk_tokens,
-                        vector_index=args.vector_index, batch_passages=args.batch_passages)
-    except BlockragError as exc:
-        print(f"blockrag ingest: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    report = ingest(load_documents(args.paths), args.index, model=args.model, chunk_tokens=args.chunk_tokens,
+                    vector_index=args.vector_index, batch_passages=args.batch_passages)
     print(f"{args.index}: {report}")
     return 0

@@ -75,7 +75,7 @@ class PassageContext:
 
 @dataclass(frozen=True)
 class StoredPassage:
-    """A passage's text with the store key of its block, known from ingestion: served without tokenizing it."""
+    """A passage's text with the store key its block was stored under at ingestion: looked up by that key."""
 
     text: str
     key: str

@@ -220,7 +220,12 @@ def prompt_layout(head: str | Block, passages: Sequence[str | Block], question: 
 
 
 class BlockEngine:
-    """A loaded model with the prompt layout and prefix blocks it answers with."""
+    """A loaded model with the prompt layout, head blocks and block store it answers with.
+
+    Its settings (``system_prompt``, ``block_mode``, ``store``) are fixed at construction, so one
+    engine can serve several threads at once: a caller that needs others makes a second engine
+    over the same :class:`LoadedModel` (``engine.with_store(store)``, or ``BlockEngine(engine.loaded, ...)``).
+    """
 
     def __init__(self, loaded: LoadedModel, *, system_prompt: str | None = None, block_mode: BlockMode = "prefix",
                  batch_size: int = 8, store: BlockStore | None = None):
@@ -229,10 +234,10 @@ class BlockEngine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.block_mode: BlockMode = block_mode
+        self._block_mode: BlockMode = block_mode
         self.batch_size = batch_size
-        self.system_prompt = system_prompt
-        self.store = store
+        self._system_prompt = system_prompt
+        self._store = store
         self.device = next(self.model.parameters()).device
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         config_eos = self.model.generation_config.eos_token_id
@@ -247,6 +252,26 @@ class BlockEngine:
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
                         device: str = "cpu", **kwargs) -> "BlockEngine":
         return cls(load_model(name_or_path, dtype=dtype, device=device), **kwargs)
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt of requests that give none (None: blockrag's default)."""
+        return self._system_prompt
+
+    @property
+    def block_mode(self) -> BlockMode:
+        """What passage blocks are encoded after, for requests that do not say."""
+        return self._block_mode
+
+    @property
+    def store(self) -> BlockStore | None:
+        """Where blocks are looked up and kept between calls (None: encoded per call)."""
+        return self._store
+
+    def with_store(self, store: BlockStore | None) -> "BlockEngine":
+        """An engine over the same loaded model and settings that keeps its blocks in ``store``."""
+        return BlockEngine(self.loaded, system_prompt=self._system_prompt, block_mode=self._block_mode,
+                           batch_size=self.batch_size, store=store)
 
     @property
     def passage_order(self) -> PassageOrder:
@@ -326,33 +351,27 @@ class BlockEngine:
                 exact_text: bool) -> tuple[list[Block], list[bool]]:
         """:meth:`blocks`, telling for each block whether it existed before this call (given or stored).
 
-        A :class:`StoredPassage` is looked up by its key as it is: its text is tokenized only if the
-        store does not hold it.
+        A :class:`StoredPassage` is looked up by its key as it is, and served only if the entry holds
+        its text's tokens.
         """
         start = len(context.block) if context.block is not None else 0
         out: list[Block | None] = [p if isinstance(p, Block) else None for p in passages]
         todo = [i for i, p in enumerate(passages) if not isinstance(p, Block)]
         texts = {i: passages[i].text if isinstance(passages[i], StoredPassage) else passages[i] for i in todo}
-        ids: dict[int, list[int]] = {i: self.passage_token_ids(texts[i], exact_text)  # type: ignore[arg-type]
-                                     for i in todo if not isinstance(passages[i], StoredPassage)}
-        keys = {i: passages[i].key if isinstance(passages[i], StoredPassage)  # type: ignore[union-attr]
-                else block_key(self.fingerprint, context.id, ids[i]) for i in todo}
+        ids = {i: self.passage_token_ids(texts[i], exact_text) for i in todo}  # type: ignore[arg-type]
+        keys = {i: block_key(self.fingerprint, context.id, ids[i]) for i in todo}
         if self.store is not None and todo:
-            for i, found in zip(todo, self.store.get_many([keys[i] for i in todo])):
-                # A store entry is served only if it really holds these tokens (for a caller's key: the tokens that
-                # key names), encoded where they follow this context.
+            asked = [passages[i].key if isinstance(passages[i], StoredPassage) else keys[i]  # type: ignore[union-attr]
+                     for i in todo]
+            for i, key, found in zip(todo, asked, self.store.get_many(asked)):
+                # A store entry is served only if it really holds these tokens, encoded where they follow this context.
                 if found is not None and found.context == context.id and found.start == start and \
-                        (found.token_ids.tolist() == ids[i] if i in ids
-                         else block_key(self.fingerprint, context.id, found.token_ids) == keys[i]):
+                        found.token_ids.tolist() == ids[i]:
                     out[i] = found
                 elif found is not None:
-                    log.warning("store entry %s holds other tokens, context or start; recomputing it", keys[i])
+                    log.warning("store entry %s holds other tokens, context or start; recomputing it", key)
         reused = [b is not None for b in out]
         missing = [i for i in todo if out[i] is None]
-        for i in missing:
-            if i not in ids:
-                ids[i] = self.passage_token_ids(texts[i], exact_text)  # type: ignore[arg-type]
-                keys[i] = block_key(self.fingerprint, context.id, ids[i])
         for i, block in zip(missing, encode_blocks(self.model, [ids[i] for i in missing], context.block,
                                                    self.batch_size)):
             out[i] = block

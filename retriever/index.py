@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -137,11 +138,22 @@ def _disk_space(folder: Path) -> Iterator[None]:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _locked(method: F) -> F:
+    """Mark an :class:`Index` method that reads the document store or FAISS: one thread at a time (frameworks
+    retrieve from threads of their own)."""
+    @functools.wraps(method)
+    def locked(self: Index, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked  # type: ignore[return-value]
+
+
 def _writes(method: F) -> F:
-    """Mark an :class:`Index` method that writes to the folder: a full disk raises :class:`IndexFullError`."""
+    """Mark an :class:`Index` method that writes to the folder: one thread at a time, and a full disk raises
+    :class:`IndexFullError`."""
     @functools.wraps(method)
     def checked(self: Index, *args, **kwargs):
-        with _disk_space(self.folder):
+        with self._lock, _disk_space(self.folder):
             return method(self, *args, **kwargs)
     return checked  # type: ignore[return-value]
 
@@ -149,17 +161,19 @@ def _writes(method: F) -> F:
 class Index:
     """An index folder opened for reading and writing (see the module docstring for its layout).
 
-    Any number of processes may read an index; one at a time may write to it (ingest, delete).
+    Any number of processes may read an index; one at a time may write to it (ingest, delete). In a
+    process, any thread may use it: its reads and writes take turns.
     """
 
     def __init__(self, folder: Path, config: IndexConfig, kv_store: KVStore | None):
         self.folder = folder
         self.config = config
+        self._lock = threading.RLock()
         # The store first: a store of another model is refused before the document store is touched.
         self._owns_kv = kv_store is None
         self.kv: KVStore = open_store(folder / "kv", fingerprint=config.fingerprint) if kv_store is None else kv_store
         with _disk_space(folder):
-            self._db = sqlite3.connect(folder / "docstore.sqlite")
+            self._db = sqlite3.connect(folder / "docstore.sqlite", check_same_thread=False)  # used under _lock
             self._db.execute("PRAGMA journal_mode=WAL")  # serving processes read while ingestion writes
             self._db.executescript(_SCHEMA)
         self._unsaved = False
@@ -193,6 +207,7 @@ class Index:
 
     # --- reading
 
+    @_locked
     def __len__(self) -> int:
         return self._db.execute("SELECT count(*) FROM nodes").fetchone()[0]
 
@@ -203,6 +218,7 @@ class Index:
             raise NodeNotFoundError(f"no passage with node ID {node_id!r} in the index at {self.folder}.")
         return found[0]
 
+    @_locked
     def nodes(self, node_ids: Sequence[str]) -> list[Node]:
         """The passages with these IDs that are indexed, in the order asked."""
         rows = {}
@@ -213,9 +229,11 @@ class Index:
                 f"JOIN documents d ON d.id = n.doc_id WHERE n.id IN ({','.join('?' * len(chunk))})", chunk))
         return [Node(*rows[i][:6], json.loads(rows[i][6])) for i in node_ids if i in rows]
 
+    @_locked
     def document_ids(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM documents ORDER BY id")]
 
+    @_locked
     def text_digests(self, doc_ids: Sequence[str]) -> dict[str, str]:
         """Document ID -> digest of the text whose passages are all committed, for those ingested whole since
         their passages last changed (see :meth:`record_digests`)."""
@@ -226,11 +244,13 @@ class Index:
                 f"SELECT doc_id, digest FROM ingested WHERE doc_id IN ({','.join('?' * len(chunk))})", chunk))
         return out
 
+    @_locked
     def document_nodes(self, doc_id: str) -> list[Node]:
         """A document's passages in order."""
         ids = [r[0] for r in self._db.execute("SELECT id FROM nodes WHERE doc_id = ? ORDER BY position", (doc_id,))]
         return self.nodes(ids)
 
+    @_locked
     def search(self, vectors: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """For each query vector, up to ``top_k`` (node ID, inner product) pairs, best first."""
         if top_k < 1:
@@ -326,6 +346,7 @@ class Index:
         _replace(self.folder / "vectors.json", lambda p: Path(p).write_text(state))
         self._unsaved = False
 
+    @_locked
     def close(self) -> None:
         try:
             self.save()

@@ -38,7 +38,7 @@ class ScoredNode:
         return self.node.kv_key
 
     def passage(self) -> StoredPassage:
-        """The passage as the engine takes it: its block is looked up by the known key, with no tokenizing."""
+        """The passage as the engine takes it: its block is looked up by the key ingestion stored it under."""
         return StoredPassage(self.node.text, self.node.kv_key)
 
 

@@ -251,6 +251,43 @@ def test_block_from_another_prefix_is_refused(tiny_engine):
     assert tiny_engine.generate("Another system prompt.", other, "Q?", max_new_tokens=1).completion_tokens <= 1
 
 
+def test_engine_settings_are_fixed_and_another_store_is_another_engine(tiny_engine, tmp_path):
+    from blockrag.kvstore import open_store
+
+    store = open_store(tmp_path / "kv", dtype="fp32")
+    with pytest.raises(AttributeError):
+        tiny_engine.store = store  # shared by the threads of a framework: never changed under them
+    with pytest.raises(AttributeError):
+        tiny_engine.system_prompt = "Another."
+    other = tiny_engine.with_store(store)
+    assert tiny_engine.store is None and other.store is store and other.loaded is tiny_engine.loaded
+    assert (other.system_prompt, other.block_mode, other.batch_size) == \
+        (tiny_engine.system_prompt, tiny_engine.block_mode, tiny_engine.batch_size)
+    first = other.generate(None, ["A passage about herons."], "Q?", max_new_tokens=2)
+    again = other.generate(None, ["A passage about herons."], "Q?", max_new_tokens=2)
+    assert len(list(store.keys())) == 1 and again.token_ids == first.token_ids
+    assert again.block_tokens == again.prompt_tokens - again.prefilled_tokens > first.block_tokens
+
+
+def test_a_stored_passage_is_served_by_its_key_and_a_wrong_key_is_not(tiny_engine, tmp_path):
+    from blockrag.engine import StoredPassage
+    from blockrag.kvstore import open_store
+
+    engine = tiny_engine.with_store(open_store(tmp_path / "kv", dtype="fp32"))
+    texts = ["The heron nests in the marsh.", "The lighthouse was lit in 1871."]
+    engine.blocks(texts)  # as ingestion stores them
+    keys = engine.block_keys(texts)
+    by_text = engine.generate(None, texts, "Q?", max_new_tokens=3)
+    by_key = engine.generate(None, [StoredPassage(t, k) for t, k in zip(texts, keys)], "Q?", max_new_tokens=3)
+    assert by_key.token_ids == by_text.token_ids and by_key.block_tokens == by_text.block_tokens
+    assert by_key.prefilled_tokens == by_text.prefilled_tokens  # the passages were served, not recomputed
+    # A key naming another passage's block: its tokens are not the passage's, so it is encoded from the text.
+    swapped = engine.generate(None, [StoredPassage(texts[0], keys[1]), StoredPassage(texts[1], keys[1])], "Q?",
+                              max_new_tokens=3)
+    assert swapped.token_ids == by_text.token_ids
+    assert swapped.prefilled_tokens == by_text.prefilled_tokens + len(engine.passage_token_ids(texts[0]))
+
+
 def test_prompt_too_long(tiny_engine):
     with pytest.raises(PromptTooLongError, match="fewer or shorter"):
         tiny_engine.generate(None, ["word " * 600], "Q?", max_new_tokens=1)

@@ -128,6 +128,18 @@ def test_retrieval_returns_the_passage_that_answers(built, embedder):
             assert best.metadata["title"] and best.metadata["source"].endswith(f"{sample.document}.md")
 
 
+def test_an_index_is_read_from_several_threads_at_once(built, embedder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [sample.question for sample in bundled_questions()] * 4
+    with Index.open(built[0]) as index:  # opened here, read from the framework threads below
+        retriever = Retriever(index, embedder)
+        alone = [[(h.id, h.text) for h in retriever.retrieve(q, top_k=3)] for q in questions]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda q: [(h.id, h.text) for h in retriever.retrieve(q, top_k=3)], questions))
+    assert together == alone
+
+
 def test_embeddings_are_unit_vectors_and_bf16_ranks_as_fp32_does(embedder):
     assert embedder.dtype == resolve_embedding_dtype("auto", torch.device("cpu"))
     assert embedder.dtype == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
