@@ -63,16 +63,20 @@ def inference_logits(engine: BlockEngine, example: TrainingExample, mode: str, b
     return torch.cat([done.logits[None], rest])
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_naive_block_training_equals_block_inference(tokenizer, attn):
-    engine = engine_for(tiny_llama(attn=attn), tokenizer, "naive")
-    tokens = example_tokens(engine, EXAMPLE)
+# Each block mode against the attention it must differ from: full attention (the mask matters), and for prefix
+# blocks naive ones (what passages are encoded after matters).
+@pytest.mark.parametrize("block_mode, attn, system_prompt, other", [
+    ("naive", "eager", None, "full"), ("naive", "sdpa", None, "full"), ("prefix", "eager", "Answer in one line.", "naive")])
+def test_block_training_equals_block_inference(tokenizer, block_mode, attn, system_prompt, other):
+    engine = engine_for(tiny_llama(attn=attn), tokenizer, block_mode)
+    example = TrainingExample(EXAMPLE.passages, EXAMPLE.question, EXAMPLE.answer, system_prompt=system_prompt)
+    tokens = example_tokens(engine, example)
     with torch.no_grad():
-        trained = answer_logits(engine.model, tokens, "naive")
-        full = answer_logits(engine.model, tokens, "full")
-    expected = inference_logits(engine, EXAMPLE, "block", "naive")
+        trained = answer_logits(engine.model, tokens, block_mode)
+        contrast = answer_logits(engine.model, tokens, other)
+    expected = inference_logits(engine, example, "block", block_mode)
     torch.testing.assert_close(trained, expected, rtol=0, atol=1e-4)
-    assert (full - expected).abs().max() > 1e-2  # the mask matters: full attention computes something else
+    assert (contrast - expected).abs().max() > 1e-2
 
 
 def test_full_attention_training_equals_full_inference(tokenizer):
@@ -80,18 +84,6 @@ def test_full_attention_training_equals_full_inference(tokenizer):
     with torch.no_grad():
         trained = answer_logits(engine.model, example_tokens(engine, EXAMPLE), "full")
     torch.testing.assert_close(trained, inference_logits(engine, EXAMPLE, "full", None), rtol=0, atol=1e-4)
-
-
-def test_prefix_block_training_equals_block_inference(tokenizer):
-    engine = engine_for(tiny_llama(), tokenizer, "prefix")
-    example = TrainingExample(EXAMPLE.passages, EXAMPLE.question, EXAMPLE.answer, system_prompt="Answer in one line.")
-    tokens = example_tokens(engine, example)
-    with torch.no_grad():
-        trained = answer_logits(engine.model, tokens, "prefix")
-        naive = answer_logits(engine.model, tokens, "naive")
-    expected = inference_logits(engine, example, "block", "prefix")
-    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-4)
-    assert (naive - expected).abs().max() > 1e-2  # what passages are encoded after matters
 
 
 def test_block_training_gradients_equal_the_masked_forward(tokenizer):
