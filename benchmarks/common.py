@@ -42,3 +42,9 @@ def random_tokens(engine: BlockEngine, generator: torch.Generator, count: int, l
     """``count`` passages of ``length`` random plain tokens each."""
     vocab = min(engine.model.config.vocab_size, len(engine.tokenizer))
     return torch.randint(FIRST_PLAIN_TOKEN, vocab - 1, (count, length), generator=generator).tolist()
+
+
+def random_texts(engine: BlockEngine, generator: torch.Generator, count: int, length: int) -> list[str]:
+    """``count`` passage texts decoded from ``length`` random plain tokens each (they re-tokenize to about as many)."""
+    return [engine.tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in random_tokens(engine, generator, count, length)]

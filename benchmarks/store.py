@@ -29,7 +29,7 @@ from blockrag.kvstore.disk import DiskKVStore
 from blockrag.kvstore.entry import encode_entry
 from blockrag.kvstore.memory import MemoryTier
 
-from .common import QUESTION, add_model_argument, machine, question_tokens, random_tokens
+from .common import QUESTION, add_model_argument, machine, question_tokens, random_texts
 DTYPES = ("fp32", "bf16", "int8")
 DEFAULT_DTYPE = "bf16"  # what "auto" stores for an fp32 model
 TARGET_RATIO = 1.5
@@ -50,8 +50,7 @@ def _passages(engine: BlockEngine, tokens: int, passage_tokens: int) -> list[str
     generator = torch.Generator().manual_seed(0)
     passages: list[str] = []
     while True:
-        (ids,) = random_tokens(engine, generator, 1, passage_tokens)
-        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        (text,) = random_texts(engine, generator, 1, passage_tokens)
         room -= len(engine.passage_token_ids(text))
         if room < 0:
             return passages

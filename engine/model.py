@@ -69,7 +69,8 @@ def check_supported(config) -> None:
         )
 
 
-def _bundled_gguf(alias: str) -> Path:
+def bundled_gguf(alias: str) -> Path:
+    """The GGUF file a bundled model alias ships in (its package installed with ``--no-deps``)."""
     dist, module, filename = BUNDLED_MODELS[alias]
     spec = importlib.util.find_spec(module)  # never import it: its __init__ pulls heavy dependencies
     if spec is None or not spec.submodule_search_locations:
@@ -113,7 +114,7 @@ def convert_gguf(gguf: Path) -> Path:
 def _resolve(name_or_path: str) -> tuple[str, str | None]:
     """Return (path or hub id, gguf file name or None)."""
     if name_or_path in BUNDLED_MODELS:
-        return str(convert_gguf(_bundled_gguf(name_or_path))), None
+        return str(convert_gguf(bundled_gguf(name_or_path))), None
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

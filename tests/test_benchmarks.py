@@ -1,0 +1,48 @@
+"""The benchmarks run end to end at a tiny size (their figures come from real runs: benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from blockrag.cli import main
+from tiny_models import tiny_model
+
+
+@pytest.fixture
+def tiny_folder(smollm, tmp_path):
+    folder = tmp_path / "tiny-model"
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 2048
+    model.save_pretrained(folder)
+    smollm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_answer_benchmark_rows_side_by_side_and_its_plot(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where the llamacpp extra is not installed
+    out, picture = tmp_path / "answer.json", tmp_path / "answer.png"
+    assert main(["bench", "answer", "--model", str(tiny_folder), "--gguf", str(tmp_path / "model.gguf"),
+                 "--passages", "1,3", "--passage-tokens", "20", "--new-tokens", "3", "--repeats", "1",
+                 "--plot", str(picture), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 'pip install "blockrag[llamacpp]"' in result["llama_cpp_skipped"]
+    assert [r["passages"] for r in result["results"]] == [1, 3]
+    for r in result["results"]:
+        rows = r["rows"]
+        assert set(rows) == {"block", "full", "none"}
+        assert rows["block"]["prompt_tokens"] == rows["full"]["prompt_tokens"] == r["prompt_tokens"]
+        assert rows["full"]["prefilled_tokens"] == r["prompt_tokens"] > rows["block"]["prefilled_tokens"]
+        assert rows["none"]["prompt_tokens"] < r["prompt_tokens"]
+        assert all(row["total_s"] >= row["ttft_s"] > 0 and 1 <= row["new_tokens"] <= 3 for row in rows.values())
+    assert result["results"][1]["prompt_tokens"] > result["results"][0]["prompt_tokens"]
+    assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_answer_benchmark_skips_llama_cpp_for_a_model_that_is_no_gguf(tiny_folder, tmp_path):
+    out = tmp_path / "answer.json"
+    assert main(["bench", "answer", "--model", str(tiny_folder), "--passages", "1", "--passage-tokens", "10",
+                 "--new-tokens", "2", "--repeats", "1", "--json", str(out)]) == 0
+    assert "is not a GGUF file; pass --gguf" in json.loads(out.read_text())["llama_cpp_skipped"]
