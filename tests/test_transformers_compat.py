@@ -51,3 +51,14 @@ def test_loading_hides_transformers_progress_bars_and_restores_them(caplog):
     assert transformers_logging.is_progress_bar_enabled() and gguf_loading.tqdm is bar
     with caplog.at_level("INFO", logger="blockrag"), loading_quietly():  # what `blockrag --verbose` shows
         assert transformers_logging.is_progress_bar_enabled() and gguf_loading.tqdm is bar
+
+
+def test_generation_uses_no_deprecated_transformers_api(tiny_engine):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers announces removals as FutureWarnings
+        for mode in ("block", "full"):
+            done = tiny_engine.generate(None, ["A passage about herons."], "What is it about?", mode=mode,
+                                        max_new_tokens=2)
+            assert done.completion_tokens >= 1
