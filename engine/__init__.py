@@ -1,10 +1,12 @@
 """blockrag's engine: Block-Attention prefill over cached passage blocks, on a local Hugging Face model."""
 
 from .blocks import BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks
+from .constrain import (CONSTRAINT_KINDS, CompiledConstraint, Constraint, ConstraintKind, ConstraintMatcher,
+                        compile_constraint)
 from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
                        RecycledDecoding, StreamingDecoding, start_decoding)
 from .errors import (AdapterMismatchError, AdapterNotFoundError, BlockragError, ExtraNotInstalledError,
-                     ModelNotFoundError, PromptTooLongError, UnsupportedModelError)
+                     InvalidConstraintError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError)
 from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationOptions, GenerationResult,
                        PrefillMode, SamplingOptions, TextStream)
 from .model import DEFAULT_MODEL, LoadedModel, blockrag_home, load_model, model_fingerprint
@@ -16,7 +18,8 @@ from .transformer import KVCache
 __all__ = [
     "AdapterMismatchError", "AdapterNotFoundError", "ExtraNotInstalledError", "assemble", "Block", "block_key",
     "BLOCK_MODES", "BlockEngine", "BlockMismatchError", "BlockMode",
-    "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES", "DecodeMode", "DecodeOptions",
+    "blockrag_home", "BlockragError", "BlockStore", "compile_constraint", "CompiledConstraint", "Constraint",
+    "CONSTRAINT_KINDS", "ConstraintKind", "ConstraintMatcher", "InvalidConstraintError", "context_id", "DECODE_MODES", "DecodeMode", "DecodeOptions",
     "Decoding", "DEFAULT_MODEL", "DEFAULT_PASSAGE_ORDER", "encode_blocks", "FixedStride", "FullDecoding",
     "GenerationOptions", "GenerationResult", "in_prompt_order", "KVCache", "load_model", "LoadedModel",
     "model_fingerprint", "ModelNotFoundError", "PASSAGE_ORDERS", "PassageOrder", "PREFILL_MODES", "PrefillMode",

@@ -27,3 +27,7 @@ class AdapterMismatchError(BlockragError):
 
 class ExtraNotInstalledError(BlockragError, ImportError):
     """A feature needs an optional dependency group (an extra) that is not installed."""
+
+
+class InvalidConstraintError(BlockragError, ValueError):
+    """A JSON schema or grammar given to constrain generation cannot be compiled."""

@@ -20,6 +20,7 @@ import torch
 
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks,
                      prefill_over_blocks)
+from .constrain import Constraint, compile_constraint
 from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
@@ -63,7 +64,8 @@ class GenerationOptions:
     long enough for it to pay, :data:`~.decoding.AUTO_RECYCLE_FROM` tokens, full decoding below),
     ``"full"``, ``"recycled"`` or ``"streaming"``, with ``recycle_k``, ``stride`` and
     ``dynamic_threshold`` as :class:`DecodeOptions` describes. In block mode, ``recovery``
-    recomputes some passage tokens in context (see :class:`Recovery`).
+    recomputes some passage tokens in context (see :class:`Recovery`). ``constraint`` restricts the
+    output to a JSON schema or grammar (see :class:`~.constrain.Constraint`), whatever the prefill and decoding.
     """
 
     mode: PrefillMode = "block"
@@ -79,6 +81,7 @@ class GenerationOptions:
     stride: int = 10
     dynamic_threshold: float | None = None
     recovery: Recovery | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in PREFILL_MODES:
@@ -87,6 +90,9 @@ class GenerationOptions:
             raise ValueError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise TypeError("constraint must be a blockrag.engine.Constraint (e.g. Constraint.json_schema(schema)), "
+                            f"got {type(self.constraint).__name__}")
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         self.sampling  # noqa: B018 - validates the sampling and decoding fields now, not mid-request
         self.decoding(AUTO_RECYCLE_FROM)
@@ -457,9 +463,17 @@ class BlockEngine:
     def _run(self, prefill: Callable[[int], _Prefill], options: GenerationOptions) -> Iterator[str | GenerationResult]:
         max_new_tokens, stops = options.max_new_tokens, options.stop
         started = time.perf_counter()
+        # A bad schema fails here, before any model work.
+        matcher = None if options.constraint is None else compile_constraint(
+            self.tokenizer, options.constraint, self.model.get_output_embeddings().weight.shape[0],
+            self.eos_ids).matcher()
         done = prefill(max_new_tokens)
         cache, logits, served, prefilled = done.cache, done.logits, done.served, done.prefilled
-        sample = _Sampler(options.sampling, self.device)
+        sampler = _Sampler(options.sampling, self.device)
+
+        def sample(logits: torch.Tensor) -> int:
+            return sampler(logits if matcher is None else matcher.mask(logits))
+
         token = sample(logits)
         ttft = time.perf_counter() - started
         decoding = options.decoding(cache.length)
@@ -483,6 +497,11 @@ class BlockEngine:
             if len(visible) > len(emitted) and visible.startswith(emitted):
                 yield visible[len(emitted):]
                 emitted = visible
+            if matcher is not None:
+                matcher.advance(token)
+                if matcher.finished:  # the output is complete: only end-of-text could follow
+                    finish = "stop"
+                    break
             if len(generated) >= max_new_tokens or prompt_tokens + len(generated) >= self.max_positions:
                 break
             token = sample(decoder.step(token))
