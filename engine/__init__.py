@@ -6,7 +6,8 @@ from .constrain import (CONSTRAINT_KINDS, CompiledConstraint, Constraint, Constr
 from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
                        RecycledDecoding, StreamingDecoding, start_decoding)
 from .errors import (AdapterMismatchError, AdapterNotFoundError, BlockragError, ExtraNotInstalledError,
-                     InvalidConstraintError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError)
+                     InvalidConstraintError, ModelNotFoundError, PromptTooLongError, StructuredRequestError,
+                     UnsupportedModelError)
 from .generate import (PREFILL_MODES, BlockEngine, BlockMismatchError, GenerationOptions, GenerationResult,
                        PrefillMode, SamplingOptions, TextStream)
 from .model import DEFAULT_MODEL, LoadedModel, blockrag_home, load_model, model_fingerprint
@@ -25,5 +26,5 @@ __all__ = [
     "model_fingerprint", "ModelNotFoundError", "PASSAGE_ORDERS", "PassageOrder", "PREFILL_MODES", "PrefillMode",
     "PromptTemplate",
     "PromptTooLongError", "QuerySimilarity", "Recovery", "RecycledDecoding", "rerotate", "SamplingOptions",
-    "start_decoding", "StreamingDecoding", "TextStream", "UnsupportedModelError",
+    "start_decoding", "StreamingDecoding", "StructuredRequestError", "TextStream", "UnsupportedModelError",
 ]

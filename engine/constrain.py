@@ -6,13 +6,19 @@ tokenizer once (cached, as is the tokenizer's own conversion), and each request 
 grammar, and it advances on the token chosen. Only logits are touched, so a constraint works with any
 prefill and any decode strategy. Built on llguidance (the ``structured`` extra), whose mask costs a small
 fraction of a decode step on a CPU (README, "Structured output and tool calling").
+
+A small model can repeat itself inside a string or a number until its token budget runs out, which would
+leave the output cut short. So over the last :func:`closing_reserve` tokens of the budget the matcher
+steers to the output's end: where the constraint allows a token made only of closing characters (``"``,
+``]``, ``}``), the choice is among those, so strings end and arrays and objects close (their last values
+may be short). Keys and literals the constraint requires are still generated.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,6 +37,12 @@ CONSTRAINT_KINDS: tuple[ConstraintKind, ...] = ("json_schema", "regex", "lark")
 #: models have read most) and no other whitespace, which a small model could otherwise repeat without end.
 #: A schema's own ``x-guidance`` settings take precedence.
 JSON_LAYOUT: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CLOSERS = frozenset('"]}')
+
+
+def closing_reserve(max_new_tokens: int) -> int:
+    """How many tokens before the end of a ``max_new_tokens`` budget a constrained output is steered to close."""
+    return min(16, max_new_tokens // 3)
 
 
 @dataclass(frozen=True)
@@ -118,15 +130,26 @@ def _grammar(constraint: Constraint) -> str:
     return llguidance.LLMatcher.grammar_from_lark(constraint.source)
 
 
+@functools.lru_cache(maxsize=8)
+def _closing_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torch.Tensor:
+    """Which of the ``vocab_size`` tokens are made only of :data:`CLOSERS` (a bool mask)."""
+    closing = torch.zeros(vocab_size, dtype=torch.bool)
+    for i, text in enumerate(tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])):
+        closing[i] = bool(text) and set(text) <= CLOSERS
+    return closing
+
+
 class CompiledConstraint:
     """A constraint compiled for one tokenizer; :meth:`matcher` starts a request's matcher from it."""
 
-    def __init__(self, template: Any, vocab_size: int):
+    def __init__(self, template: Any, tokenizer: PreTrainedTokenizerBase, vocab_size: int):
         self._template = template
+        self._tokenizer = tokenizer
         self.vocab_size = vocab_size
 
     def matcher(self) -> "ConstraintMatcher":
-        return ConstraintMatcher(self._template.deep_copy(), self.vocab_size)
+        return ConstraintMatcher(self._template.deep_copy(), self.vocab_size,
+                                 lambda: _closing_tokens(self._tokenizer, self.vocab_size))
 
 
 @functools.lru_cache(maxsize=64)
@@ -142,7 +165,7 @@ def _compile(tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_ids: tuple
         what = {"json_schema": "JSON schema", "regex": "regular expression", "lark": "Lark grammar"}[constraint.kind]
         raise InvalidConstraintError(f"cannot constrain generation to this {what}: {error}. Fix it, or leave out "
                                      "the keywords llguidance does not support (see its JSON schema docs).")
-    return CompiledConstraint(template, vocab_size)
+    return CompiledConstraint(template, tokenizer, vocab_size)
 
 
 def compile_constraint(tokenizer: PreTrainedTokenizerBase, constraint: Constraint, vocab_size: int,
@@ -156,17 +179,21 @@ def compile_constraint(tokenizer: PreTrainedTokenizerBase, constraint: Constrain
 class ConstraintMatcher:
     """One request's position in a constraint: masks each step's logits and advances on the chosen token."""
 
-    def __init__(self, matcher: Any, vocab_size: int):
+    def __init__(self, matcher: Any, vocab_size: int, closing_tokens: Callable[[], torch.Tensor]):
         self._matcher = matcher
-        self._vocab_size = vocab_size
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self._closing_tokens = closing_tokens
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` with every token the constraint does not allow next set to ``-inf``."""
+    def mask(self, logits: torch.Tensor, closing: bool = False) -> torch.Tensor:
+        """``logits`` with every token the constraint does not allow next set to ``-inf``; with ``closing``,
+        also every token but the closing ones, where the constraint allows any of those."""
         self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
-        allowed = np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")[: logits.shape[-1]]
-        keep = torch.from_numpy(allowed.astype(bool)).to(logits.device)
-        return logits.masked_fill(~keep, float("-inf"))
+        keep = torch.from_numpy(np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")[
+            : logits.shape[-1]].astype(bool))
+        if closing:
+            closers = keep & self._closing_tokens()[: keep.shape[0]]
+            keep = closers if closers.any() else keep
+        return logits.masked_fill(~keep.to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> None:
         """Move past ``token``; one the mask did not allow raises :class:`InvalidConstraintError`."""

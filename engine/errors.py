@@ -31,3 +31,7 @@ class ExtraNotInstalledError(BlockragError, ImportError):
 
 class InvalidConstraintError(BlockragError, ValueError):
     """A JSON schema or grammar given to constrain generation cannot be compiled."""
+
+
+class StructuredRequestError(BlockragError, ValueError):
+    """A request's tools, tool choice or response format cannot be used as given."""

@@ -20,7 +20,7 @@ import torch
 
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, assemble, block_key, context_id, encode_blocks,
                      prefill_over_blocks)
-from .constrain import Constraint, compile_constraint
+from .constrain import Constraint, closing_reserve, compile_constraint
 from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, start_decoding
 from .errors import BlockragError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
@@ -470,16 +470,17 @@ class BlockEngine:
         done = prefill(max_new_tokens)
         cache, logits, served, prefilled = done.cache, done.logits, done.served, done.prefilled
         sampler = _Sampler(options.sampling, self.device)
+        generated: list[int] = []
+        close_from = max_new_tokens - closing_reserve(max_new_tokens)
 
         def sample(logits: torch.Tensor) -> int:
-            return sampler(logits if matcher is None else matcher.mask(logits))
+            return sampler(logits if matcher is None else matcher.mask(logits, len(generated) >= close_from))
 
         token = sample(logits)
         ttft = time.perf_counter() - started
         decoding = options.decoding(cache.length)
         decoder = start_decoding(self.model, cache, decoding, min(max_new_tokens, cache.capacity - cache.length))
         del cache, done
-        generated: list[int] = []
         text = emitted = ""
         finish: Literal["stop", "length"] = "length"
         prompt_tokens = served + prefilled
