@@ -9,9 +9,9 @@ fraction of a decode step on a CPU (README, "Structured output and tool calling"
 
 A small model can repeat itself inside a string or a number until its token budget runs out, which would
 leave the output cut short. So over the last :func:`closing_reserve` tokens of the budget the matcher
-steers to the output's end: where the constraint allows a token made only of closing characters (``"``,
-``]``, ``}``), the choice is among those, so strings end and arrays and objects close (their last values
-may be short). Keys and literals the constraint requires are still generated.
+steers to the output's end: where the constraint allows end-of-text or a token made only of closing
+characters (``"``, ``]``, ``}``), the choice is among those, so strings end, arrays and objects close and
+repetitions stop (the last values may be short). Keys and literals the constraint requires are still generated.
 """
 
 from __future__ import annotations
@@ -131,25 +131,28 @@ def _grammar(constraint: Constraint) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _closing_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torch.Tensor:
-    """Which of the ``vocab_size`` tokens are made only of :data:`CLOSERS` (a bool mask)."""
+def _closing_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_ids: tuple[int, ...]) -> torch.Tensor:
+    """Which of the ``vocab_size`` tokens end text or are made only of :data:`CLOSERS` (a bool mask)."""
     closing = torch.zeros(vocab_size, dtype=torch.bool)
     for i, text in enumerate(tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])):
         closing[i] = bool(text) and set(text) <= CLOSERS
+    closing[list(eos_ids)] = True
     return closing
 
 
 class CompiledConstraint:
     """A constraint compiled for one tokenizer; :meth:`matcher` starts a request's matcher from it."""
 
-    def __init__(self, template: Any, tokenizer: PreTrainedTokenizerBase, vocab_size: int):
+    def __init__(self, template: Any, tokenizer: PreTrainedTokenizerBase, vocab_size: int,
+                 eos_ids: tuple[int, ...]):
         self._template = template
         self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
         self.vocab_size = vocab_size
 
     def matcher(self) -> "ConstraintMatcher":
         return ConstraintMatcher(self._template.deep_copy(), self.vocab_size,
-                                 lambda: _closing_tokens(self._tokenizer, self.vocab_size))
+                                 lambda: _closing_tokens(self._tokenizer, self.vocab_size, self._eos_ids))
 
 
 @functools.lru_cache(maxsize=64)
@@ -165,7 +168,7 @@ def _compile(tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_ids: tuple
         what = {"json_schema": "JSON schema", "regex": "regular expression", "lark": "Lark grammar"}[constraint.kind]
         raise InvalidConstraintError(f"cannot constrain generation to this {what}: {error}. Fix it, or leave out "
                                      "the keywords llguidance does not support (see its JSON schema docs).")
-    return CompiledConstraint(template, tokenizer, vocab_size)
+    return CompiledConstraint(template, tokenizer, vocab_size, eos_ids)
 
 
 def compile_constraint(tokenizer: PreTrainedTokenizerBase, constraint: Constraint, vocab_size: int,
