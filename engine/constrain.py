@@ -10,8 +10,10 @@ fraction of a decode step on a CPU (README, "Structured output and tool calling"
 A small model can repeat itself inside a string or a number until its token budget runs out, which would
 leave the output cut short. So over the last :func:`closing_reserve` tokens of the budget the matcher
 steers to the output's end: where the constraint allows end-of-text or a token made only of closing
-characters (``"``, ``]``, ``}``), the choice is among those, so strings end, arrays and objects close and
-repetitions stop (the last values may be short). Keys and literals the constraint requires are still generated.
+characters (``"``, ``]``, ``}``; those starting with a quote first), the choice is among those, so strings
+end, arrays and objects close and repetitions stop (the last values may be short). Keys and literals the constraint requires are still generated.
+A constraint that admits free text (a grammar with a plain-answer branch) turns this off (``close_early``), as
+its text would end at once.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ CLOSERS = frozenset('"]}')
 
 
 def closing_reserve(max_new_tokens: int) -> int:
-    """How many tokens before the end of a ``max_new_tokens`` budget a constrained output is steered to close."""
-    return min(16, max_new_tokens // 3)
+    """How many tokens before the end of a ``max_new_tokens`` budget a constrained output is steered to close
+    (closing a string can take a few required keys and literals more)."""
+    return min(32, max_new_tokens // 2)
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,12 @@ class Constraint:
 
     Build one with :meth:`json_schema`, :meth:`json_object`, :meth:`regex` or :meth:`lark`. ``source``
     holds the schema as JSON text (so a constraint is hashable and compiled once), the pattern or the grammar.
+    ``close_early`` steers the output to its end near the end of the token budget (see the module's doc).
     """
 
     kind: ConstraintKind
     source: str
+    close_early: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in CONSTRAINT_KINDS:
@@ -87,9 +92,10 @@ class Constraint:
         return cls("regex", pattern)
 
     @classmethod
-    def lark(cls, grammar: str) -> "Constraint":
-        """Output derived from ``start`` in a Lark grammar (llguidance's dialect: :func:`lark_json` embeds a schema)."""
-        return cls("lark", grammar)
+    def lark(cls, grammar: str, close_early: bool = True) -> "Constraint":
+        """Output derived from ``start`` in a Lark grammar (llguidance's dialect: :func:`lark_json` embeds a schema);
+        pass ``close_early=False`` where it admits free text."""
+        return cls("lark", grammar, close_early)
 
 
 def lark_json(schema: Mapping[str, Any]) -> str:
@@ -131,13 +137,18 @@ def _grammar(constraint: Constraint) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _closing_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_ids: tuple[int, ...]) -> torch.Tensor:
-    """Which of the ``vocab_size`` tokens end text or are made only of :data:`CLOSERS` (a bool mask)."""
-    closing = torch.zeros(vocab_size, dtype=torch.bool)
+def _closing_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
+                    eos_ids: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The tokens that close, best first (bool masks over ``vocab_size``): end-of-text; made only of
+    :data:`CLOSERS` and starting with ``"`` (inside a string, only a closing quote may be one); the other tokens
+    made only of closers (``]`` and ``}``, which inside a string are text)."""
+    quote, bracket = torch.zeros(vocab_size, dtype=torch.bool), torch.zeros(vocab_size, dtype=torch.bool)
     for i, text in enumerate(tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])):
-        closing[i] = bool(text) and set(text) <= CLOSERS
-    closing[list(eos_ids)] = True
-    return closing
+        if text and set(text) <= CLOSERS:
+            (quote if text[0] == '"' else bracket)[i] = True
+    eos = torch.zeros(vocab_size, dtype=torch.bool)
+    eos[list(eos_ids)] = True
+    return eos, quote, bracket
 
 
 class CompiledConstraint:
@@ -182,7 +193,7 @@ def compile_constraint(tokenizer: PreTrainedTokenizerBase, constraint: Constrain
 class ConstraintMatcher:
     """One request's position in a constraint: masks each step's logits and advances on the chosen token."""
 
-    def __init__(self, matcher: Any, vocab_size: int, closing_tokens: Callable[[], torch.Tensor]):
+    def __init__(self, matcher: Any, vocab_size: int, closing_tokens: Callable[[], tuple[torch.Tensor, ...]]):
         self._matcher = matcher
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
         self._closing_tokens = closing_tokens
@@ -194,8 +205,8 @@ class ConstraintMatcher:
         keep = torch.from_numpy(np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")[
             : logits.shape[-1]].astype(bool))
         if closing:
-            closers = keep & self._closing_tokens()[: keep.shape[0]]
-            keep = closers if closers.any() else keep
+            keep = next((closers for closers in (keep & tier[: keep.shape[0]] for tier in self._closing_tokens())
+                         if closers.any()), keep)
         return logits.masked_fill(~keep.to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> None:

@@ -471,7 +471,8 @@ class BlockEngine:
         cache, logits, served, prefilled = done.cache, done.logits, done.served, done.prefilled
         sampler = _Sampler(options.sampling, self.device)
         generated: list[int] = []
-        close_from = max_new_tokens - closing_reserve(max_new_tokens)
+        close_from = max_new_tokens - closing_reserve(max_new_tokens) if options.constraint is not None and \
+            options.constraint.close_early else max_new_tokens
 
         def sample(logits: torch.Tensor) -> int:
             return sampler(logits if matcher is None else matcher.mask(logits, len(generated) >= close_from))

@@ -104,7 +104,8 @@ def _chosen(tools: Sequence[ToolSpec], choice: ToolChoice) -> list[ToolSpec]:
 
 def tool_constraint(tools: Sequence[ToolSpec], choice: ToolChoice = "auto", parallel: bool = False) -> Constraint | None:
     """What the answer must match when ``tools`` are bound: calls of the chosen tools (one, or with ``parallel`` one
-    or more), or under ``"auto"`` a call or a plain answer; ``None`` for ``"none"`` or no tools."""
+    or more), or under ``"auto"`` a call or a plain answer (whose text is not steered to close early: a call the
+    budget cuts short then stays text); ``None`` for ``"none"`` or no tools."""
     if choice == "none" or not tools:
         return None
     chosen = _chosen(tools, choice)
@@ -112,7 +113,7 @@ def tool_constraint(tools: Sequence[ToolSpec], choice: ToolChoice = "auto", para
     calls = "call (\"\\n\" call)*" if parallel else "call"
     answer = "\n    | ANSWER\nANSWER: /[^<\\s][\\s\\S]*/" if choice == "auto" else ""
     return Constraint.lark(f"start: calls{answer}\ncalls: {calls}\ncall: {json.dumps(CALL_OPEN)} arguments "
-                           f"{json.dumps(CALL_CLOSE)}\narguments: {lark_json(schema)}\n")
+                           f"{json.dumps(CALL_CLOSE)}\narguments: {lark_json(schema)}\n", close_early=choice != "auto")
 
 
 def response_constraint(schema: Mapping[str, Any] | None) -> Constraint:
