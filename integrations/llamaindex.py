@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from blockrag.engine import (DEFAULT_MODEL, BlockEngine, GenerationOptions, PassageOrder, PrefillMode,
                              StructuredRequestError, in_prompt_order)
@@ -37,6 +37,9 @@ try:
     from llama_index.core.llms.function_calling import FunctionCallingLLM
     from llama_index.core.llms.llm import ToolSelection
     from llama_index.core.llms.utils import parse_partial_json
+    from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
+    from llama_index.core.prompts import BasePromptTemplate
+    from pydantic import BaseModel
     from llama_index.core.query_engine import RetrieverQueryEngine
     from llama_index.core.response_synthesizers import BaseSynthesizer, get_response_synthesizer
     from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryType, TransformComponent
@@ -47,16 +50,19 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError("llama-index", exc) from exc
 
+Model = TypeVar("Model", bound="BaseModel")
+
 BLOCK_KEY_METADATA = "blockrag_block_key"
 """Node metadata holding the store key of the node's block (kept out of embeddings and prompts)."""
 
-_CALL_OPTIONS = ("node_ids", "stop", "gate", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-                 *ADAPTER_OPTIONS)
+_CALL_OPTIONS = ("node_ids", "stop", "gate", "response_format", *ADAPTER_OPTIONS)
+#: What chat calls take besides: the tools offered (as ``chat_with_tools`` passes them).
+_TOOL_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 def _node_passage(node: BaseNode | NodeWithScore) -> Passage:
     node = node.node if isinstance(node, NodeWithScore) else node
-    return Passage.of(node.get_content(metadata_mode=MetadataMode.LLM), node.node_id)
+    return Passage.of(node.get_content(metadata_mode=MetadataMode.NONE), node.node_id)
 
 
 class BlockAttentionLLM(FunctionCallingLLM, DecodeFields):
@@ -67,8 +73,9 @@ class BlockAttentionLLM(FunctionCallingLLM, DecodeFields):
     prompt (known from :class:`BlockKVPrecomputer` or :meth:`add_nodes`). The rest is prefilled.
     Pass ``engine=`` to use an engine you built (with its store); otherwise one is shared per
     ``model`` and ``store``. Tools (``chat_with_tools``, ``predict_and_call``, agents) and ``structured_predict``
-    constrain the answer to a call of the tools, so it always parses; a ``response_format`` (OpenAI's layout)
-    passed to ``chat`` or ``complete`` constrains it to a JSON schema.
+    constrain the answer to a call of the tools, so it always parses; ``structured_predict`` and its async and
+    streaming forms, and a ``response_format`` (OpenAI's layout) passed to ``chat`` or ``complete``, constrain
+    it to a JSON schema.
     """
 
     model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, model folder or GGUF file.")
@@ -153,10 +160,13 @@ class BlockAttentionLLM(FunctionCallingLLM, DecodeFields):
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return render_chat(self.engine.tokenizer, [*system, {"role": "user", "content": prompt}])
 
-    def _prepare(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        unknown = set(kwargs) - set(_CALL_OPTIONS)
+    def _prepare(self, prompt: str, formatted: bool, kwargs: dict[str, Any],
+                 chat: bool = False) -> tuple[str, dict[str, Any]]:
+        accepted = (*_CALL_OPTIONS, *_TOOL_OPTIONS) if chat else _CALL_OPTIONS
+        unknown = set(kwargs) - set(accepted)
         if unknown:
-            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; BlockAttentionLLM accepts {_CALL_OPTIONS}")
+            raise TypeError(f"unexpected argument(s) {sorted(unknown)}; BlockAttentionLLM accepts {accepted}"
+                            f"{'' if chat else ' (tools go to chat calls)'}")
         tools = [ToolSpec.from_openai(t) for t in kwargs.get("tools") or ()]
         constraint = request_constraint(tools, kwargs.get("tool_choice") or "auto",
                                         kwargs.get("parallel_tool_calls", False), kwargs.get("response_format"))
@@ -171,13 +181,15 @@ class BlockAttentionLLM(FunctionCallingLLM, DecodeFields):
             self._report.add(done)
         return CompletionResponse(text=text, delta=delta, raw=done.report())
 
-    def _complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponse:
-        text, call = self._prepare(prompt, formatted, kwargs)
+    def _complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any],
+                  chat: bool = False) -> CompletionResponse:
+        text, call = self._prepare(prompt, formatted, kwargs, chat)
         done = self._runner.complete(text, **call)
         return self._completion_response(done, done.text)
 
-    def _stream(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponseGen:
-        text, call = self._prepare(prompt, formatted, kwargs)  # eagerly: bad arguments fail at the call
+    def _stream(self, prompt: str, formatted: bool, kwargs: dict[str, Any],
+                chat: bool = False) -> CompletionResponseGen:
+        text, call = self._prepare(prompt, formatted, kwargs, chat)  # eagerly: bad arguments fail at the call
         return self._responses(self._runner.stream(text, **call))
 
     def _responses(self, pairs: Iterator[tuple[str, Completion | None]]) -> CompletionResponseGen:
@@ -210,11 +222,11 @@ class BlockAttentionLLM(FunctionCallingLLM, DecodeFields):
             yield response
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
-        return _chat_response(self._complete(self._chat_prompt(messages, kwargs), True, kwargs),
+        return _chat_response(self._complete(self._chat_prompt(messages, kwargs), True, kwargs, True),
                               bool(kwargs.get("tools")))
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
-        responses = self._stream(self._chat_prompt(messages, kwargs), True, kwargs)
+        responses = self._stream(self._chat_prompt(messages, kwargs), True, kwargs, True)
         return _chat_responses(responses) if kwargs.get("tools") else (_chat_response(r) for r in responses)
 
     @llm_chat_callback()
@@ -231,7 +243,7 @@ class BlockAttentionLLM(FunctionCallingLLM, DecodeFields):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        text, call = self._prepare(self._chat_prompt(messages, kwargs), True, kwargs)
+        text, call = self._prepare(self._chat_prompt(messages, kwargs), True, kwargs, True)
         tools = bool(kwargs.get("tools"))
 
         async def chats() -> ChatResponseAsyncGen:
@@ -241,6 +253,55 @@ class BlockAttentionLLM(FunctionCallingLLM, DecodeFields):
                 yield response
 
         return chats()
+
+    def _structured_messages(self, output_cls: type[BaseModel], prompt: BasePromptTemplate,
+                             llm_kwargs: dict[str, Any] | None, prompt_args: dict[str, Any]
+                             ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """The chat messages and arguments of a structured prediction: the answer constrained to the class's schema."""
+        return prompt.format_messages(llm=self, **prompt_args), {**(llm_kwargs or {}), "response_format": {
+            "type": "json_schema", "json_schema": {"schema": output_cls.model_json_schema()}}}
+
+    def structured_predict(self, output_cls: type[Model], prompt: BasePromptTemplate,
+                           llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Model:
+        """An ``output_cls`` object for ``prompt``: the answer is constrained to the class's JSON schema, so it
+        parses (a value its validators refuse still raises)."""
+        messages, kwargs = self._structured_messages(output_cls, prompt, llm_kwargs, prompt_args)
+        return output_cls.model_validate_json(self.chat(messages, **kwargs).message.content or "")
+
+    async def astructured_predict(self, output_cls: type[Model], prompt: BasePromptTemplate,
+                                  llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Model:
+        return await asyncio.to_thread(self.structured_predict, output_cls, prompt, llm_kwargs, **prompt_args)
+
+    def stream_structured_predict(self, output_cls: type[Model], prompt: BasePromptTemplate,
+                                  llm_kwargs: dict[str, Any] | None = None,
+                                  **prompt_args: Any) -> Iterator[Model | FlexibleModel]:
+        """Partial objects (LlamaIndex's flexible models, every field optional) as the answer streams, then the
+        ``output_cls`` object."""
+        messages, kwargs = self._structured_messages(output_cls, prompt, llm_kwargs, prompt_args)
+        responses = self.stream_chat(messages, **kwargs)  # eagerly: bad arguments fail at the call
+
+        def objects() -> Iterator[Model | FlexibleModel]:
+            current = None
+            text = ""
+            for response in responses:
+                text = response.message.content or ""
+                if response.raw is None:
+                    current = process_streaming_objects(response, output_cls, [current] if current else None)
+                    yield current
+            yield output_cls.model_validate_json(text)
+
+        return objects()
+
+    async def astream_structured_predict(self, output_cls: type[Model], prompt: BasePromptTemplate,
+                                         llm_kwargs: dict[str, Any] | None = None,
+                                         **prompt_args: Any) -> AsyncIterator[Model | FlexibleModel]:
+        objects = self.stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+
+        async def gen() -> AsyncIterator[Model | FlexibleModel]:
+            async for item in aiter_in_thread(lambda: objects):
+                yield item
+
+        return gen()
 
     def _prepare_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
                                  chat_history: list[ChatMessage] | None = None, verbose: bool = False,
@@ -337,9 +398,9 @@ def _chat_response(response: CompletionResponse, tools: bool = False) -> ChatRes
 class BlockKVPrecomputer(TransformComponent):
     """Ingestion step that encodes each node's block into the LLM's store and makes the node findable by content.
 
-    The block covers the node's text exactly as LlamaIndex puts it into prompts
-    (``get_content(MetadataMode.LLM)``), so place this after any transform that changes text or
-    metadata. The store key goes into the node's metadata under ``blockrag_block_key``, excluded
+    The block covers the node's body alone (``get_content(MetadataMode.NONE)``): content matching finds it
+    in a prompt whether LlamaIndex's metadata header is there or not, whatever its metadata template, and the
+    header (a few tokens) is prefilled as text. Place this after any transform that changes the text. The store key goes into the node's metadata under ``blockrag_block_key``, excluded
     from embeddings and prompts. Works with any vector store, FAISS included.
     """
 
