@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ingest": ("blockrag.retriever.bench", "ingestion: whole pipeline against bare model forward, re-run cost"),
     "store": ("blockrag.kvstore.bench", "block store: bytes per token, load throughput, TTFT from disk"),
     "serve": ("blockrag.server.bench", "the OpenAI-compatible server: requests/s and TTFT under concurrent clients"),
+    "structured": ("blockrag.engine.bench_structured", "decode speed with and without a JSON-schema constraint"),
 }
 
 #: the module behind ``blockrag ingest`` and ``blockrag query``
