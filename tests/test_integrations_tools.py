@@ -191,7 +191,11 @@ def test_a_function_agent_calls_the_tool_and_finishes(smollm):
     llm = BlockAttentionLLM(engine=BlockEngine(smollm), max_tokens=48)
     agent = FunctionAgent(tools=[FunctionTool.from_defaults(weather_in)], llm=llm, initial_tool_choice="weather_in",
                           system_prompt="You answer questions about the weather using the tool.")
-    answer = asyncio.run(agent.run(user_msg="What is the weather in Paris?", max_iterations=4))
+
+    async def ask():
+        return await agent.run(user_msg="What is the weather in Paris?", max_iterations=4)
+
+    answer = asyncio.run(ask())
     assert calls == ["Paris"]
     assert [c.tool_name for c in answer.tool_calls] == ["weather_in"] and answer.response.content
 
