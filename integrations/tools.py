@@ -261,7 +261,8 @@ class ToolCallStream:
             self._at, self._args_at = self._args_at + close + len(CALL_CLOSE), None
 
     def finish(self) -> list[str]:
-        """Whatever text was held back, once the answer is complete."""
-        rest = self.text[self._at:] if self._args_at is None else ""
-        self._at = len(self.text)
+        """Whatever text was held back once the answer is complete, a call the budget cut short included (it
+        stays text, as :func:`parse_tool_calls` leaves it)."""
+        rest = self.text[self._at:]
+        self._at, self._args_at = len(self.text), None
         return [rest] if rest else []
