@@ -95,6 +95,17 @@ class TestChatBlockAttentionIntegration(ChatModelIntegrationTests):
     def supports_model_override(self) -> bool:
         return False  # one engine holds one model's weights and KV
 
+    @pytest.mark.xfail(strict=True, reason="a wrong argument value: the 135M model fills answer_style with '' "
+                                           "(the forced call itself parses)")
+    def test_bind_runnables_as_tools(self, model) -> None:
+        super().test_bind_runnables_as_tools(model)
+
+    @pytest.mark.xfail(strict=True, reason="a choice, not a structure: under tool_choice='auto' the 135M model "
+                                           "answers in text instead of calling (forced, its call always parses)")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)  # the suite's own parameters
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
+
     @property
     def supported_usage_metadata_details(self) -> dict:
         return {"invoke": ["cache_read_input"], "stream": ["cache_read_input"]}
