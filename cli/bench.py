@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "decode": ("blockrag.benchmarks.decode", "decode speed and fidelity: Recycled Attention, StreamingLLM, full"),
     "ingest": ("blockrag.benchmarks.ingest", "ingestion: whole pipeline against its model work alone, re-run cost"),
     "store": ("blockrag.benchmarks.store", "block store: bytes per token, load throughput, TTFT from disk"),
+    "structured": ("blockrag.benchmarks.structured", "decode speed with and without a JSON-schema constraint"),
     "answer": ("blockrag.benchmarks.answer", "a whole answer: block, full, no passages and llama.cpp side by side"),
     "serve": ("blockrag.benchmarks.serve", "the OpenAI-compatible server: requests/s and TTFT under concurrent clients"),
 }

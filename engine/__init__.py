@@ -1,11 +1,13 @@
 """blockrag's engine: Block-Attention prefill over cached passage blocks, on a local Hugging Face model."""
 
 from blockrag.errors import (AdapterMismatchError, AdapterNotFoundError, BlockMismatchError, BlockragError,
-                             InvalidArgumentError, MissingExtraError, ModelNotFoundError, PromptTooLongError,
-                             UnsupportedModelError)
+                             InvalidArgumentError, InvalidConstraintError, MissingExtraError, ModelNotFoundError,
+                             PromptTooLongError, StructuredRequestError, UnsupportedModelError)
 
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, PassageContext, StoredPassage, assemble, block_key,
                      context_id, encode_blocks)
+from .constrain import (CONSTRAINT_KINDS, CompiledConstraint, Constraint, ConstraintKind, ConstraintMatcher,
+                        compile_constraint)
 from .decoding import (DECODE_MODES, DecodeMode, DecodeOptions, Decoding, FixedStride, FullDecoding, QuerySimilarity,
                        RecycledDecoding, StreamingDecoding, start_decoding)
 from .generate import (PREFILL_MODES, BlockEngine, GenerationOptions, GenerationResult, Prefill, PrefillMode,
@@ -18,11 +20,13 @@ from .transformer import KVCache
 
 __all__ = [
     "AdapterMismatchError", "AdapterNotFoundError", "assemble", "Block", "block_key", "BLOCK_MODES", "BlockEngine",
-    "BlockMismatchError", "BlockMode", "blockrag_home", "BlockragError", "BlockStore", "context_id", "DECODE_MODES",
-    "DecodeMode", "DecodeOptions", "Decoding", "DEFAULT_MODEL", "DEFAULT_PASSAGE_ORDER", "encode_blocks",
-    "FixedStride", "FullDecoding", "GenerationOptions", "GenerationResult", "in_prompt_order", "InvalidArgumentError",
-    "KVCache", "load_model", "LoadedModel", "MissingExtraError", "model_fingerprint", "ModelNotFoundError",
-    "PASSAGE_ORDERS", "PassageContext", "PassageOrder", "Prefill", "PREFILL_MODES", "PrefillMode", "PromptTemplate",
-    "PromptTooLongError", "QuerySimilarity", "Recovery", "RecycledDecoding", "rerotate", "SamplingOptions",
-    "start_decoding", "StoredPassage", "StreamingDecoding", "TextStream", "UnsupportedModelError",
+    "BlockMismatchError", "BlockMode", "blockrag_home", "BlockragError", "BlockStore", "compile_constraint",
+    "CompiledConstraint", "Constraint", "CONSTRAINT_KINDS", "ConstraintKind", "ConstraintMatcher", "context_id",
+    "DECODE_MODES", "DecodeMode", "DecodeOptions", "Decoding", "DEFAULT_MODEL", "DEFAULT_PASSAGE_ORDER",
+    "encode_blocks", "FixedStride", "FullDecoding", "GenerationOptions", "GenerationResult", "in_prompt_order",
+    "InvalidArgumentError", "InvalidConstraintError", "KVCache", "load_model", "LoadedModel", "MissingExtraError",
+    "model_fingerprint", "ModelNotFoundError", "PASSAGE_ORDERS", "PassageContext", "PassageOrder", "Prefill",
+    "PREFILL_MODES", "PrefillMode", "PromptTemplate", "PromptTooLongError", "QuerySimilarity", "Recovery",
+    "RecycledDecoding", "rerotate", "SamplingOptions", "start_decoding", "StoredPassage", "StreamingDecoding",
+    "StructuredRequestError", "TextStream", "UnsupportedModelError",
 ]

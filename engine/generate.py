@@ -20,6 +20,7 @@ import torch
 
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, PassageContext, StoredPassage, assemble, block_key,
                      encode_blocks, prefill_over_blocks)
+from .constrain import Constraint, closing_reserve, compile_constraint
 from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, start_decoding
 from blockrag.errors import UnknownOptionError, InvalidArgumentError, BlockMismatchError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
@@ -59,7 +60,8 @@ class GenerationOptions:
     long enough for it to pay, :data:`~.decoding.AUTO_RECYCLE_FROM` tokens, full decoding below),
     ``"full"``, ``"recycled"`` or ``"streaming"``, with ``recycle_k``, ``stride`` and
     ``dynamic_threshold`` as :class:`DecodeOptions` describes. In block mode, ``recovery``
-    recomputes some passage tokens in context (see :class:`Recovery`).
+    recomputes some passage tokens in context (see :class:`Recovery`). ``constraint`` restricts the
+    output to a JSON schema or grammar (see :class:`~.constrain.Constraint`), whatever the prefill and decoding.
     """
 
     mode: PrefillMode = "block"
@@ -75,6 +77,7 @@ class GenerationOptions:
     stride: int = 10
     dynamic_threshold: float | None = None
     recovery: Recovery | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in PREFILL_MODES:
@@ -83,6 +86,9 @@ class GenerationOptions:
             raise InvalidArgumentError(f"block_mode must be one of {BLOCK_MODES}, got {self.block_mode!r}")
         if self.max_new_tokens < 1:
             raise InvalidArgumentError("max_new_tokens must be at least 1")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise InvalidArgumentError("constraint must be a blockrag.engine.Constraint (e.g. "
+                                       f"Constraint.json_schema(schema)), got {type(self.constraint).__name__}")
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         self.sampling  # noqa: B018 - validates the sampling and decoding fields now, not mid-request
         self.decoding(AUTO_RECYCLE_FROM)
@@ -494,15 +500,25 @@ class BlockEngine:
     def _run(self, prefill: Callable[[], Prefill], options: GenerationOptions) -> Iterator[str | GenerationResult]:
         max_new_tokens, stops = options.max_new_tokens, options.stop
         started = time.perf_counter()
+        # A bad schema fails here, before any model work.
+        matcher = None if options.constraint is None else compile_constraint(
+            self.tokenizer, options.constraint, self.model.get_output_embeddings().weight.shape[0],
+            self.eos_ids).matcher()
         done = prefill()
         cache, logits, served, prefilled = done.cache, done.logits, done.served, done.prefilled
-        sample = _Sampler(options.sampling, self.device)
+        sampler = _Sampler(options.sampling, self.device)
+        generated: list[int] = []
+        close_from = max_new_tokens - closing_reserve(max_new_tokens) if options.constraint is not None and \
+            options.constraint.close_early else max_new_tokens
+
+        def sample(logits: torch.Tensor) -> int:
+            return sampler(logits if matcher is None else matcher.mask(logits, len(generated) >= close_from))
+
         token = sample(logits)
         ttft = time.perf_counter() - started
         decoding = options.decoding(cache.length)
         decoder = start_decoding(self.model, cache, decoding, min(max_new_tokens, cache.capacity - cache.length))
         del cache, done
-        generated: list[int] = []
         text = emitted = ""
         finish: Literal["stop", "length"] = "length"
         prompt_tokens = served + prefilled
@@ -520,6 +536,11 @@ class BlockEngine:
             if len(visible) > len(emitted) and visible.startswith(emitted):
                 yield visible[len(emitted):]
                 emitted = visible
+            if matcher is not None:
+                matcher.advance(token)
+                if matcher.finished:  # the output is complete: only end-of-text could follow
+                    finish = "stop"
+                    break
             if len(generated) >= max_new_tokens or prompt_tokens + len(generated) >= self.max_positions:
                 break
             token = sample(decoder.step(token))

@@ -15,11 +15,11 @@ class BlockragError(Exception):
     """Base class of every error blockrag raises on purpose."""
 
 
-class InvalidArgumentError(BlockragError, ValueError):
-    """An argument or option is out of range, or of the wrong kind or shape."""
+class InvalidArgumentError(BlockragError, ValueError, TypeError):
+    """An argument or option is out of range, or of the wrong type, kind or shape."""
 
 
-class UnknownOptionError(InvalidArgumentError, TypeError):
+class UnknownOptionError(InvalidArgumentError):
     """An option or keyword argument that blockrag does not know: nothing is silently ignored."""
 
 
@@ -49,6 +49,14 @@ class PromptTooLongError(BlockragError):
 
 class CacheFullError(BlockragError, RuntimeError):
     """A request's KV cache has no room for another token (its capacity is fixed when the request starts)."""
+
+
+class InvalidConstraintError(BlockragError, ValueError):
+    """A JSON schema or grammar given to constrain generation cannot be compiled."""
+
+
+class StructuredRequestError(BlockragError, ValueError):
+    """A request's tools, tool choice or response format cannot be used as given."""
 
 
 class BlockMismatchError(BlockragError):

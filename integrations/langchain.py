@@ -3,22 +3,27 @@
 :class:`ChatBlockAttention` serves passages from their cached blocks wherever it can place them
 in the rendered chat: ``text-plain`` content blocks with an ``id``, ids passed as ``block_ids=``,
 or plain text it recognises (content matching), so a stock LCEL chain gets the speed-up as it is.
+Tool calling (:meth:`~ChatBlockAttention.bind_tools`) and structured output
+(:meth:`~ChatBlockAttention.with_structured_output`) constrain generation, so calls and objects always parse.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
-from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, PassageOrder,
+from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, GenerationOptions, PassageOrder,
                              PrefillMode, in_prompt_order)
+from blockrag.errors import InvalidArgumentError, MissingExtraError, StructuredRequestError, UnknownOptionError
 
-from blockrag.errors import UnknownOptionError, InvalidArgumentError, MissingExtraError
 from .gate import Gate
-from .matching import Passage, PassageIndex, render_chat
+from .matching import Passage, PassageIndex
 from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, aiter_in_thread, call_options,
                      index_passages, shared_engine)
+from .tools import (CallDelta, ToolCall, ToolCallStream, ToolSpec, parse_tool_calls, render_tool_chat,
+                    request_constraint, response_schema)
 
 try:
     from langchain_core.callbacks import (AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun,
@@ -26,19 +31,30 @@ try:
     from langchain_core.documents import Document
     from langchain_core.language_models import BaseChatModel, LangSmithParams
     from langchain_core.language_models.chat_models import generate_from_stream
-    from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+    from langchain_core.messages import (AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage,
+                                         ToolMessage)
     from langchain_core.messages.ai import UsageMetadata
+    from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+    from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
     from langchain_core.retrievers import BaseRetriever
-    from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
+    from langchain_core.runnables import (Runnable, RunnableLambda, RunnableMap, RunnableParallel,
+                                          RunnablePassthrough)
+    from langchain_core.tools import BaseTool
+    from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+    from langchain_core.utils.pydantic import is_basemodel_subclass
     from pydantic import ConfigDict, Field, PrivateAttr
 
-    from .fields import DecodeFields  # pydantic, which the framework brings
+    from .fields import AdapterFields  # pydantic, which the framework brings
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError("the LangChain integration", "langchain", exc) from exc
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
-_CALL_OPTIONS = ("block_ids", "gate", *ADAPTER_OPTIONS)
+_CALL_OPTIONS = ("block_ids", "gate", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+                 *ADAPTER_OPTIONS)
+#: Blocks in a message's content that repeat its ``tool_calls`` (Anthropic's layout): rendered from those instead.
+_TOOL_CALL_BLOCKS = ("tool_use", "tool_call")
+StructuredMethod = Literal["json_schema", "json_mode", "function_calling"]
 DEFAULT_RAG_SYSTEM_PROMPT = "Answer the question using the documents given by the user. Answer briefly."
 
 
@@ -46,7 +62,8 @@ def message_text(message: BaseMessage) -> tuple[str, list[Passage]]:
     """A message's text as the model reads it, and the ``text-plain`` blocks in it as passages.
 
     Text blocks and strings are joined as they are (like ``message.text``); each ``text-plain``
-    block is stripped and set off from its neighbours by a blank line.
+    block is stripped and set off from its neighbours by a blank line. Tool-call blocks are left out: an
+    assistant message's calls are rendered from its ``tool_calls``.
     """
     if isinstance(message.content, str):
         return message.content, []
@@ -60,7 +77,7 @@ def message_text(message: BaseMessage) -> tuple[str, list[Passage]]:
             passage = Passage.of(block["text"], block.get("id"))
             parts.append((True, passage.text))
             passages.append(passage)
-        else:
+        elif kind not in _TOOL_CALL_BLOCKS:
             raise InvalidArgumentError(f"ChatBlockAttention reads 'text' and 'text-plain' content blocks; got {kind!r}. "
                              "Pass documents as text-plain blocks with their text inline.")
     text = ""
@@ -71,13 +88,40 @@ def message_text(message: BaseMessage) -> tuple[str, list[Passage]]:
     return text, passages
 
 
+def _turn(message: BaseMessage) -> tuple[dict[str, Any], list[Passage]]:
+    """A message as a chat turn (role, content, and an assistant's tool calls), and its passages."""
+    text, passages = message_text(message)
+    turn: dict[str, Any] = {"role": _ROLES.get(message.type) or getattr(message, "role", message.type),
+                            "content": text}
+    if isinstance(message, AIMessage) and message.tool_calls:
+        turn["tool_calls"] = [ToolCall(c["name"], c["args"], c.get("id") or "") for c in message.tool_calls]
+    if isinstance(message, ToolMessage):
+        turn["tool_call_id"] = message.tool_call_id
+    return turn, passages
+
+
+def tool_choice_of(choice: str | bool | dict | None) -> str:
+    """LangChain's ``tool_choice`` values as blockrag's: None "auto", "any" or True "required", a name or
+    ``{"type": "function", "function": {"name": ...}}`` that tool."""
+    if choice is None:
+        return "auto"
+    if choice is True or choice == "any":
+        return "required"
+    if isinstance(choice, dict):
+        return choice.get("function", {}).get("name") or choice.get("name") or ""
+    if isinstance(choice, str):
+        return choice
+    raise StructuredRequestError(f"tool_choice must be None, 'auto', 'any', 'required', 'none', True, a tool name or an "
+                        f"OpenAI tool choice dict; got {choice!r}")
+
+
 def _usage(done: Completion) -> UsageMetadata:
     u = done.usage
     return UsageMetadata(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.total_tokens,
                          input_token_details={"cache_read": u.cached_tokens})
 
 
-class ChatBlockAttention(BaseChatModel, DecodeFields):
+class ChatBlockAttention(BaseChatModel, AdapterFields):
     """A local Hugging Face chat model that answers with Block-Attention over cached passages.
 
     Build it with ``model`` (and ``store``: KV store folder or ``redis://`` URL, by default
@@ -105,7 +149,6 @@ class ChatBlockAttention(BaseChatModel, DecodeFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    _runner: PromptRunner = PrivateAttr()
 
     def __init__(self, *, engine: BlockEngine | None = None, passages: PassageIndex | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -118,20 +161,6 @@ class ChatBlockAttention(BaseChatModel, DecodeFields):
         from blockrag.retriever import load_engine
 
         return cls(engine=load_engine(index), passages=index_passages(index), model=index.config.model, **kwargs)
-
-    @property
-    def engine(self) -> BlockEngine:
-        return self._runner.engine
-
-    @property
-    def gate(self) -> Gate:
-        """The correctness gate: ``gate.record.summary()`` totals its checks (``gate.wait()`` for pending ones)."""
-        return self._runner.gate  # type: ignore[return-value]
-
-    @property
-    def passages(self) -> PassageIndex:
-        """Passages known for content matching and for resolving ``block_ids``."""
-        return self._runner.passages
 
     @property
     def _llm_type(self) -> str:
@@ -158,22 +187,99 @@ class ChatBlockAttention(BaseChatModel, DecodeFields):
             raise UnknownOptionError(f"unexpected argument(s) {sorted(unknown)}; ChatBlockAttention accepts {_CALL_OPTIONS}")
         turns, hints = [], self._runner.hints_for(kwargs.get("block_ids", ()))
         for message in messages:
-            text, passages = message_text(message)
-            turns.append({"role": _ROLES.get(message.type) or getattr(message, "role", message.type), "content": text})
+            turn, passages = _turn(message)
+            turns.append(turn)
             hints += passages
-        options = call_options(self, kwargs, stop if stop is not None else self.stop)
-        prompt = render_chat(self.engine.tokenizer, turns)
+        tools = [ToolSpec.from_openai(t) for t in kwargs.get("tools") or ()]
+        constraint = request_constraint(tools, tool_choice_of(kwargs.get("tool_choice")),
+                                        kwargs.get("parallel_tool_calls", False), kwargs.get("response_format"))
+        options = GenerationOptions.of(call_options(self, kwargs, stop if stop is not None else self.stop),
+                                       {"constraint": constraint})
+        prompt = render_tool_chat(self.engine.tokenizer, turns, tools, response_schema(kwargs.get("response_format")))
         return prompt, {"hints": hints, "options": options, "timeout_s": self.timeout, "gate": kwargs.get("gate")}
 
-    def _response_metadata(self, done: Completion) -> dict[str, Any]:
-        return {"model_name": self.model, "finish_reason": done.finish_reason, "blockrag": done.report()}
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
+                   tool_choice: str | bool | dict | None = None, parallel_tool_calls: bool = False,
+                   **kwargs: Any) -> Runnable[Any, AIMessage]:
+        """The model with ``tools`` offered; its answers are constrained so that every call parses.
 
-    def _chunk(self, delta: str, done: Completion | None) -> ChatGenerationChunk:
-        if done is None:
-            return ChatGenerationChunk(message=AIMessageChunk(content=delta))
-        return ChatGenerationChunk(message=AIMessageChunk(
-            content=delta, usage_metadata=_usage(done), response_metadata=self._response_metadata(done),
-            chunk_position="last"))
+        ``tool_choice``: None or "auto" (call or answer), "any"/"required"/True (call one), "none", or a tool's
+        name; ``parallel_tool_calls`` allows several calls in one answer (one otherwise).
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        request_constraint([ToolSpec.from_openai(t) for t in formatted], tool_choice_of(tool_choice),
+                           parallel_tool_calls, None)  # an unknown tool name fails here, not at the first call
+        return self.bind(tools=formatted, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                         **kwargs)
+
+    def with_structured_output(self, schema: dict[str, Any] | type | None = None, *,
+                               method: StructuredMethod = "json_schema", include_raw: bool = False,
+                               strict: bool | None = None, **kwargs: Any) -> Runnable[Any, dict | Any]:
+        """The model answering with an object of ``schema`` (pydantic class, TypedDict or JSON schema).
+
+        ``"json_schema"`` constrains the answer to the schema; ``"json_mode"`` to a JSON object (one of the
+        schema, when given, as the parser accepts nothing else); ``"function_calling"`` to a call of a tool
+        whose arguments are the schema. ``strict`` is accepted for LangChain's interface: the constraint
+        always holds. With ``include_raw``, ``{"raw", "parsed", "parsing_error"}``.
+        """
+        if kwargs:
+            raise UnknownOptionError(f"unexpected argument(s) {sorted(kwargs)} for with_structured_output")
+        if schema is None and method != "json_mode":
+            raise StructuredRequestError(f"method={method!r} needs a schema; only method='json_mode' works without one")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        traced = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=traced)
+            parser: Runnable = PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic else \
+                JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+        elif method in ("json_schema", "json_mode"):
+            json_schema = None if schema is None else (schema if isinstance(schema, dict) and "properties" in schema
+                                                       else convert_to_json_schema(schema))
+            llm = self.bind(response_format={"type": "json_object"} if json_schema is None else {
+                "type": "json_schema", "json_schema": {"schema": json_schema}}, ls_structured_output_format=traced)
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
+        else:
+            raise StructuredRequestError(f"method must be 'json_schema', 'json_mode' or 'function_calling', got {method!r}")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
+
+    def _response_metadata(self, done: Completion, called: bool = False) -> dict[str, Any]:
+        return {"model_name": self.model, "finish_reason": "tool_calls" if called else done.finish_reason,
+                "blockrag": done.report()}
+
+    def _message(self, done: Completion, tools: bool) -> AIMessage:
+        text, calls = parse_tool_calls(done.text) if tools else (done.text, [])
+        return AIMessage(content=text, tool_calls=[{"name": c.name, "args": c.arguments, "id": c.id,
+                                                    "type": "tool_call"} for c in calls],
+                         usage_metadata=_usage(done), response_metadata=self._response_metadata(done, bool(calls)))
+
+    @staticmethod
+    def _parts(pairs: Iterator[tuple[str, Completion | None]],
+               tools: bool) -> Iterator[tuple[str | CallDelta, Completion | None, bool]]:
+        """The runner's deltas, split into text and call deltas when tools are bound; the last carries the
+        :class:`Completion` and whether the answer made calls."""
+        calls = ToolCallStream() if tools else None
+        for delta, done in pairs:
+            parts: list[str | CallDelta] = [delta] if calls is None else \
+                [*calls.feed(delta), *(calls.finish() if done is not None else ())]
+            if done is None:
+                yield from ((p, None, False) for p in parts)
+            else:
+                yield from ((p, None, False) for p in parts[:-1])
+                yield (parts[-1] if parts else ""), done, bool(calls and calls.calls)
+
+    def _chunk(self, part: str | CallDelta, done: Completion | None, called: bool = False) -> ChatGenerationChunk:
+        fields: dict[str, Any] = {"content": part} if isinstance(part, str) else {"content": "", "tool_call_chunks": [
+            {"name": part.name, "args": part.arguments, "id": part.id, "index": part.index,
+             "type": "tool_call_chunk"}]}
+        if done is not None:
+            fields.update(usage_metadata=_usage(done), response_metadata=self._response_metadata(done, called),
+                          chunk_position="last")
+        return ChatGenerationChunk(message=AIMessageChunk(**fields))
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
@@ -181,17 +287,15 @@ class ChatBlockAttention(BaseChatModel, DecodeFields):
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         prompt, call = self._prepare(messages, stop, kwargs)
         done = self._runner.complete(prompt, **call)
-        message = AIMessage(content=done.text, usage_metadata=_usage(done),
-                            response_metadata=self._response_metadata(done))
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        return ChatResult(generations=[ChatGeneration(message=self._message(done, bool(kwargs.get("tools"))))])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         prompt, call = self._prepare(messages, stop, kwargs)
-        for delta, done in self._runner.stream(prompt, **call):
-            chunk = self._chunk(delta, done)
+        for part, done, called in self._parts(self._runner.stream(prompt, **call), bool(kwargs.get("tools"))):
+            chunk = self._chunk(part, done, called)
             if run_manager is not None:
-                run_manager.on_llm_new_token(delta, chunk=chunk)
+                run_manager.on_llm_new_token(part if isinstance(part, str) else "", chunk=chunk)
             yield chunk
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -202,10 +306,12 @@ class ChatBlockAttention(BaseChatModel, DecodeFields):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         prompt, call = self._prepare(messages, stop, kwargs)
-        async for delta, done in aiter_in_thread(lambda: self._runner.stream(prompt, **call)):
-            chunk = self._chunk(delta, done)
+        tools = bool(kwargs.get("tools"))
+        async for part, done, called in aiter_in_thread(lambda: self._parts(self._runner.stream(prompt, **call),
+                                                                            tools)):
+            chunk = self._chunk(part, done, called)
             if run_manager is not None:
-                await run_manager.on_llm_new_token(delta, chunk=chunk)
+                await run_manager.on_llm_new_token(part if isinstance(part, str) else "", chunk=chunk)
             yield chunk
 
 

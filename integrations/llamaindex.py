@@ -3,22 +3,27 @@
 ``index.as_query_engine(llm=BlockAttentionLLM())`` works unchanged: the LLM finds the passages
 it knows inside each prompt and serves them from their cached blocks. :class:`BlockAttentionSynthesizer`
 (or :func:`block_query_engine`) also tells the LLM which nodes were retrieved, and reports in the
-response which blocks were reused.
+response which blocks were reused. The LLM is a ``FunctionCallingLLM``: tool calls, and so ``structured_predict``
+and agents, are constrained so that every call parses (see :mod:`.tools`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, PassageOrder, PrefillMode, in_prompt_order
+from blockrag.engine import (DEFAULT_MODEL, BlockEngine, GenerationOptions, PassageOrder, PrefillMode,
+                             StructuredRequestError, in_prompt_order)
 
 from blockrag.errors import UnknownOptionError, MissingExtraError
 from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
 from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, ReuseReport, aiter_in_thread, call_options,
                      shared_engine)
+from .tools import (CallDelta, ToolCall, ToolCallStream, ToolSpec, parse_tool_calls, render_tool_chat,
+                    request_constraint, response_schema)
 
 try:
     from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
@@ -28,36 +33,49 @@ try:
     from llama_index.core.base.response.schema import RESPONSE_TYPE
     from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
     from llama_index.core.indices.base import BaseIndex
-    from llama_index.core.llms import CustomLLM
     from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+    from llama_index.core.llms.function_calling import FunctionCallingLLM
+    from llama_index.core.llms.llm import ToolSelection
+    from llama_index.core.llms.utils import parse_partial_json
+    from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
+    from llama_index.core.prompts import BasePromptTemplate
+    from pydantic import BaseModel
     from llama_index.core.query_engine import RetrieverQueryEngine
     from llama_index.core.response_synthesizers import BaseSynthesizer, get_response_synthesizer
     from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryType, TransformComponent
+    from llama_index.core.tools import BaseTool
     from llama_index.core.utils import get_tqdm_iterable
 
-    from .fields import DecodeFields  # pydantic, which the framework brings
+    from .fields import AdapterFields  # pydantic, which the framework brings
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError("the LlamaIndex integration", "llama-index", exc) from exc
+
+Model = TypeVar("Model", bound="BaseModel")
 
 BLOCK_KEY_METADATA = "blockrag_block_key"
 """Node metadata holding the store key of the node's block (kept out of embeddings and prompts)."""
 
-_CALL_OPTIONS = ("node_ids", "stop", "gate", *ADAPTER_OPTIONS)
+_CALL_OPTIONS = ("node_ids", "stop", "gate", "response_format", *ADAPTER_OPTIONS)
+#: What chat calls take besides: the tools offered (as ``chat_with_tools`` passes them).
+_TOOL_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 def _node_passage(node: BaseNode | NodeWithScore) -> Passage:
     node = node.node if isinstance(node, NodeWithScore) else node
-    return Passage.of(node.get_content(metadata_mode=MetadataMode.LLM), node.node_id)
+    return Passage.of(node.get_content(metadata_mode=MetadataMode.NONE), node.node_id)
 
 
-class BlockAttentionLLM(CustomLLM, DecodeFields):
+class BlockAttentionLLM(FunctionCallingLLM, AdapterFields):
     """A local Hugging Face model that answers LlamaIndex prompts with Block-Attention.
 
     Passages are served from blocks in this order: hints passed explicitly (``node_ids=`` per call,
     or nodes bound with :meth:`with_passages`), then any known passage whose exact text is in the
     prompt (known from :class:`BlockKVPrecomputer` or :meth:`add_nodes`). The rest is prefilled.
     Pass ``engine=`` to use an engine you built (with its store); otherwise one is shared per
-    ``model`` and ``store``.
+    ``model`` and ``store``. Tools (``chat_with_tools``, ``predict_and_call``, agents) and ``structured_predict``
+    constrain the answer to a call of the tools, so it always parses; ``structured_predict`` and its async and
+    streaming forms, and a ``response_format`` (OpenAI's layout) passed to ``chat`` or ``complete``, constrain
+    it to a JSON schema.
     """
 
     model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, model folder or GGUF file.")
@@ -73,7 +91,6 @@ class BlockAttentionLLM(CustomLLM, DecodeFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    _runner: PromptRunner = PrivateAttr()
     _hints: tuple[Passage, ...] = PrivateAttr(default=())
     _report: ReuseReport | None = PrivateAttr(default=None)
 
@@ -91,23 +108,10 @@ class BlockAttentionLLM(CustomLLM, DecodeFields):
         return "BlockAttentionLLM"
 
     @property
-    def engine(self) -> BlockEngine:
-        return self._runner.engine
-
-    @property
-    def gate(self) -> Gate:
-        """The correctness gate: ``gate.record.summary()`` totals its checks (``gate.wait()`` for pending ones)."""
-        return self._runner.gate  # type: ignore[return-value]
-
-    @property
-    def passages(self) -> PassageIndex:
-        """Passages known for content matching; shared with bound copies and the ingestion transform."""
-        return self._runner.passages
-
-    @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(context_window=self.engine.max_positions, num_output=self.max_tokens,
-                           is_chat_model=bool(self.engine.tokenizer.chat_template), model_name=self.model)
+                           is_chat_model=bool(self.engine.tokenizer.chat_template), is_function_calling_model=True,
+                           model_name=self.model)
 
     def add_nodes(self, nodes: Sequence[BaseNode | NodeWithScore]) -> None:
         """Make nodes findable by content, e.g. ``llm.add_nodes(index.docstore.docs.values())`` after a reload."""
@@ -129,15 +133,30 @@ class BlockAttentionLLM(CustomLLM, DecodeFields):
         return render_chat(self.engine.tokenizer, [{"role": m.role.value, "content": m.content or ""}
                                                    for m in messages])
 
+    def _chat_prompt(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> str:
+        """The prompt of a chat call: ``messages_to_prompt``'s, unless tools, tool calls or a schema need rendering."""
+        if not (kwargs.get("tools") or kwargs.get("response_format") or any(_calls_of(m) for m in messages)):
+            return self.messages_to_prompt(messages)
+        return render_tool_chat(self.engine.tokenizer, [_turn(m) for m in messages],
+                                [ToolSpec.from_openai(t) for t in kwargs.get("tools") or ()],
+                                response_schema(kwargs.get("response_format")))
+
     def _render_completion(self, prompt: str) -> str:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return render_chat(self.engine.tokenizer, [*system, {"role": "user", "content": prompt}])
 
-    def _prepare(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        unknown = set(kwargs) - set(_CALL_OPTIONS)
+    def _prepare(self, prompt: str, formatted: bool, kwargs: dict[str, Any],
+                 chat: bool = False) -> tuple[str, dict[str, Any]]:
+        accepted = (*_CALL_OPTIONS, *_TOOL_OPTIONS) if chat else _CALL_OPTIONS
+        unknown = set(kwargs) - set(accepted)
         if unknown:
-            raise UnknownOptionError(f"unexpected argument(s) {sorted(unknown)}; BlockAttentionLLM accepts {_CALL_OPTIONS}")
-        options = call_options(self, kwargs, kwargs.get("stop", self.stop))
+            raise UnknownOptionError(f"unexpected argument(s) {sorted(unknown)}; BlockAttentionLLM accepts {accepted}"
+                                     f"{'' if chat else ' (tools go to chat calls)'}")
+        tools = [ToolSpec.from_openai(t) for t in kwargs.get("tools") or ()]
+        constraint = request_constraint(tools, kwargs.get("tool_choice") or "auto",
+                                        kwargs.get("parallel_tool_calls", False), kwargs.get("response_format"))
+        options = GenerationOptions.of(call_options(self, kwargs, kwargs.get("stop", self.stop)),
+                                       {"constraint": constraint})
         hints = [*self._runner.hints_for(kwargs.get("node_ids", ())), *self._hints]
         text = prompt if formatted else self.completion_to_prompt(prompt)
         return text, {"hints": hints, "options": options, "timeout_s": self.timeout, "gate": kwargs.get("gate")}
@@ -147,13 +166,15 @@ class BlockAttentionLLM(CustomLLM, DecodeFields):
             self._report.add(done)
         return CompletionResponse(text=text, delta=delta, raw=done.report())
 
-    def _complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponse:
-        text, call = self._prepare(prompt, formatted, kwargs)
+    def _complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any],
+                  chat: bool = False) -> CompletionResponse:
+        text, call = self._prepare(prompt, formatted, kwargs, chat)
         done = self._runner.complete(text, **call)
         return self._completion_response(done, done.text)
 
-    def _stream(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponseGen:
-        text, call = self._prepare(prompt, formatted, kwargs)  # eagerly: bad arguments fail at the call
+    def _stream(self, prompt: str, formatted: bool, kwargs: dict[str, Any],
+                chat: bool = False) -> CompletionResponseGen:
+        text, call = self._prepare(prompt, formatted, kwargs, chat)  # eagerly: bad arguments fail at the call
         return self._responses(self._runner.stream(text, **call))
 
     def _responses(self, pairs: Iterator[tuple[str, Completion | None]]) -> CompletionResponseGen:
@@ -185,41 +206,186 @@ class BlockAttentionLLM(CustomLLM, DecodeFields):
         async for response in aiter_in_thread(lambda: self._responses(self._runner.stream(text, **call))):
             yield response
 
+    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
+        return _chat_response(self._complete(self._chat_prompt(messages, kwargs), True, kwargs, True),
+                              bool(kwargs.get("tools")))
+
+    def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
+        responses = self._stream(self._chat_prompt(messages, kwargs), True, kwargs, True)
+        return _chat_responses(responses) if kwargs.get("tools") else (_chat_response(r) for r in responses)
+
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return _chat_response(self._complete(self.messages_to_prompt(messages), True, kwargs))
+        return self._chat(messages, kwargs)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return (_chat_response(r) for r in self._stream(self.messages_to_prompt(messages), True, kwargs))
+        return self._stream_chat(messages, kwargs)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return _chat_response(await asyncio.to_thread(self._complete, self.messages_to_prompt(messages), True,
-                                                      kwargs))
+        return await asyncio.to_thread(self._chat, messages, kwargs)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        text, call = self._prepare(self.messages_to_prompt(messages), True, kwargs)
+        text, call = self._prepare(self._chat_prompt(messages, kwargs), True, kwargs, True)
+        tools = bool(kwargs.get("tools"))
 
         async def chats() -> ChatResponseAsyncGen:
-            async for response in self._aresponses(text, call):
-                yield _chat_response(response)
+            async for response in aiter_in_thread(lambda: _chat_responses(self._responses(
+                    self._runner.stream(text, **call))) if tools else
+                    (_chat_response(r) for r in self._responses(self._runner.stream(text, **call)))):
+                yield response
 
         return chats()
 
+    def _structured_messages(self, output_cls: type[BaseModel], prompt: BasePromptTemplate,
+                             llm_kwargs: dict[str, Any] | None, prompt_args: dict[str, Any]
+                             ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """The chat messages and arguments of a structured prediction: the answer constrained to the class's schema."""
+        return prompt.format_messages(llm=self, **prompt_args), {**(llm_kwargs or {}), "response_format": {
+            "type": "json_schema", "json_schema": {"schema": output_cls.model_json_schema()}}}
 
-def _chat_response(response: CompletionResponse) -> ChatResponse:
-    return ChatResponse(message=ChatMessage(role="assistant", content=response.text), delta=response.delta,
-                        raw=response.raw)
+    def structured_predict(self, output_cls: type[Model], prompt: BasePromptTemplate,
+                           llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Model:
+        """An ``output_cls`` object for ``prompt``: the answer is constrained to the class's JSON schema, so it
+        parses (a value its validators refuse still raises)."""
+        messages, kwargs = self._structured_messages(output_cls, prompt, llm_kwargs, prompt_args)
+        return output_cls.model_validate_json(self.chat(messages, **kwargs).message.content or "")
+
+    async def astructured_predict(self, output_cls: type[Model], prompt: BasePromptTemplate,
+                                  llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Model:
+        return await asyncio.to_thread(self.structured_predict, output_cls, prompt, llm_kwargs, **prompt_args)
+
+    def stream_structured_predict(self, output_cls: type[Model], prompt: BasePromptTemplate,
+                                  llm_kwargs: dict[str, Any] | None = None,
+                                  **prompt_args: Any) -> Iterator[Model | FlexibleModel]:
+        """Partial objects (LlamaIndex's flexible models, every field optional) as the answer streams, then the
+        ``output_cls`` object."""
+        messages, kwargs = self._structured_messages(output_cls, prompt, llm_kwargs, prompt_args)
+        responses = self.stream_chat(messages, **kwargs)  # eagerly: bad arguments fail at the call
+
+        def objects() -> Iterator[Model | FlexibleModel]:
+            current = None
+            text = ""
+            for response in responses:
+                text = response.message.content or ""
+                if response.raw is None:
+                    current = process_streaming_objects(response, output_cls, [current] if current else None)
+                    yield current
+            yield output_cls.model_validate_json(text)
+
+        return objects()
+
+    async def astream_structured_predict(self, output_cls: type[Model], prompt: BasePromptTemplate,
+                                         llm_kwargs: dict[str, Any] | None = None,
+                                         **prompt_args: Any) -> AsyncIterator[Model | FlexibleModel]:
+        objects = self.stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+
+        async def gen() -> AsyncIterator[Model | FlexibleModel]:
+            async for item in aiter_in_thread(lambda: objects):
+                yield item
+
+        return gen()
+
+    def _prepare_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+                                 chat_history: list[ChatMessage] | None = None, verbose: bool = False,
+                                 allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                                 tool_choice: str | dict | None = None, **kwargs: Any) -> dict[str, Any]:
+        """The chat arguments that offer ``tools``: ``tool_required`` (or ``tool_choice``: "required", "auto",
+        "none" or a tool's name) makes the answer a call."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role="user", content=user_msg) if isinstance(user_msg, str) else user_msg)
+        if isinstance(tool_choice, dict):
+            tool_choice = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
+        return {"messages": messages, "tools": [t.metadata.to_openai_tool() for t in tools],
+                "tool_choice": tool_choice or ("required" if tool_required else "auto"),
+                "parallel_tool_calls": allow_parallel_tool_calls, **kwargs}
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> list[ToolSelection]:
+        """The calls in a (possibly partial, streamed) response; arguments still arriving are parsed as far as
+        they go."""
+        calls = response.message.additional_kwargs.get("tool_calls") or []
+        if not calls and error_on_no_tool_call:
+            raise StructuredRequestError(f"the response made no tool call (it answered {response.message.content!r}); "
+                                         "pass tool_required=True to make it call one.")
+        selections = []
+        for call in calls:
+            arguments = call["function"]["arguments"]
+            try:
+                parsed = json.loads(arguments) if arguments else {}
+            except json.JSONDecodeError:
+                parsed = parse_partial_json(arguments) if arguments.strip() else {}
+            selections.append(ToolSelection(tool_id=call["id"], tool_name=call["function"]["name"],
+                                            tool_kwargs=parsed if isinstance(parsed, dict) else {}))
+        return selections
+
+
+def _openai_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _calls_of(message: ChatMessage) -> list[ToolCall]:
+    """An assistant message's tool calls (as :func:`_chat_response` records them, OpenAI's layout)."""
+    out = []
+    for call in message.additional_kwargs.get("tool_calls") or ():
+        function = call["function"] if isinstance(call, dict) else call.function
+        arguments = function["arguments"] if isinstance(function, dict) else function.arguments
+        name = function["name"] if isinstance(function, dict) else function.name
+        out.append(ToolCall(name, json.loads(arguments) if isinstance(arguments, str) else dict(arguments),
+                            call["id"] if isinstance(call, dict) else call.id))
+    return out
+
+
+def _turn(message: ChatMessage) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": message.role.value, "content": message.content or ""}
+    if calls := _calls_of(message):
+        turn["tool_calls"] = calls
+    if "tool_call_id" in message.additional_kwargs:
+        turn["tool_call_id"] = message.additional_kwargs["tool_call_id"]
+    return turn
+
+
+def _chat_responses(responses: Iterator[CompletionResponse]) -> ChatResponseGen:
+    """Streamed chat responses of an answer with tools bound: text so far, and the calls so far in
+    ``additional_kwargs["tool_calls"]`` (the arguments of the last one possibly partial)."""
+    calls = ToolCallStream()
+    text, made = "", []
+    response = None
+    for response in responses:
+        parts = [*calls.feed(response.delta or ""), *(calls.finish() if response.raw else ())]
+        delta = "".join(p for p in parts if isinstance(p, str))
+        for part in parts:
+            if isinstance(part, CallDelta) and part.name is not None:
+                made.append(_openai_call(part.id or "", part.name, ""))
+            elif isinstance(part, CallDelta):
+                function = made[part.index]["function"]
+                function["arguments"] += part.arguments
+        text += delta
+        if response.raw is not None:  # the answer is complete: a call its budget cut short is dropped
+            made = made[:len(calls.calls)]
+        yield ChatResponse(message=ChatMessage(role="assistant", content=text.strip() if made else text,
+                                               additional_kwargs={"tool_calls": [dict(c, function=dict(
+                                                   c["function"])) for c in made]} if made else {}),
+                           delta=delta, raw=response.raw)
+
+
+def _chat_response(response: CompletionResponse, tools: bool = False) -> ChatResponse:
+    """A completion as a chat response; with tools bound, its calls go to ``additional_kwargs["tool_calls"]``."""
+    text, calls = parse_tool_calls(response.text) if tools else (response.text, [])
+    extra = {"tool_calls": [_openai_call(c.id, c.name, json.dumps(c.arguments)) for c in calls]} if calls else {}
+    return ChatResponse(message=ChatMessage(role="assistant", content=text, additional_kwargs=extra),
+                        delta=response.delta, raw=response.raw)
 
 
 class BlockKVPrecomputer(TransformComponent):
     """Ingestion step that encodes each node's block into the LLM's store and makes the node findable by content.
 
-    The block covers the node's text exactly as LlamaIndex puts it into prompts
-    (``get_content(MetadataMode.LLM)``), so place this after any transform that changes text or
-    metadata. The store key goes into the node's metadata under ``blockrag_block_key``, excluded
+    The block covers the node's body alone (``get_content(MetadataMode.NONE)``): content matching finds it
+    in a prompt whether LlamaIndex's metadata header is there or not, whatever its metadata template, and the
+    header (a few tokens) is prefilled as text. Place this after any transform that changes the text. The store key goes into the node's metadata under ``blockrag_block_key``, excluded
     from embeddings and prompts. Works with any vector store, FAISS included.
     """
 

@@ -58,11 +58,11 @@ class TestChatBlockAttentionUnit(ChatModelUnitTests):
 
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
 
     @property
     def has_structured_output(self) -> bool:
-        return False
+        return True
 
 
 @pytest.mark.anyio  # runs the suite's async tests (on asyncio, anyio's default backend)
@@ -73,19 +73,38 @@ class TestChatBlockAttentionIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict:
-        return {"engine": ENGINE, "max_tokens": 12}
+        return {"engine": ENGINE, "max_tokens": 48}  # room for a tool call or a small object
 
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
 
     @property
     def has_structured_output(self) -> bool:
-        return False
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
 
     @property
     def supports_model_override(self) -> bool:
         return False  # one engine holds one model's weights and KV
+
+    @pytest.mark.xfail(strict=True, reason="a wrong argument value: the 135M model fills answer_style with '' "
+                                           "(the forced call itself parses)")
+    def test_bind_runnables_as_tools(self, model) -> None:
+        super().test_bind_runnables_as_tools(model)
+
+    @pytest.mark.xfail(strict=True, reason="a choice, not a structure: under tool_choice='auto' the 135M model "
+                                           "answers in text instead of calling (forced, its call always parses)")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)  # the suite's own parameters
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
 
     @property
     def supported_usage_metadata_details(self) -> dict:

@@ -83,9 +83,11 @@ def test_ingestion_stores_every_nodes_block_and_keeps_the_key_out_of_prompts(eng
         key = node.metadata[BLOCK_KEY_METADATA]
         llm_text = node.get_content(metadata_mode=MetadataMode.LLM)
         assert key not in llm_text and key not in node.get_content(metadata_mode=MetadataMode.EMBED)
-        block = engine.store.get(key)
-        assert block.token_ids.tolist() == engine.passage_token_ids(llm_text.strip(), exact_text=True)
-    assert len(llm.passages) == len({n.get_content(metadata_mode=MetadataMode.LLM).strip() for n in nodes})
+        block = engine.store.get(key)  # the body alone: found with or without the metadata header
+        body = node.get_content(metadata_mode=MetadataMode.NONE)
+        assert body != llm_text and block.token_ids.tolist() == engine.passage_token_ids(body.strip(),
+                                                                                          exact_text=True)
+    assert len(llm.passages) == len({n.get_content(metadata_mode=MetadataMode.NONE).strip() for n in nodes})
 
 
 def test_stock_query_engine_answers_from_cached_blocks(index, llm, engine, chat_ends):
