@@ -1,7 +1,8 @@
 """``blockrag bench answer``: a whole answer, side by side: block mode, full mode, no passages, llama.cpp.
 
 For each passage count, one prompt of that many passages (random tokens decoded to text, stored as
-blocks beforehand as ingestion would) and a question is answered greedily: in block mode, in full
+blocks beforehand as ingestion would) and a question is answered greedily, ``--new-tokens`` tokens
+whatever the model would end with: in block mode, in full
 mode, as the same question with no passages at all (the limit block mode approaches), and by
 llama.cpp (``llama-cpp-python``, the ``llamacpp`` extra) on the GGUF file the model was loaded
 from, over the very prompt text full mode prefills. Each row gives time to first token, decoding
@@ -56,7 +57,8 @@ def _gguf(args: argparse.Namespace) -> Path | None:
 def _row(result: GenerationResult) -> dict[str, Any]:
     decoded = result.completion_tokens - 1
     return {"ttft_s": round(result.ttft_s, 4), "total_s": round(result.total_s, 3),
-            "decode_ms_per_token": round((result.total_s - result.ttft_s) / decoded * 1000, 2) if decoded else None,
+            "decode_ms_per_token": round((result.total_s - result.ttft_s) / decoded * 1000, 2)
+            if decoded > 0 else None,
             "prompt_tokens": result.prompt_tokens, "prefilled_tokens": result.prefilled_tokens,
             "new_tokens": result.completion_tokens}
 
@@ -115,14 +117,14 @@ def run(args: argparse.Namespace) -> dict:
         prompt = template.head + "".join(passage_text(t) + "\n\n" for t in texts) + template.question_text(QUESTION)
         best: dict[str, dict[str, Any]] = {}
         for _ in range(args.repeats):  # the rows take turns, so that changes in machine load hit all alike
-            runs = {"block": lambda: _row(engine.generate(None, blocks, QUESTION, max_new_tokens=args.new_tokens)),
-                    "full": lambda: _row(engine.generate(None, texts, QUESTION, mode="full",
-                                                         max_new_tokens=args.new_tokens)),
-                    "none": lambda: _row(engine.generate(None, [], QUESTION, max_new_tokens=args.new_tokens))}
+            answer = dict(max_new_tokens=args.new_tokens, ignore_eos=True)  # every row decodes as many tokens
+            runs = {"block": lambda: _row(engine.generate(None, blocks, QUESTION, **answer)),
+                    "full": lambda: _row(engine.generate(None, texts, QUESTION, mode="full", **answer)),
+                    "none": lambda: _row(engine.generate(None, [], QUESTION, **answer))}
             if llama is not None:
                 runs["llama.cpp"] = lambda: llama.answer(prompt, args.new_tokens)
-            for name, answer in runs.items():
-                row = answer()
+            for name, timed in runs.items():
+                row = timed()
                 if name not in best or row["ttft_s"] < best[name]["ttft_s"]:
                     best[name] = row
         if best["block"]["prompt_tokens"] != best["full"]["prompt_tokens"]:

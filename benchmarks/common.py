@@ -45,6 +45,12 @@ def random_tokens(engine: BlockEngine, generator: torch.Generator, count: int, l
 
 
 def random_texts(engine: BlockEngine, generator: torch.Generator, count: int, length: int) -> list[str]:
-    """``count`` passage texts decoded from ``length`` random plain tokens each (they re-tokenize to about as many)."""
-    return [engine.tokenizer.decode(ids, skip_special_tokens=True)
-            for ids in random_tokens(engine, generator, count, length)]
+    """``count`` passage texts decoded from random plain tokens, each re-tokenizing to at most ``length`` tokens."""
+    texts = []
+    for ids in random_tokens(engine, generator, count, length):
+        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        while (extra := len(engine.passage_token_ids(text)) - length) > 0:  # decoded text may re-tokenize longer
+            ids = ids[:-extra]
+            text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        texts.append(text)
+    return texts

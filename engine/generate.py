@@ -60,7 +60,8 @@ class GenerationOptions:
     long enough for it to pay, :data:`~.decoding.AUTO_RECYCLE_FROM` tokens, full decoding below),
     ``"full"``, ``"recycled"`` or ``"streaming"``, with ``recycle_k``, ``stride`` and
     ``dynamic_threshold`` as :class:`DecodeOptions` describes. In block mode, ``recovery``
-    recomputes some passage tokens in context (see :class:`Recovery`). ``constraint`` restricts the
+    recomputes some passage tokens in context (see :class:`Recovery`). ``ignore_eos`` generates on past
+    end-of-sequence tokens, to ``max_new_tokens`` or a stop string (for benchmarks). ``constraint`` restricts the
     output to a JSON schema or grammar (see :class:`~.constrain.Constraint`), whatever the prefill and decoding.
     """
 
@@ -78,6 +79,7 @@ class GenerationOptions:
     dynamic_threshold: float | None = None
     recovery: Recovery | None = None
     constraint: Constraint | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in PREFILL_MODES:
@@ -523,7 +525,7 @@ class BlockEngine:
         finish: Literal["stop", "length"] = "length"
         prompt_tokens = served + prefilled
         while True:
-            if token in self.eos_ids:
+            if token in self.eos_ids and not options.ignore_eos:
                 finish = "stop"
                 break
             generated.append(token)

@@ -288,6 +288,15 @@ def test_a_stored_passage_is_served_by_its_key_and_a_wrong_key_is_not(tiny_engin
     assert swapped.prefilled_tokens == by_text.prefilled_tokens + len(engine.passage_token_ids(texts[0]))
 
 
+def test_ignore_eos_decodes_past_the_end_of_sequence(tiny_engine, monkeypatch):
+    first = tiny_engine.generate(None, ["A passage."], "Q?", max_new_tokens=1).token_ids[0]
+    monkeypatch.setattr(tiny_engine, "eos_ids", {first})  # the model's first answer token now ends the answer
+    ended = tiny_engine.generate(None, ["A passage."], "Q?", max_new_tokens=5)
+    assert (ended.completion_tokens, ended.finish_reason) == (0, "stop")
+    on = tiny_engine.generate(None, ["A passage."], "Q?", max_new_tokens=5, ignore_eos=True)
+    assert (on.completion_tokens, on.finish_reason, on.token_ids[0]) == (5, "length", first)
+
+
 def test_prompt_too_long(tiny_engine):
     with pytest.raises(PromptTooLongError, match="fewer or shorter"):
         tiny_engine.generate(None, ["word " * 600], "Q?", max_new_tokens=1)
