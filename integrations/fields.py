@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from blockrag.engine import BlockEngine, DecodeMode
+from blockrag.engine import DEFAULT_MODEL, BlockEngine, DecodeMode, PrefillMode
 
 from .gate import Gate
 from .matching import PassageIndex
@@ -15,9 +15,18 @@ from .runner import DECODE_DESCRIPTION, GATE_DESCRIPTION, PromptRunner
 
 
 class AdapterFields(BaseModel):
-    """How an adapter decodes (as :class:`blockrag.engine.GenerationOptions` describes) and how often its
-    correctness gate checks an answer, each may be given per call too; and the runner that answers its prompts."""
+    """The model and store an adapter loads, how it generates and decodes (as
+    :class:`blockrag.engine.GenerationOptions` describes; each may be given per call too) and how often its
+    correctness gate checks an answer; and the runner that answers its prompts."""
 
+    model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, model folder or GGUF file.")
+    store: str | None = Field(default=None, description="KV store folder or redis:// URL (default $BLOCKRAG_HOME/kv).")
+    mode: PrefillMode = Field(default="block", description="'block' serves passages from blocks; 'full' prefills all.")
+    max_tokens: int = Field(default=256, gt=0, description="Most tokens generated per call.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering.")
+    seed: int | None = Field(default=None, description="Seed for sampling when temperature > 0.")
     decode: DecodeMode | Literal["auto"] = Field(default="auto", description=DECODE_DESCRIPTION)
     recycle_k: int | float = Field(default=1 / 8, description="Recycled and streaming budget: tokens or a fraction.")
     stride: int = Field(default=10, gt=0, description="Steps between Recycled Attention's full steps.")

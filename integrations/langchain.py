@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Literal
 
-from blockrag.engine import (DEFAULT_MODEL, DEFAULT_PASSAGE_ORDER, BlockEngine, GenerationOptions, PassageOrder,
-                             PrefillMode, in_prompt_order)
+from blockrag.engine import (DEFAULT_PASSAGE_ORDER, BlockEngine, GenerationOptions, PassageOrder,
+                             in_prompt_order)
 from blockrag.errors import InvalidArgumentError, MissingExtraError, StructuredRequestError, UnknownOptionError
 
 from .gate import Gate
@@ -131,14 +131,6 @@ class ChatBlockAttention(BaseChatModel, AdapterFields):
     nothing. Any other unknown field raises.
     """
 
-    model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, model folder or GGUF file.")
-    store: str | None = Field(default=None, description="KV store folder or redis:// URL.")
-    mode: PrefillMode = Field(default="block", description="'block' serves passages from blocks; 'full' prefills all.")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
-    max_tokens: int = Field(default=256, gt=0, description="Most tokens generated per call.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering.")
-    seed: int | None = None
     stop: list[str] | None = None
     timeout: float | None = Field(default=None, description="Wall-clock limit per call in seconds.")
     max_retries: int = Field(default=0, ge=0)

@@ -14,10 +14,9 @@ import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeVar
 
-from blockrag.engine import (DEFAULT_MODEL, BlockEngine, GenerationOptions, PassageOrder, PrefillMode,
-                             StructuredRequestError, in_prompt_order)
+from blockrag.engine import BlockEngine, GenerationOptions, PassageOrder, in_prompt_order
+from blockrag.errors import MissingExtraError, StructuredRequestError, UnknownOptionError
 
-from blockrag.errors import UnknownOptionError, MissingExtraError
 from .gate import Gate
 from .matching import Passage, PassageIndex, render_chat
 from .runner import (ADAPTER_OPTIONS, Completion, PromptRunner, ReuseReport, aiter_in_thread, call_options,
@@ -78,14 +77,6 @@ class BlockAttentionLLM(FunctionCallingLLM, AdapterFields):
     it to a JSON schema.
     """
 
-    model: str = Field(default=DEFAULT_MODEL, description="Bundled alias, model folder or GGUF file.")
-    store: str | None = Field(default=None, description="KV store folder or redis:// URL (default $BLOCKRAG_HOME/kv).")
-    mode: PrefillMode = Field(default="block", description="'block' serves passages from blocks; 'full' prefills all.")
-    max_tokens: int = Field(default=256, gt=0, description="Most tokens generated per call.")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering.")
-    seed: int | None = Field(default=None, description="Seed for sampling when temperature > 0.")
     stop: list[str] = Field(default_factory=list, description="Strings that end generation (not included).")
     timeout: float | None = Field(default=None, description="Wall-clock limit per call in seconds.")
 
