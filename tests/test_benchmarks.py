@@ -46,3 +46,32 @@ def test_answer_benchmark_skips_llama_cpp_for_a_model_that_is_no_gguf(tiny_folde
     assert main(["bench", "answer", "--model", str(tiny_folder), "--passages", "1", "--passage-tokens", "10",
                  "--new-tokens", "2", "--repeats", "1", "--json", str(out)]) == 0
     assert "is not a GGUF file; pass --gguf" in json.loads(out.read_text())["llama_cpp_skipped"]
+
+
+def test_structured_benchmark_runs_at_a_tiny_size(tiny_folder, tmp_path):
+    pytest.importorskip("llguidance", reason='needs pip install "blockrag[structured]"')
+    import jsonschema
+
+    from blockrag.benchmarks.structured import SCHEMA
+
+    out = tmp_path / "structured.json"
+    assert main(["bench", "structured", "--model", str(tiny_folder), "--new-tokens", "64", "--rounds", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["unconstrained"]["tokens"] == 64  # a random model never ends on its own
+    jsonschema.validate(json.loads(result["constrained"]["text"]), SCHEMA)  # closed within the budget
+    assert result["constrained"]["tokens_per_s"] > 0 and result["unconstrained"]["tokens_per_s"] > 0
+    assert 0 < result["mask_ms_per_token"] and result["llguidance"] and result["machine"]["versions"]["torch"]
+
+
+def test_serve_benchmark_runs_at_a_tiny_size(tiny_folder, tmp_path):
+    pytest.importorskip("fastapi", reason='needs pip install "blockrag[serve]"')
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--model", str(tiny_folder), "--concurrency", "1,2", "--requests-per-client", "1",
+                 "--passages", "2", "--max-tokens", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["concurrency"], r["mode"]): r for r in result["results"]}
+    assert set(rows) == {(1, "block"), (1, "full"), (2, "block"), (2, "full")}
+    assert all(r["requests"] == r["concurrency"] and r["ttft_p95_s"] >= r["ttft_p50_s"] > 0 for r in rows.values())
+    assert all(rows[c, "block"]["mean_cached_tokens"] > 0 == rows[c, "full"]["mean_cached_tokens"] for c in (1, 2))
+    assert set(result["block_over_full_ttft_p95"]) == {"1", "2"}

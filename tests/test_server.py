@@ -485,22 +485,3 @@ def test_two_replicas_over_one_redis_store_serve_each_others_blocks(loaded, redi
                 replica.kill()
         for log in logs:
             log.close()
-
-
-# -- the benchmark, at a tiny size ---------------------------------------------------------------------------------
-
-def test_serve_benchmark_runs_at_a_tiny_size(loaded, tmp_path):
-    from blockrag.cli import main
-
-    folder = tmp_path / "tiny-model"
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    out = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--model", str(folder), "--concurrency", "1,2", "--requests-per-client", "1",
-                 "--passages", "2", "--max-tokens", "2", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    rows = {(r["concurrency"], r["mode"]): r for r in result["results"]}
-    assert set(rows) == {(1, "block"), (1, "full"), (2, "block"), (2, "full")}
-    assert all(r["requests"] == r["concurrency"] and r["ttft_p95_s"] >= r["ttft_p50_s"] > 0 for r in rows.values())
-    assert all(rows[c, "block"]["mean_cached_tokens"] > 0 == rows[c, "full"]["mean_cached_tokens"] for c in (1, 2))
-    assert set(result["block_over_full_ttft_p95"]) == {"1", "2"}
