@@ -10,8 +10,9 @@ boolean ``[tokens, positions]`` mask. Grouped query heads are folded into the qu
 attention reads each KV head once.
 
 The layers' own modules are called as they are (norms, projections with their biases or LoRA
-layers, Qwen3's query and key norms, the MLP), so fine-tuning trains through this same pass; only
-their order and the attention are written here. This is the one module of blockrag that knows how
+layers, Qwen3's query and key norms, the MLP's activation), so fine-tuning trains through this same
+pass; only their order and the attention are written here, and a decode step's plain linear layers
+are applied as matrix-vector products (:func:`project`). This is the one module of blockrag that knows how
 transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models, or touches anything of
 transformers beyond its public loading API: the releases it is written against are
 :data:`SUPPORTED_TRANSFORMERS`, the range ``pyproject.toml`` allows (a test holds the two equal).
@@ -304,7 +305,7 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         shape = (batch, n, -1, attn.head_dim)
-        q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+        q, k, v = (project(p, x).view(shape) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -314,12 +315,27 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
             cache.write(i, positions, rk, v)
             break
         out = attention(i, rq, rk, v, q, attn.scaling)
-        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + project(attn.o_proj, out.transpose(1, 2).reshape(batch, n, -1))
+        mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)  # every supported family's MLP, step by step
+        hidden = hidden + project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
     cache.length = max(cache.length, positions.end)
     if through_layer is not None:
         return None
-    return model.lm_head(body.norm(hidden[:, -logits:]))
+    return project(model.lm_head, body.norm(hidden[:, -logits:]))
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; for one token through a plain linear layer, as a matrix-vector product.
+
+    A decode step reads every weight once for one row of input. On CPU the matrix-vector kernels read
+    weights faster than a one-row matrix product does, and compute each output as the same dot product,
+    equal to the bit. Any other layer (a LoRA layer, say) is called as it is.
+    """
+    if x.shape[0] * x.shape[1] != 1 or type(layer) is not nn.Linear:
+        return layer(x)
+    row = x.reshape(-1)
+    out = torch.mv(layer.weight, row) if layer.bias is None else torch.addmv(layer.bias, layer.weight, row)
+    return out.view(1, 1, -1)
 
 
 def empty_cache(model: PreTrainedModel, capacity: int, batch: int = 1) -> KVCache:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -9,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from blockrag.engine import (BlockEngine, DecodeOptions, FixedStride, FullDecoding, LoadedModel, QuerySimilarity,
                              Recovery, RecycledDecoding, StreamingDecoding, load_model, model_fingerprint,
                              start_decoding)
-from blockrag.engine.transformer import KVCache, Positions, empty_cache, forward
+from blockrag.engine.transformer import KVCache, Positions, empty_cache, forward, project
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
@@ -243,3 +245,44 @@ def test_recycled_equals_full_over_block_and_recovered_caches_when_k_covers_them
         runs[name] = [decoding.step(int(t)) for t in answer]
     assert_same_logits(runs["recycled"], runs["full"])
     assert_same_logits(runs["every_step_full"], runs["full"])
+
+
+
+
+@torch.inference_mode()
+def step_logits(model, prompt: torch.Tensor, answer: torch.Tensor) -> list[torch.Tensor]:
+    """The logits of each one-token step fed ``answer`` after ``prompt``."""
+    cache = prefill(model, prompt, len(answer))
+    return [forward(model, cache, torch.tensor([[int(t)]]), Positions.span(cache.length, 1))[0, -1] for t in answer]
+
+
+class OwnForward(torch.nn.Linear):
+    """A linear layer of another class: called as a module, by its own one-row matrix product."""
+
+
+class Doubled(torch.nn.Linear):
+    """A linear layer that computes something other than its weight's product, as LoRA and quantized layers do."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_a_decode_step_by_matrix_vector_products_equals_the_layers_own_products_to_the_bit(family, dtype):
+    # Qwen2 has biases on its query, key and value projections; Qwen3 normalises queries and keys per head.
+    from tiny_models import tiny_model as tiny_of_family
+    model = tiny_of_family(family, attn="sdpa").to(dtype)
+    reference = copy.deepcopy(model)
+    linears = [m for m in reference.modules() if type(m) is torch.nn.Linear]
+    assert len(linears) == 7 * model.config.num_hidden_layers + 1
+    for layer in linears:
+        layer.__class__ = OwnForward
+    prompt, answer = random_ids(PROMPT, 5), random_ids(4, 6)
+    assert_same_logits(step_logits(model, prompt, answer), step_logits(reference, prompt, answer))
+
+
+def test_a_single_tokens_layer_of_another_class_is_called_as_it_is():
+    layer, x = Doubled(8, 4), torch.randn(1, 1, 8)
+    with torch.inference_mode():
+        assert torch.equal(project(layer, x), 2 * torch.nn.functional.linear(x, layer.weight, layer.bias))
