@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("blockrag.cli.ingest", "index documents (.txt, .md, .jsonl) and store their passages' KV"),
     "query": ("blockrag.cli.query", "answer a question over an index, printing passages used and TTFT"),
     "eval": ("blockrag.cli.eval", "answer NQ-open questions in several modes; accuracy, tokens, TTFT"),
+    "compare": ("blockrag.cli.compare", "pair two eval runs' answers by question (e.g. bf16 against fp32)"),
     "finetune": ("blockrag.cli.finetune", "train a LoRA adapter under the Block-Attention mask on QA questions"),
     "serve": ("blockrag.cli.serve", "an OpenAI-compatible server answering over cached passage blocks"),
     "bench": ("blockrag.cli.bench", "run a benchmark and print JSON"),

@@ -78,3 +78,37 @@ def markdown_table(summary: dict[str, Any], settings: dict[str, Any]) -> str:
                  f"greedy, {settings['max_new_tokens']} new tokens at most; b / c: questions only the first mode / "
                  "only this mode answered correctly.")
     return "\n".join(lines)
+
+
+def compare_runs(first: tuple[dict[str, Any], dict[tuple[int, str], dict[str, Any]]],
+                 second: tuple[dict[str, Any], dict[tuple[int, str], dict[str, Any]]]) -> dict[str, Any]:
+    """Two runs' answers (settings and answers, as :func:`~.results.read_results` returns them) paired by question,
+    for every mode both answered: each run's accuracy, b (only the first right), c (only the second right) and the
+    exact McNemar p-value. ``same_passages`` counts the pairs whose prompts held the same passages in the same order;
+    ``settings_differ`` names the settings the two runs did not share."""
+    (settings_a, done_a), (settings_b, done_b) = first, second
+    modes = [m for m in dict.fromkeys(mode for _, mode in done_a) if any(key[1] == m for key in done_b)]
+    rows = []
+    for mode in modes:
+        pairs = [(done_a[key], done_b[key]) for key in done_a if key[1] == mode and key in done_b]
+        b = sum(1 for x, y in pairs if x["correct"] and not y["correct"])
+        c = sum(1 for x, y in pairs if y["correct"] and not x["correct"])
+        rows.append({"mode": mode, "n": len(pairs),
+                     "same_passages": sum(1 for x, y in pairs if x["passages"] == y["passages"]),
+                     "first_accuracy": sum(x["correct"] for x, _ in pairs) / len(pairs),
+                     "second_accuracy": sum(y["correct"] for _, y in pairs) / len(pairs),
+                     "b": b, "c": c, "p_value": mcnemar_exact(b, c)})
+    differ = sorted(k for k in {*settings_a, *settings_b} if settings_a.get(k) != settings_b.get(k))
+    return {"settings_differ": {k: [settings_a.get(k), settings_b.get(k)] for k in differ}, "rows": rows}
+
+
+def comparison_table(comparison: dict[str, Any]) -> str:
+    """:func:`compare_runs`'s result as a Markdown table."""
+    lines = ["| mode | n | same passages | first | second | b / c | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in comparison["rows"]:
+        lines.append(f"| {r['mode']} | {r['n']} | {r['same_passages']} | {_pct(r['first_accuracy'])} | "
+                     f"{_pct(r['second_accuracy'])} | {r['b']} / {r['c']} | {r['p_value']:.3g} |")
+    differ = ", ".join(f"{k} {a!r} / {b!r}" for k, (a, b) in comparison["settings_differ"].items())
+    lines += ["", f"b / c: questions only the first run / only the second answered correctly. Settings that differ: "
+              f"{differ or 'none'}."]
+    return "\n".join(lines)

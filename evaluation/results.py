@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from blockrag.engine import GenerationResult
-from blockrag.errors import EvaluationError
+from blockrag.errors import DataFileError, EvaluationError
 
 from .modes import EvalMode
 from .qa import best_subspan_match, first_line
@@ -41,26 +41,16 @@ class ResultsFile:
 
     def _read(self, settings: dict[str, Any]) -> None:
         assert self.path is not None
-        raw = self.path.read_bytes()
-        complete = raw[:raw.rfind(b"\n") + 1]  # a run stopped mid-write leaves a partial last line: dropped
-        lines = complete.decode("utf-8").splitlines()
-        try:
-            rows = [json.loads(line) for line in lines]
-        except json.JSONDecodeError:
-            raise EvaluationError(f"{self.path} is not a results file of `blockrag eval` (a line is not JSON); "
-                                  "pass another --results file or delete it to start over.") from None
-        if not rows or "settings" not in rows[0]:
-            raise EvaluationError(f"{self.path} does not start with the settings line of `blockrag eval`; pass "
-                                  "another --results file or delete it to start over.")
+        rows, complete = _rows(self.path)
         saved = rows[0]["settings"]
         differ = [f"{key} {saved.get(key)!r} (now {settings.get(key)!r})" for key in RESUME_KEYS
                   if saved.get(key) != settings.get(key)]
         if differ:
             raise EvaluationError(f"{self.path} holds results of a run with other settings: {'; '.join(differ)}. "
                                   "Pass another --results file (or --json), or delete it to start over.")
-        if len(complete) != len(raw):
+        if complete != self.path.stat().st_size:
             with self.path.open("r+b") as f:
-                f.truncate(len(complete))
+                f.truncate(complete)
         self.done = {(row["question"], row["mode"]): row for row in rows[1:]}
 
     def add(self, record: dict[str, Any]) -> None:
@@ -68,6 +58,30 @@ class ResultsFile:
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """A results file's lines, settings first, and the length in bytes of its complete lines."""
+    raw = path.read_bytes()
+    complete = raw[:raw.rfind(b"\n") + 1]  # a run stopped mid-write leaves a partial last line: dropped
+    try:
+        rows = [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EvaluationError(f"{path} is not a results file of `blockrag eval` (a line is not JSON); "
+                              "pass another --results file or delete it to start over.") from None
+    if not rows or "settings" not in rows[0]:
+        raise EvaluationError(f"{path} does not start with the settings line of `blockrag eval`; pass "
+                              "another --results file or delete it to start over.")
+    return rows, len(complete)
+
+
+def read_results(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[int, str], dict[str, Any]]]:
+    """A results file's settings and its answers by (question, mode), as :class:`ResultsFile` keeps them."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"no results file at {path}; `blockrag eval --json OUT.json` writes OUT.results.jsonl")
+    rows, _ = _rows(path)
+    return rows[0]["settings"], {(row["question"], row["mode"]): row for row in rows[1:]}
 
 
 def answer_record(question: EvalQuestion, mode: EvalMode, result: GenerationResult) -> dict[str, Any]:

@@ -332,6 +332,30 @@ def test_summary_pairs_every_mode_with_the_first():
     assert "| naive | 10 | 50.0% |" in table and "+0.0 pts | 5 / 5 | 1 |" in table
 
 
+def test_compare_pairs_two_runs_by_question_mode_by_mode(tmp_path, capsys):
+    def run(name: str, settings: dict, right: dict[str, set[int]], passages=("p1", "p2")) -> Path:
+        results = ResultsFile(tmp_path / f"{name}.results.jsonl", settings)
+        for mode, correct in right.items():
+            for q in range(6):
+                results.add({"question": q, "mode": mode, "correct": q in correct,
+                             "passages": list(passages if q else passages[::-1])})
+        return results.path
+
+    first = run("bf16", SETTINGS | {"dtype": "torch.bfloat16"}, {"full": {0, 1, 2}, "prefix": {0, 1, 2, 3}})
+    second = run("fp32", SETTINGS | {"dtype": "torch.float32"}, {"full": {1, 2, 5}, "naive": {0}},
+                 passages=("p2", "p1"))
+    out = tmp_path / "compare.json"
+    assert cli_main(["compare", str(first), str(second), "--json", str(out)]) == 0
+    comparison = json.loads(out.read_text())
+    # Only "full" was answered in both; question 0 only by the first run, 5 only by the second.
+    assert comparison["rows"] == [{"mode": "full", "n": 6, "same_passages": 0, "first_accuracy": 0.5,
+                                   "second_accuracy": 0.5, "b": 1, "c": 1, "p_value": 1.0}]
+    assert comparison["settings_differ"] == {"dtype": ["torch.bfloat16", "torch.float32"]}
+    assert "| full | 6 | 0 | 50.0% | 50.0% | 1 / 1 | 1 |" in capsys.readouterr().out
+    assert cli_main(["compare", str(first), str(tmp_path / "missing.results.jsonl")]) == 1
+    assert "no results file at" in capsys.readouterr().err
+
+
 # --- the command, end to end on SmolLM2 ---------------------------------------------------------------------------
 
 
