@@ -9,7 +9,7 @@ from typing import Any
 
 from .modes import EvalMode
 from .questions import EvalQuestion
-from .stats import mcnemar_exact, wilson_interval
+from .stats import discordant, mcnemar_exact, wilson_interval
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -37,8 +37,7 @@ def summarize(questions: Sequence[EvalQuestion], modes: Sequence[EvalMode],
     for mode in modes[1:]:
         pairs = [(done[q.item.index, first]["correct"], done[q.item.index, mode.name]["correct"])
                  for q in questions if (q.item.index, first) in done and (q.item.index, mode.name) in done]
-        b = sum(1 for x, y in pairs if x and not y)
-        c = sum(1 for x, y in pairs if y and not x)
+        b, c = discordant(pairs)
         paired[mode.name] = {"against": first, "n": len(pairs), "b": b, "c": c, "p_value": mcnemar_exact(b, c),
                              "accuracy_difference": (c - b) / len(pairs) if pairs else None}
     ranks = [q.gold_rank for q in questions]
@@ -87,12 +86,11 @@ def compare_runs(first: tuple[dict[str, Any], dict[tuple[int, str], dict[str, An
     exact McNemar p-value. ``same_passages`` counts the pairs whose prompts held the same passages in the same order;
     ``settings_differ`` names the settings the two runs did not share."""
     (settings_a, done_a), (settings_b, done_b) = first, second
-    modes = [m for m in dict.fromkeys(mode for _, mode in done_a) if any(key[1] == m for key in done_b)]
+    answered_b = {mode for _, mode in done_b}
     rows = []
-    for mode in modes:
+    for mode in [m for m in dict.fromkeys(mode for _, mode in done_a) if m in answered_b]:
         pairs = [(done_a[key], done_b[key]) for key in done_a if key[1] == mode and key in done_b]
-        b = sum(1 for x, y in pairs if x["correct"] and not y["correct"])
-        c = sum(1 for x, y in pairs if y["correct"] and not x["correct"])
+        b, c = discordant((x["correct"], y["correct"]) for x, y in pairs)
         rows.append({"mode": mode, "n": len(pairs),
                      "same_passages": sum(1 for x, y in pairs if x["passages"] == y["passages"]),
                      "first_accuracy": sum(x["correct"] for x, _ in pairs) / len(pairs),

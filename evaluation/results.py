@@ -41,8 +41,7 @@ class ResultsFile:
 
     def _read(self, settings: dict[str, Any]) -> None:
         assert self.path is not None
-        rows, complete = _rows(self.path)
-        saved = rows[0]["settings"]
+        saved, done, complete = _parse(self.path)
         differ = [f"{key} {saved.get(key)!r} (now {settings.get(key)!r})" for key in RESUME_KEYS
                   if saved.get(key) != settings.get(key)]
         if differ:
@@ -51,7 +50,7 @@ class ResultsFile:
         if complete != self.path.stat().st_size:
             with self.path.open("r+b") as f:
                 f.truncate(complete)
-        self.done = {(row["question"], row["mode"]): row for row in rows[1:]}
+        self.done = done
 
     def add(self, record: dict[str, Any]) -> None:
         self.done[record["question"], record["mode"]] = record
@@ -60,8 +59,8 @@ class ResultsFile:
                 f.write(json.dumps(record) + "\n")
 
 
-def _rows(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """A results file's lines, settings first, and the length in bytes of its complete lines."""
+def _parse(path: Path) -> tuple[dict[str, Any], dict[tuple[int, str], dict[str, Any]], int]:
+    """A results file's settings, its answers by (question, mode), and the length in bytes of its complete lines."""
     raw = path.read_bytes()
     complete = raw[:raw.rfind(b"\n") + 1]  # a run stopped mid-write leaves a partial last line: dropped
     try:
@@ -72,7 +71,7 @@ def _rows(path: Path) -> tuple[list[dict[str, Any]], int]:
     if not rows or "settings" not in rows[0]:
         raise EvaluationError(f"{path} does not start with the settings line of `blockrag eval`; pass "
                               "another --results file or delete it to start over.")
-    return rows, len(complete)
+    return rows[0]["settings"], {(row["question"], row["mode"]): row for row in rows[1:]}, len(complete)
 
 
 def read_results(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[int, str], dict[str, Any]]]:
@@ -80,8 +79,8 @@ def read_results(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[in
     path = Path(path)
     if not path.is_file():
         raise DataFileError(f"no results file at {path}; `blockrag eval --json OUT.json` writes OUT.results.jsonl")
-    rows, _ = _rows(path)
-    return rows[0]["settings"], {(row["question"], row["mode"]): row for row in rows[1:]}
+    settings, done, _ = _parse(path)
+    return settings, done
 
 
 def answer_record(question: EvalQuestion, mode: EvalMode, result: GenerationResult) -> dict[str, Any]:

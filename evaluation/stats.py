@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 Z_95 = 1.959963984540054
 """The standard normal quantile of 0.975."""
@@ -16,6 +17,15 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def discordant(pairs: Iterable[tuple[bool, bool]]) -> tuple[int, int]:
+    """b and c of paired outcomes: the pairs only the first got right, and those only the second got right."""
+    b = c = 0
+    for first, second in pairs:
+        b += bool(first and not second)
+        c += bool(second and not first)
+    return b, c
 
 
 def mcnemar_exact(b: int, c: int) -> float:
