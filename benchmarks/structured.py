@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     blocks = engine.encode([PASSAGE])
     constraint = Constraint.json_schema(SCHEMA)
     request = dict(mode=args.prefill, decode=args.decode, max_new_tokens=args.new_tokens)
-    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    vocab = engine.vocab_size
     compiled = compile_constraint(engine.tokenizer, constraint, vocab, engine.eos_ids)
     best: dict[str, GenerationResult] = {}
     for _ in range(max(1, args.rounds)):

@@ -93,13 +93,17 @@ def run(args: argparse.Namespace) -> dict:
     past = engine.passage_context().block
     question = question_tokens(engine)
     generator = torch.Generator().manual_seed(0)
-    warm = encode_blocks(loaded.model, random_tokens(engine, generator, 1, 8), past)
+    def passages(count: int, length: int) -> list[list[int]]:  # each block ends with its separator, as the engine's
+        return [ids + engine.separator_ids for ids in random_tokens(engine, generator, count,
+                                                                     length - len(engine.separator_ids))]
+
+    warm = encode_blocks(loaded.model, passages(1, 8), past)
     _timed(engine, warm, "full", 1)  # warm-up of both paths (and of the fused re-rotation on GPUs)
     _timed(engine, warm, "block", 1)
     results = []
     for target in (int(x) for x in args.lengths.split(",")):
         n_passages = max(1, round((target - len(past) - question) / args.passage_tokens))
-        blocks = encode_blocks(loaded.model, random_tokens(engine, generator, n_passages, args.passage_tokens), past,
+        blocks = encode_blocks(loaded.model, passages(n_passages, args.passage_tokens), past,
                                batch_size=engine.batch_size)
         full_s, full_prefilled = _timed(engine, blocks, "full", args.repeats)
         block_s, block_prefilled = _timed(engine, blocks, "block", args.repeats)

@@ -18,7 +18,7 @@ import torch
 
 from blockrag.errors import InvalidArgumentError
 from .rope import rerotation
-from .transformer import KVCache, Positions, empty_cache, forward, rotary_module
+from .transformer import CacheMemory, KVCache, Positions, empty_cache, forward, rotary_module
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
@@ -53,6 +53,12 @@ class Block:
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+    def first(self, n: int) -> "Block":
+        """The block of its first ``n`` tokens (views): under causal attention they never saw the tokens after."""
+        if not 0 < n <= len(self):
+            raise InvalidArgumentError(f"a block of {len(self)} tokens has no first {n} tokens to serve")
+        return Block(self.token_ids[:n], self.keys[:, :, :n], self.values[:, :, :n], self.start, self.context)
 
 
 def context_id(token_ids: Sequence[int] | torch.Tensor) -> str:
@@ -153,17 +159,17 @@ def encode_batch(model: PreTrainedModel, token_lists: Sequence[Sequence[int]],
 
 
 def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[int] | None = None,
-             capacity: int | None = None) -> KVCache:
+             capacity: int | None = None, memory: CacheMemory | None = None) -> KVCache:
     """A cache holding ``blocks``, each in the slots of the positions it now occupies, its keys re-rotated there.
 
     ``starts`` gives each block's first position (default: back to back from 0); the slots between
     them are left for text prefilled afterwards. ``capacity`` (default: up to the last block's end)
-    leaves room for that text and the answer.
+    leaves room for that text and the answer. The cache is carved from ``memory`` where given.
     """
     if starts is None:
         starts = [sum(len(b) for b in blocks[:i]) for i in range(len(blocks))]
     end = max((s + len(b) for b, s in zip(blocks, starts)), default=0)
-    cache = empty_cache(model, capacity if capacity is not None else end)
+    cache = empty_cache(model, capacity if capacity is not None else end, memory=memory)
     if end > cache.capacity:
         raise InvalidArgumentError(f"blocks reach position {end - 1} but the cache has room for {cache.capacity}")
     rotary = rotary_module(model)

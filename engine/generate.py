@@ -8,13 +8,14 @@ Both decode with the same loop, so their outputs differ only through the prefill
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -31,6 +32,7 @@ from .transformer import KVCache, Positions, empty_cache, forward
 
 log = logging.getLogger(__name__)
 
+_Block = TypeVar("_Block")
 PrefillMode = Literal["block", "full"]
 PREFILL_MODES: tuple[PrefillMode, ...] = ("block", "full")
 
@@ -219,11 +221,15 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-def prompt_layout(head: str | Block, passages: Sequence[str | Block], question: str) -> list[str | Block]:
-    """The engine's prompt as segments: head, each passage followed by a blank line, then the question."""
-    segments: list[str | Block] = [head]
+def prompt_layout(head: str | Block, passages: Sequence[str | _Block], question: str) -> list[str | _Block]:
+    """The engine's prompt as segments: head, each passage followed by a blank line, then the question.
+
+    A passage given as text is followed by the blank line as text; any other item stands for the
+    passage's block, which holds its blank line (as :meth:`BlockEngine.passage_token_ids` encodes it).
+    """
+    segments: list[str | _Block] = [head]
     for p in passages:
-        segments += [p, PASSAGE_SEPARATOR]
+        segments += [p, PASSAGE_SEPARATOR] if isinstance(p, str) else [p]
     return [*segments, question]
 
 
@@ -290,6 +296,11 @@ class BlockEngine:
     def fingerprint(self) -> str:
         return self.loaded.fingerprint
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's logits (its output embedding's, which may exceed the tokenizer's vocabulary)."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
     def template(self, system_prompt: str | None = None) -> PromptTemplate:
         """The prompt's text around the passages for ``system_prompt`` (None: the engine's), rendered once each."""
         system = self.system_prompt if system_prompt is None else system_prompt
@@ -318,13 +329,18 @@ class BlockEngine:
             raise InvalidArgumentError(f"block_mode must be one of {BLOCK_MODES}, got {mode!r}")
         return PassageContext(self.head_block(system_prompt) if mode == "prefix" else None)
 
+    @functools.cached_property
+    def separator_ids(self) -> list[int]:
+        """Token ids of the blank line that follows every passage in the engine's prompts, and ends its block."""
+        return tokenize(self.tokenizer, PASSAGE_SEPARATOR)
+
     def passage_token_ids(self, passage: str, exact_text: bool = False) -> list[int]:
-        """Token ids of a passage's block, tokenized on its own.
+        """Token ids of a passage's block: the passage tokenized on its own, then :attr:`separator_ids`.
 
         By default the passage as the engine's own prompt quotes it (stripped); with ``exact_text``
         the text exactly as given.
         """
-        return tokenize(self.tokenizer, passage if exact_text else passage_text(passage))
+        return tokenize(self.tokenizer, passage if exact_text else passage_text(passage)) + self.separator_ids
 
     def encode(self, passages: Sequence[str], *, system_prompt: str | None = None,
                block_mode: BlockMode | None = None, exact_text: bool = False) -> list[Block]:
@@ -442,7 +458,7 @@ class BlockEngine:
             return self._prefill(prompt_layout(template.head, texts, question_text), o)
         fresh_head = system_prompt not in self._heads
         head = self.head_block(system_prompt)
-        context = PassageContext(head if (o.block_mode or self.block_mode) == "prefix" else None)
+        context = self.passage_context(system_prompt, o.block_mode)
         blocks, reused = self._blocks(passages, context, False)
         done = self._prefill(prompt_layout(head, blocks, question_text), o)
         # Served: the tokens of blocks that existed before this call, less those recomputed in context.
@@ -476,13 +492,14 @@ class BlockEngine:
         self._check_length(total)
         capacity = min(total + options.max_new_tokens, self.max_positions)
         ids = torch.cat([p.token_ids if isinstance(p, Block) else p for p in pieces]).to(self.device)
+        memory = self.loaded.cache_memory
         if options.mode == "full":
-            cache = empty_cache(self.model, capacity)
+            cache = empty_cache(self.model, capacity, memory=memory)
             logits = forward(self.model, cache, ids[None], Positions.span(0, total, self.device))
             return Prefill(cache, logits[0, -1], 0, total)
         starts = [sum(lengths[:i]) for i in range(len(pieces))]
         blocks = [(p, s) for p, s in zip(pieces, starts) if isinstance(p, Block)]
-        cache = assemble(self.model, [b for b, _ in blocks], [s for _, s in blocks], capacity)
+        cache = assemble(self.model, [b for b, _ in blocks], [s for _, s in blocks], capacity, memory)
         in_block = torch.cat([torch.full((len(p),), isinstance(p, Block)) for p in pieces]).to(self.device)
         fresh = ~in_block  # the positions this forward pass computes: the text, and block tokens recomputed
         if options.recovery is not None:
@@ -504,7 +521,7 @@ class BlockEngine:
         started = time.perf_counter()
         # A bad schema fails here, before any model work.
         matcher = None if options.constraint is None else compile_constraint(
-            self.tokenizer, options.constraint, self.model.get_output_embeddings().weight.shape[0],
+            self.tokenizer, options.constraint, self.vocab_size,
             self.eos_ids).matcher()
         done = prefill()
         cache, logits, served, prefilled = done.cache, done.logits, done.served, done.prefilled
@@ -521,33 +538,37 @@ class BlockEngine:
         decoding = options.decoding(cache.length)
         decoder = start_decoding(self.model, cache, decoding, min(max_new_tokens, cache.capacity - cache.length))
         del cache, done
-        text = emitted = ""
-        finish: Literal["stop", "length"] = "length"
-        prompt_tokens = served + prefilled
-        while True:
-            if token in self.eos_ids and not options.ignore_eos:
-                finish = "stop"
-                break
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-            visible = text[: len(text) - _held_back(text, stops)]
-            if len(visible) > len(emitted) and visible.startswith(emitted):
-                yield visible[len(emitted):]
-                emitted = visible
-            if matcher is not None:
-                matcher.advance(token)
-                if matcher.finished:  # the output is complete: only end-of-text could follow
+        try:
+            text = emitted = ""
+            finish: Literal["stop", "length"] = "length"
+            prompt_tokens = served + prefilled
+            while True:
+                if token in self.eos_ids and not options.ignore_eos:
                     finish = "stop"
                     break
-            if len(generated) >= max_new_tokens or prompt_tokens + len(generated) >= self.max_positions:
-                break
-            token = sample(decoder.step(token))
-        if len(text) > len(emitted) and text.startswith(emitted):
-            yield text[len(emitted):]
-        yield GenerationResult(text, generated, finish, prompt_tokens, served, prefilled, ttft,
-                               time.perf_counter() - started, decoding.mode,
-                               decoder.full_layer_steps / len(decoder.cache.keys))
+                generated.append(token)
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    break
+                visible = text[: len(text) - _held_back(text, stops)]
+                if len(visible) > len(emitted) and visible.startswith(emitted):
+                    yield visible[len(emitted):]
+                    emitted = visible
+                if matcher is not None:
+                    matcher.advance(token)
+                    if matcher.finished:  # the output is complete: only end-of-text could follow
+                        finish = "stop"
+                        break
+                if len(generated) >= max_new_tokens or prompt_tokens + len(generated) >= self.max_positions:
+                    break
+                token = sample(decoder.step(token))
+            if len(text) > len(emitted) and text.startswith(emitted):
+                yield text[len(emitted):]
+            result = GenerationResult(text, generated, finish, prompt_tokens, served, prefilled, ttft,
+                                      time.perf_counter() - started, decoding.mode,
+                                      decoder.full_layer_steps / len(decoder.cache.keys))
+        finally:  # the cache's memory serves the next request, also when the caller stops reading early
+            self.loaded.cache_memory.give_back(decoder.cache)
+        yield result

@@ -12,7 +12,7 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,7 @@ import torch
 from blockrag.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedModelError
 from .adapter import adapter_passage_order, merge_adapter
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
-from .transformer import dequantized, loading_quietly, rotary_module
+from .transformer import CacheMemory, dequantized, loading_quietly, rotary_module
 
 if TYPE_CHECKING:  # transformers' model classes load slowly: imported where a model is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,6 +51,8 @@ class LoadedModel:
     fingerprint: str
     passage_order: PassageOrder = DEFAULT_PASSAGE_ORDER
     """Where its prompts put the best passage: a block fine-tuned model reads well only in its training order."""
+    cache_memory: CacheMemory = field(default_factory=CacheMemory, compare=False, repr=False)
+    """Memory of finished requests' caches, that every engine over this model carves its next ones from."""
 
 
 def check_supported(config) -> None:

@@ -72,9 +72,12 @@ def in_prompt_order(ranked: Sequence[_T], order: PassageOrder = DEFAULT_PASSAGE_
 
 
 def passage_text(passage: str) -> str:
-    """The exact text a passage block encodes: the passage alone, so that any prompt quoting it can reuse it.
+    """A passage's text as prompts quote it: stripped.
 
-    The separator after each passage is prompt text, prefilled with the question.
+    Its block encodes this text followed by :data:`PASSAGE_SEPARATOR`, each tokenized on its own (see
+    ``BlockEngine.passage_token_ids``): the blank line after a passage is part of its block, so that only
+    the question is prefilled. A prompt that quotes the passage without the blank line after it is served
+    the block's first tokens, which never saw the blank line (:meth:`Block.first`).
     """
     return passage.strip()
 

@@ -14,14 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from blockrag.errors import InvalidArgumentError
+from blockrag.errors import InvalidArgumentError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _cos_sin(rotary: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +48,11 @@ def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) ->
     cos = cos_t * cos_s + sin_t * sin_s
     sin = sin_t * cos_s - cos_t * sin_s
     dim = cos.shape[-1]
+    half = dim // 2
+    if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+        raise UnsupportedModelError("this model's rotary embedding gives the two halves of a head different angles; "
+                                    "blockrag re-rotates keys whose halves share them (Llama, Mistral, Qwen2, Qwen3).")
+    cos, sin = cos[:, :half], sin[:, :half]  # rotation acts on the pairs (i, i + half) with one angle each
 
     def move(keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if keys.shape[-2] != source.shape[0]:
@@ -63,8 +63,7 @@ def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) ->
         if dim < keys.shape[-1]:
             out[..., dim:] = keys[..., dim:]
         if torch.is_grad_enabled() and keys.requires_grad:  # training: differentiable, and never compiled
-            k = keys[..., :dim].float()
-            out[..., :dim] = k * c + _rotate_half(k) * s
+            out[..., :dim] = _rotated(keys[..., :dim], c, s)
         elif out.is_inference():  # a request's cache: the compiled pass, with tensors of the kinds it was warmed for
             with torch.inference_mode():
                 _rotate_into(out[..., :dim], keys[..., :dim], c.clone(), s.clone())
@@ -75,9 +74,16 @@ def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) ->
     return move
 
 
+def _rotated(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Keys' halves ``(k0, k1)`` rotated by the angles of ``cos``/``sin`` (one per pair): ``(k0 cos - k1 sin, k1 cos +
+    k0 sin)`` in fp32, the same operations as transformers' ``k * cos + rotate_half(k) * sin``."""
+    k = keys.float().unflatten(-1, (2, -1))
+    k0, k1 = k[..., 0, :], k[..., 1, :]
+    return torch.stack((k0 * cos - k1 * sin, k1 * cos + k0 * sin), -2).flatten(-2)
+
+
 def _rotate_into_eager(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    k = keys.float()
-    out.copy_(k * cos + _rotate_half(k) * sin)
+    out.copy_(_rotated(keys, cos, sin))
 
 
 # Eager, the rotation makes several fp32 copies of every key; compiled, it is one pass that reads a
@@ -103,7 +109,7 @@ def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> Non
         with torch.inference_mode():  # as requests run: a block written into a cache's slots, as assembly does
             encoded = torch.zeros_like(stored)  # a block encoded in this process
             slots = torch.zeros(layers, 1, heads, 11, dim, dtype=dtype, device=device)[:, 0, :, 6:6 + tokens]
-            angles = torch.ones(tokens, dim, device=device), torch.zeros(tokens, dim, device=device)
+            angles = torch.ones(tokens, dim // 2, device=device), torch.zeros(tokens, dim // 2, device=device)
             for keys in (encoded, stored):
                 _compiled(slots, keys, *angles)
     except Exception as exc:  # no C++ compiler, say: correct, only slower

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -125,16 +127,23 @@ class KVCache:
         self.length = length
         self.stacked = stacked
         """``[layers, batch, kv_heads, capacity, head_dim]`` keys and values the layers are views of, if any."""
+        self.memory: torch.Tensor | None = None
+        """The flat tensor ``stacked`` is carved from, which :meth:`CacheMemory.give_back` takes back."""
 
     @classmethod
-    def empty(cls, shape: KVShape, capacity: int, batch: int = 1) -> "KVCache":
-        """A cache with room for ``capacity`` positions and none filled."""
+    def empty(cls, shape: KVShape, capacity: int, batch: int = 1, memory: "CacheMemory | None" = None) -> "KVCache":
+        """A cache with room for ``capacity`` positions and none filled, carved from ``memory`` where given."""
         size = (batch, shape.kv_heads, capacity, shape.head_dim)
         if torch.is_grad_enabled():
             new = [torch.empty(size, dtype=shape.dtype, device=shape.device) for _ in range(2 * shape.layers)]
             return cls(new[: shape.layers], new[shape.layers:])
-        keys, values = (torch.empty((shape.layers, *size), dtype=shape.dtype, device=shape.device) for _ in "kv")
-        return cls(list(keys), list(values), stacked=(keys, values))
+        half = shape.layers * math.prod(size)
+        flat = memory.take(2 * half, shape.dtype, shape.device) if memory is not None else \
+            torch.empty(2 * half, dtype=shape.dtype, device=shape.device)
+        keys, values = flat[:half].view(shape.layers, *size), flat[half:2 * half].view(shape.layers, *size)
+        cache = cls(list(keys), list(values), stacked=(keys, values))
+        cache.memory = flat
+        return cache
 
     @property
     def capacity(self) -> int:
@@ -183,14 +192,49 @@ class KVCache:
             to_values.copy_(block_values)
 
 
+class CacheMemory:
+    """The memory of finished requests' caches, kept to carve the next requests' caches from.
+
+    A long prompt's cache is hundreds of MB. Fresh from the allocator, every page of it faults on
+    first touch and returns to the system when freed, which costs more than copying the blocks into
+    it; an engine keeps the memory of its last ``keep`` finished caches (CPU only: torch's GPU
+    allocator already keeps its memory) and hands it to the next ones. Thread-safe.
+    """
+
+    def __init__(self, keep: int = 1):
+        self.keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat tensor of at least ``numel`` elements: the smallest kept one that fits, else a new one."""
+        with self._lock:
+            fits = [i for i, t in enumerate(self._free) if t.numel() >= numel and t.dtype == dtype and t.device == device]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))[:numel]
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def give_back(self, cache: KVCache) -> None:
+        """Keep ``cache``'s memory for later caches; ``cache`` must not be used afterwards."""
+        flat, cache.memory, cache.stacked = cache.memory, None, None
+        cache.keys, cache.values = [], []
+        if flat is None or flat.device.type != "cpu":
+            return
+        with self._lock:
+            self._free.append(flat._base if flat._base is not None else flat)
+            self._free.sort(key=lambda t: -t.numel())
+            del self._free[self.keep:]
+
+
 class Positions:
     """The positions of the tokens of one forward pass (ascending), and what attention needs to know of them.
 
     A token attends to every slot up to its own position. Where that is a plain rule, no mask is
-    made: a single token attends to ``[0, end)``, and the prompt's first tokens causally. Otherwise
-    the tokens are cut into a few runs (:attr:`runs`), each attending only to the slots up to its
-    last token's position under an additive mask made once per pass: tokens prefilled early in a
-    long prompt (the separators between blocks) then skip the keys after them.
+    made: a single token attends to ``[0, end)``, the prompt's first tokens causally, and a run of
+    tokens right after filled slots (the question after assembled blocks) to all of those and
+    causally among themselves (:attr:`suffix`). Otherwise the tokens are cut into a few runs
+    (:attr:`runs`), each attending only to the slots up to its last token's position under a mask
+    made once per pass: tokens recomputed early in a long prompt then skip the keys after them.
     """
 
     MAX_RUNS = 2
@@ -202,8 +246,9 @@ class Positions:
         self.first, self.end, n = int(ids[0]), int(ids[-1]) + 1, len(ids)
         self.contiguous = self.end - self.first == n
         self.causal = self.contiguous and self.first == 0 and n > 1
-        self.masked = n > 1 and not self.causal
-        self._masks: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self.suffix = self.contiguous and self.first > 0 and n > 1
+        self.masked = n > 1 and not self.contiguous
+        self._masks: dict[int, list[torch.Tensor]] = {}
         bounds = [round(i * n / self.MAX_RUNS) for i in range(self.MAX_RUNS + 1)] if self.masked else [0, n]
         cuts = sorted(set(bounds))
         self.runs = [(lo, hi, int(ids[hi - 1]) + 1) for lo, hi in zip(cuts, cuts[1:])]
@@ -213,16 +258,14 @@ class Positions:
     def span(cls, first: int, count: int, device: torch.device | str = "cpu") -> "Positions":
         return cls(torch.arange(first, first + count, device=device))
 
-    def masks(self, group: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Each run's additive mask ``[group x run tokens, run end slot]``, queries folded ``group`` to a KV head."""
-        if (group, dtype) not in self._masks:
-            out = []
-            for lo, hi, end in self.runs:
-                visible = torch.arange(end, device=self.ids.device)[None, :] <= self.ids[lo:hi, None]
-                mask = torch.zeros(visible.shape, dtype=dtype, device=self.ids.device)
-                out.append(mask.masked_fill_(~visible, float("-inf")).repeat(group, 1))
-            self._masks[(group, dtype)] = out
-        return self._masks[(group, dtype)]
+    def masks(self, group: int) -> list[torch.Tensor]:
+        """Each run's boolean mask (True: attended) ``[group x run tokens, run end slot]``, queries folded ``group``
+        to a KV head."""
+        if group not in self._masks:
+            self._masks[group] = [
+                (torch.arange(end, device=self.ids.device)[None, :] <= self.ids[lo:hi, None]).repeat(group, 1)
+                for lo, hi, end in self.runs]
+        return self._masks[group]
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
@@ -231,7 +274,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scalin
 
     Under a mask, the query heads of a group are folded into the query length, so every KV head is
     read once and no repeated copy is made (the kernel's grouped-query path repeats them there);
-    ``mask`` is additive, ``[group x n, s]`` as :meth:`Positions.masks` makes it.
+    ``mask`` is boolean (True: attended), ``[group x n, s]`` as :meth:`Positions.masks` makes it.
     """
     b, heads, n, d = query.shape
     kv_heads = keys.shape[1]
@@ -241,6 +284,34 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scalin
     folded = query.reshape(b, kv_heads, heads // kv_heads * n, d)
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
     return out.view(b, heads, n, d)
+
+
+def attend_suffix(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int,
+                  scaling: float) -> torch.Tensor:
+    """Attention of the ``n`` tokens at slots ``[first, first + n)`` over ``keys``/``values`` ``[b, kv_heads,
+    first + n, d]``: every slot before them, and causally each other.
+
+    On CPU the two parts run unmasked, as two passes of the flash kernel whose softmaxes are merged by
+    their log-sum-exps (in fp32, then rounded once more): the long part with the query heads of a group
+    folded into the query length, so it reads each KV head once under no mask. Elsewhere, and under
+    autograd, it is one pass under a boolean mask.
+    """
+    b, heads, n, d = query.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    if query.device.type != "cpu" or torch.is_grad_enabled():
+        visible = torch.arange(first + n, device=query.device)[None, :] <= torch.arange(first, first + n,
+                                                                                         device=query.device)[:, None]
+        return attend(query, keys, values, scaling, mask=visible.repeat(group, 1))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    before, lse_before = flash(query.reshape(b, kv_heads, group * n, d), keys[:, :, :first], values[:, :, :first],
+                               scale=scaling)
+    own_keys, own_values = (t[:, :, first:].repeat_interleave(group, 1) for t in (keys, values))
+    own, lse_own = flash(query, own_keys, own_values, is_causal=True, scale=scaling)
+    lse_before = lse_before.reshape(b, heads, n, 1)
+    lse = torch.logaddexp(lse_before, lse_own[..., None])
+    out = before.reshape(b, heads, n, d).float() * (lse_before - lse).exp() + own.float() * (lse_own[..., None] - lse).exp()
+    return out.to(query.dtype)
 
 
 class Attention(Protocol):
@@ -262,9 +333,11 @@ class CacheAttention:
         p = self.positions
         self.cache.write(layer, p, key, value)
         keys, values = self.cache.layer(layer, p.end)
+        if p.suffix:
+            return attend_suffix(query, keys, values, p.first, scaling)
         if not p.masked:
             return attend(query, keys, values, scaling, causal=p.causal)
-        masks = p.masks(query.shape[1] // keys.shape[1], query.dtype)
+        masks = p.masks(query.shape[1] // keys.shape[1])
         return torch.cat([attend(query[:, :, lo:hi], keys[:, :, :end], values[:, :, :end], scaling, mask)
                           for (lo, hi, end), mask in zip(p.runs, masks)], dim=2)
 
@@ -338,6 +411,6 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.view(1, 1, -1)
 
 
-def empty_cache(model: PreTrainedModel, capacity: int, batch: int = 1) -> KVCache:
-    """A cache for ``model`` with room for ``capacity`` positions."""
-    return KVCache.empty(KVShape.of(model), capacity, batch)
+def empty_cache(model: PreTrainedModel, capacity: int, batch: int = 1, memory: CacheMemory | None = None) -> KVCache:
+    """A cache for ``model`` with room for ``capacity`` positions (carved from ``memory`` where given)."""
+    return KVCache.empty(KVShape.of(model), capacity, batch, memory)

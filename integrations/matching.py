@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from blockrag.engine import Block, BlockEngine
+from blockrag.engine.prompt import PASSAGE_SEPARATOR
 
 ANCHOR_CHARS = 32
 """Passages are searched for by their first this many characters; shorter ones match only as hints."""
@@ -139,7 +140,9 @@ def plan_prompt(engine: BlockEngine, prompt: str, hints: Sequence[Passage] = (),
     """Cut ``prompt`` at the passages found in it whose blocks are stored; the rest stays text to prefill.
 
     Blocks are keyed by their exact text, which is what ingestion stores for each passage, so a
-    passage is served wherever a prompt quotes it, whatever surrounds it.
+    passage is served wherever a prompt quotes it, whatever surrounds it. A block ends with the
+    blank line that follows its passage in the engine's prompts: where the prompt has that blank line
+    after the passage too, the whole block is served; elsewhere its first tokens, the passage's alone.
     """
     matches = locate(prompt, hints, index) if engine.store is not None else []
     texts = list(dict.fromkeys(prompt[m.start:m.end] for m in matches))
@@ -147,6 +150,7 @@ def plan_prompt(engine: BlockEngine, prompt: str, hints: Sequence[Passage] = (),
     found = engine.store.get_many(engine.token_block_keys(token_ids)) if texts else []
     # A stored block is used only if it holds exactly these tokens: a wrong entry cannot change the input.
     by_text = {t: b for t, b, ids in zip(texts, found, token_ids) if b is not None and b.token_ids.tolist() == ids}
+    separator, separator_tokens = PASSAGE_SEPARATOR, len(engine.separator_ids)
     segments: list[str | Block] = []
     uses: list[BlockUse] = []
     at = 0
@@ -154,9 +158,12 @@ def plan_prompt(engine: BlockEngine, prompt: str, hints: Sequence[Passage] = (),
         block = by_text.get(prompt[m.start:m.end])
         if block is None:
             continue
+        end = m.end + len(separator)
+        if not (prompt.startswith(separator, m.end) and end < len(prompt)):  # the prompt must go on after a block
+            block, end = block.first(len(block) - separator_tokens), m.end
         segments += [prompt[at:m.start], block] if m.start > at else [block]
         uses.append(BlockUse(m.passage.id, len(block)))
-        at = m.end
+        at = end
     segments.append(prompt[at:])
     return PromptPlan(segments, uses)
 

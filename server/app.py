@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blockrag.engine import Block, BlockEngine, PrefillMode, PromptTooLongError
+from blockrag.engine.prompt import tokenize
 from blockrag.integrations import Completion, Passage, PromptRunner
 from blockrag.integrations.gate import GateSampler
 from blockrag.integrations.matching import PromptPlan, render_chat
@@ -216,8 +217,7 @@ class BlockragServer:
     def _plan(self, prompt: str, hints: list[Passage], mode: PrefillMode, param: str) -> PromptPlan:
         """The prompt's plan, refused before queueing if it does not fit the context (``param`` holds the prompt)."""
         plan = self.runner.plan_for(prompt, hints, mode)
-        tokens = sum(len(s) if isinstance(s, Block) else len(self.engine.passage_token_ids(s, exact_text=True))
-                     for s in plan.segments)
+        tokens = sum(len(s) if isinstance(s, Block) else len(tokenize(self.engine.tokenizer, s)) for s in plan.segments)
         if tokens == 0 or not isinstance(plan.segments[-1], str) or not plan.segments[-1]:
             raise InvalidRequestError("the prompt is empty; send some text.", param=param)
         if tokens >= self.engine.max_positions:

@@ -30,12 +30,13 @@ def engine_context(engine: BlockEngine) -> str:
 def block_passage(engine: BlockEngine, key: str, block: Block) -> Passage | None:
     """The passage ``block`` holds, known as ``key``; ``None`` if the engine cannot serve it in a prompt.
 
-    That is a block encoded after another head, or one whose decoded text tokenizes to other ids.
+    That is a block encoded after another head, one that does not end with the engine's passage
+    separator, or one whose decoded text tokenizes to other ids.
     """
-    if block.context != engine_context(engine):
+    ids, separator = block.token_ids.tolist(), engine.separator_ids
+    if block.context != engine_context(engine) or len(ids) <= len(separator) or ids[-len(separator):] != separator:
         return None
-    ids = block.token_ids.tolist()
-    text = engine.tokenizer.decode(ids)
+    text = engine.tokenizer.decode(ids[:-len(separator)])
     return Passage(text, key) if engine.passage_token_ids(text, exact_text=True) == ids else None
 
 

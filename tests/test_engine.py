@@ -138,8 +138,8 @@ def _reference_rotate(keys, shift, config):
 
 
 def test_prefix_mode_equals_independent_reference(tiny_engine):
-    """Each passage prefilled after the prefix by the stock model and moved by a hand-written RoPE; the blank line
-    after each passage and the question prefilled by the stock model over everything before them."""
+    """Each passage with the blank line after it prefilled after the prefix by the stock model and moved by a
+    hand-written RoPE; the question prefilled by the stock model over everything before it."""
     engine, model = tiny_engine, tiny_engine.model
     passages = ["Alpha passage about the river and the town.", "Beta: a second passage, somewhat longer than the first.",
                 "Gamma."]
@@ -149,18 +149,17 @@ def test_prefix_mode_equals_independent_reference(tiny_engine):
         head = engine.head_block().token_ids
         full = DynamicCache(config=model.config)
         model.model(input_ids=head[None], cache=full, use_cache=True)
-        separator = torch.tensor(engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"])
+        separator = engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"]
         offset = len(head)
         for text in passages:
-            ids = torch.tensor(engine.passage_token_ids(text))
+            ids = torch.tensor(engine.tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
             c = DynamicCache(config=model.config)
             model.model(input_ids=torch.cat([head, ids])[None], cache=c, use_cache=True)
             shift = torch.full((len(ids),), offset - len(head))
             for i, layer in enumerate(c.layers):
                 full.update(_reference_rotate(layer.keys[:, :, len(head):], shift, model.config),
                             layer.values[:, :, len(head):], i)
-            model.model(input_ids=separator[None], cache=full, use_cache=True)  # sees all before it
-            offset += len(ids) + len(separator)
+            offset += len(ids)
         q = torch.tensor(engine.tokenizer(engine.template().question_text(question),
                                           add_special_tokens=False)["input_ids"])[None]
         expected = model(input_ids=q, cache=full, use_cache=True).logits[0, -1]
@@ -202,7 +201,8 @@ def test_full_mode_greedy_equals_hf_generate(smollm, passages, question):
     template = engine.template()
     ids = engine.tokenizer(template.head, add_special_tokens=False)["input_ids"]
     for p in passages:
-        ids += engine.passage_token_ids(p) + engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"]
+        ids += engine.tokenizer(p, add_special_tokens=False)["input_ids"] + \
+            engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"]
     ids += engine.tokenizer(template.question_text(question), add_special_tokens=False)["input_ids"]
     assert result.prompt_tokens == len(ids)
     with torch.no_grad():
@@ -218,9 +218,9 @@ def test_counts_stream_and_stop_strings(smollm):
     passages = ["The Velloran language is spoken by roughly 12,000 people on the island of Tesk."]
     blocks = engine.encode(passages)
     first = engine.generate(None, blocks, "How many people speak Velloran?", max_new_tokens=20)
-    question_tokens = len(engine.tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"] + engine.tokenizer(
-        engine.template().question_text("How many people speak Velloran?"), add_special_tokens=False)["input_ids"])
-    assert first.prefilled_tokens == question_tokens  # the blank line after the passage, and the question
+    question_tokens = len(engine.tokenizer(engine.template().question_text("How many people speak Velloran?"),
+                                           add_special_tokens=False)["input_ids"])
+    assert first.prefilled_tokens == question_tokens  # the question alone: the passage's block holds its blank line
     assert first.block_tokens == len(blocks[0]) + len(engine.head_block())
     stream = engine.stream(None, blocks, "How many people speak Velloran?", max_new_tokens=20)
     deltas = list(stream)
@@ -354,3 +354,63 @@ def test_bundled_model_loads_from_its_converted_copy(smollm, tmp_path):
 def test_block_shapes_are_validated():
     with pytest.raises(ValueError, match="expected"):
         Block(torch.zeros(3, dtype=torch.long), torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_run_after_filled_slots_attends_as_under_the_mask(dtype):
+    """The question after assembled blocks: two unmasked passes merged by their log-sum-exps, against one pass under
+    the mask of "every slot before the run, and causally within it"."""
+    from blockrag.engine.transformer import attend, attend_suffix
+
+    g = torch.Generator().manual_seed(5)
+    batch, heads, kv_heads, first, n, d = 2, 6, 2, 37, 9, 16
+    query = torch.randn(batch, heads, n, d, generator=g).to(dtype)
+    keys, values = (torch.randn(batch, kv_heads, first + n, d, generator=g).to(dtype) for _ in "kv")
+    visible = torch.arange(first + n)[None, :] <= torch.arange(first, first + n)[:, None]
+    with torch.inference_mode():
+        got = attend_suffix(query, keys, values, first, 0.25)
+        # the reference in fp64, and the masked pass in the dtype
+        exact = attend(query.double(), keys.double(), values.double(), 0.25, mask=visible.repeat(3, 1))
+        masked = attend(query, keys, values, 0.25, mask=visible.repeat(3, 1))
+    assert got.dtype == dtype and got.shape == query.shape
+    # fp32: a few ulps of values of order 1. bf16: the merge rounds the two parts' outputs once more, so allow
+    # twice the masked pass's own rounding error, and one bf16 ulp at the values' scale.
+    bound = 1e-5 if dtype == torch.float32 else \
+        2 * float((masked.double() - exact).abs().max()) + 2 ** -8 * float(exact.abs().max())
+    assert float((got.double() - exact).abs().max()) <= bound
+
+
+def test_a_blocks_first_tokens_are_the_block_of_those_tokens(tiny_engine):
+    passage = "A passage whose block ends with the blank line after it."
+    (block,) = tiny_engine.encode([passage])
+    assert block.token_ids.tolist() == tiny_engine.passage_token_ids(passage)
+    assert block.token_ids[-len(tiny_engine.separator_ids):].tolist() == tiny_engine.separator_ids
+    n = len(block) - len(tiny_engine.separator_ids)
+    alone = encode_blocks(tiny_engine.model, [block.token_ids[:n].tolist()], tiny_engine.head_block())[0]
+    first = block.first(n)
+    assert first.token_ids.tolist() == alone.token_ids.tolist() and first.start == alone.start
+    assert first.context == alone.context
+    torch.testing.assert_close(first.keys, alone.keys, rtol=0, atol=1e-6)  # causal: the blank line changed nothing
+    torch.testing.assert_close(first.values, alone.values, rtol=0, atol=1e-6)
+    for bad in (0, len(block) + 1):
+        with pytest.raises(ValueError, match="no first"):
+            block.first(bad)
+
+
+def test_a_finished_requests_cache_memory_serves_the_next_request_and_leaks_nothing(tiny_engine):
+    memory = tiny_engine.loaded.cache_memory
+    passages = ["A long first passage " * 20, "and a second one, also long " * 20]
+    long = tiny_engine.generate(None, passages, "What is long?", max_new_tokens=6)
+    assert len(memory._free) == 1
+    kept = memory._free[0]
+    with torch.inference_mode():  # as requests run
+        prefill = tiny_engine.prefill(None, passages[:1], "Short?", max_new_tokens=6)
+    assert prefill.cache.memory.data_ptr() == kept.data_ptr()  # carved from the kept memory
+    memory._free.clear()
+    # a shorter request over memory that held a longer one's KV answers as it does over fresh memory
+    memory._free.append(torch.full_like(kept, float("nan")))
+    reused = tiny_engine.generate(None, passages[:1], "Short?", max_new_tokens=6)
+    memory._free.clear()
+    fresh = tiny_engine.generate(None, passages[:1], "Short?", max_new_tokens=6)
+    assert reused.token_ids == fresh.token_ids and len(long.token_ids) == 6
+    assert len(memory._free) == 1

@@ -108,8 +108,8 @@ def test_loss_covers_the_answer_and_eos_only(tokenizer):
     labelled = (tokens.labels != IGNORE_INDEX).nonzero().flatten().tolist()
     assert labelled == list(range(len(tokens) - len(answer), len(tokens))) and tokens.answer_start == labelled[0]
     assert tokens.labels[labelled].tolist() == tokens.input_ids[labelled].tolist() == answer
-    assert [kind for _, kind in tokens.segments] == ["text", "block", "text", "block", "text", "block", "text", "text",
-                                                      "text"]
+    # head, three passages' blocks (each ending with its blank line), question, answer
+    assert [kind for _, kind in tokens.segments] == ["text", "block", "block", "block", "text", "text"]
     with torch.no_grad():
         ours = example_loss(engine.model, tokens, "full")
         # transformers' own shifted loss over the labelled tokens

@@ -97,11 +97,13 @@ def test_stock_query_engine_answers_from_cached_blocks(index, llm, engine, chat_
     raw = chat_ends[-1].raw
     served = [b["id"] for b in raw["blocks"]]
     assert served == [n.node.node_id for n in response.source_nodes]  # found by content, in prompt order
-    # Every passage is served by the block ingestion stored for its exact text, the last one too, although
-    # the compact prompt follows it with the template's rule instead of a blank line.
-    stored = [engine.store.get(n.node.metadata[BLOCK_KEY_METADATA]) for n in response.source_nodes]
-    assert [b["tokens"] for b in raw["blocks"]] == [len(b) for b in stored]
-    assert raw["usage"]["prompt_tokens_details"]["cached_tokens"] == sum(map(len, stored))
+    # Every passage is served by the block ingestion stored for its exact text and the blank line after it: whole
+    # where the prompt has that blank line after the passage too, and the last one, which the compact prompt follows
+    # with the template's rule instead, by the block's first tokens (the passage alone).
+    stored = [len(engine.store.get(n.node.metadata[BLOCK_KEY_METADATA])) for n in response.source_nodes]
+    served_tokens = [*stored[:-1], stored[-1] - len(engine.separator_ids)]
+    assert [b["tokens"] for b in raw["blocks"]] == served_tokens
+    assert raw["usage"]["prompt_tokens_details"]["cached_tokens"] == sum(served_tokens)
 
 
 def test_default_vector_store_works_too(nodes, embed_model, llm):

@@ -140,7 +140,16 @@ def test_blocks_stored_at_ingestion_are_served_by_content_and_nothing_else_is(en
     assert set(engine.store.blocks) == stored  # GAMMA, known but not stored, was prefilled, not stored
     assert again.text == done.text and again.blocks == done.blocks
     engine.blocks([GAMMA])  # the last passage is followed by the template's rule, not a blank line: still served
-    assert [u.id for u in plan_prompt(engine, prompt, (), runner.passages).blocks] == ["a", "b", "g"]
+    plan = plan_prompt(engine, prompt, (), runner.passages)
+    assert [u.id for u in plan.blocks] == ["a", "b", "g"]
+    # ALPHA and BETA are followed by a blank line, so their whole blocks serve them with it; GAMMA is not, so its
+    # block's first tokens, the passage alone, serve it
+    separator = len(engine.separator_ids)
+    assert [u.tokens for u in plan.blocks] == [len(engine.passage_token_ids(ALPHA)), len(engine.passage_token_ids(BETA)),
+                                               len(engine.passage_token_ids(GAMMA)) - separator]
+    assert [s.token_ids[-separator:].tolist() == engine.separator_ids for s in plan.segments if not isinstance(s, str)] \
+        == [True, True, False]
+    assert model_input(engine, plan.segments) == prompt
 
 
 def test_a_wrong_stored_block_is_never_served(engine):

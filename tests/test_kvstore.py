@@ -250,7 +250,7 @@ CORRUPTIONS = {
     "not an entry": lambda entry, block: b"\x80\x04\x95" + os.urandom(5000),
     "another block's entry": lambda entry, block: encode_entry(make_block(99), MODEL, "fp32"),
     "another model's entry": lambda entry, block: encode_entry(block, OTHER_MODEL, "fp32"),
-    "future format": lambda entry, block: entry.replace(b'\\"format\\": 1', b'\\"format\\": 9'),
+    "future format": lambda entry, block: entry.replace(b'\\"format\\": 2', b'\\"format\\": 9'),
 }
 
 

@@ -137,7 +137,9 @@ def test_completion_continues_the_prompt_as_it_is(served, client):
     prompt = f"Notes.\n{LANTERN}\nIn short:"
     response = client.completions.create(model=MODEL, prompt=prompt, **OPTIONS)
     assert response.object == "text_completion"
-    assert response.usage.prompt_tokens_details.cached_tokens == len(server.engine.store.get(keys[LANTERN]))
+    # not followed by a blank line here, so the block's first tokens (the passage without its separator) serve it
+    assert response.usage.prompt_tokens_details.cached_tokens == \
+        len(server.engine.store.get(keys[LANTERN])) - len(server.engine.separator_ids)
     assert response.choices[0].text == in_process(server, prompt)
 
 
@@ -166,7 +168,8 @@ def test_block_ids_serve_a_passage_content_matching_cannot_find(served, client):
     hinted = client.chat.completions.create(model=MODEL, messages=messages, **OPTIONS,
                                             extra_body={"blockrag": {"block_ids": [keys[SHORT], keys[HERON]]}})
     assert plain.usage.prompt_tokens_details.cached_tokens == 0
-    assert hinted.usage.prompt_tokens_details.cached_tokens == len(server.engine.store.get(keys[SHORT]))
+    assert hinted.usage.prompt_tokens_details.cached_tokens == \
+        len(server.engine.store.get(keys[SHORT])) - len(server.engine.separator_ids)  # no blank line after it here
     assert hinted.model_extra["blockrag"]["reused_ids"] == [keys[SHORT]]
     assert hinted.model_extra["blockrag"]["unused_block_ids"] == [keys[HERON]]  # known, but not in this prompt
 
@@ -254,7 +257,7 @@ def test_the_openai_client_raises_its_own_error_classes(served, client):
     with pytest.raises(openai.BadRequestError) as long:
         client.completions.create(model=MODEL, prompt=prompt)
     assert long.value.code == "context_length_exceeded" and long.value.param == "prompt"
-    tokens = len(served[0].engine.passage_token_ids(prompt, exact_text=True))
+    tokens = len(served[0].engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert f"context is 512 tokens, but the prompt has {tokens} tokens" in long.value.message
 
 

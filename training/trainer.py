@@ -1,13 +1,13 @@
 """Block fine-tuning: LoRA training under Block-Attention, so a model answers well from blocks.
 
 Without fine-tuning, passages that never attended to each other cost accuracy (see README). Each
-training example is laid out exactly as :class:`BlockEngine` prompts (head, each passage then the
-blank-line separator, the question), by the engine's own :func:`prompt_layout` and tokenization,
+training example is laid out exactly as :class:`BlockEngine` prompts (head, each passage's block
+ending with its blank-line separator, the question), by the engine's own :func:`prompt_layout` and tokenization,
 followed by the answer and the EOS token; the loss is cross-entropy on the answer tokens only.
 
 A block-mode step computes what inference computes, differentiably: the head and the passages are
 encoded as blocks (passages alone in ``naive`` mode, after the head in ``prefix`` mode), assembled
-at their places with re-rotated keys, and the separators, question and answer prefilled over them.
+at their places with re-rotated keys, and the question and answer prefilled over them.
 So training sees exactly the positions inference sees: a prefix block's KV always comes from right
 after the head, wherever the passage then sits (tested: equal logits). A seeded fraction of steps
 (``full_fraction``, the paper's ``train_full_attention``) trains the same example with plain causal
@@ -106,8 +106,11 @@ class ExampleTokens:
         return spans
 
 
-class _Passage(str):
-    """A passage inside a layout, told apart from the prompt text around it."""
+@dataclass(frozen=True)
+class _Passage:
+    """A passage inside a layout, told apart from the prompt text around it: its block's place."""
+
+    text: str
 
 
 def example_tokens(engine: BlockEngine, example: TrainingExample) -> ExampleTokens:
@@ -122,7 +125,7 @@ def example_tokens(engine: BlockEngine, example: TrainingExample) -> ExampleToke
     layout = prompt_layout(template.head, [_Passage(p) for p in example.passages],
                            template.question_text(example.question))
     pieces: list[tuple[list[int], SegmentKind]] = [
-        (engine.passage_token_ids(s), "block") if isinstance(s, _Passage) else (tokenize(engine.tokenizer, s), "text")
+        (engine.passage_token_ids(s.text), "block") if isinstance(s, _Passage) else (tokenize(engine.tokenizer, s), "text")
         for s in layout  # type: ignore[arg-type]
     ]
     pieces.append(([*answer, eos], "text"))
