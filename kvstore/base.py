@@ -65,7 +65,8 @@ def parallel_map(function: Callable[..., T], *iterables: Sequence) -> list[T]:
     return list(_threads_of(os.getpid()).map(function, *iterables))
 
 
-def _decode(data: bytes | None, key: str) -> Block | CorruptEntryError | None:
+def decoded_or_error(data: bytes | None, key: str) -> Block | CorruptEntryError | None:
+    """The block in entry ``data`` stored under ``key``; ``None`` for no entry, the error for an unusable one."""
     if data is None:
         return None
     try:
@@ -201,14 +202,14 @@ class EntryStore(KVStore):
         for key in keys:
             self._check_model(key_fingerprint(key))
         try:
-            raw = self._read_many(keys)
+            results = self._read_decoded(keys)
         except StoreUnavailableError as exc:
             self._unreachable(exc)
             self._misses += len(keys)
             return [None] * len(keys)
         self._reachable()
         out: list[Block | None] = []
-        for key, result in zip(keys, parallel_map(_decode, raw, keys)):
+        for key, result in zip(keys, results):
             block = result if isinstance(result, Block) else None
             if isinstance(result, CorruptEntryError):
                 log.warning("deleted unusable block entry %s from %s: %s", key, self.location, result)
@@ -243,6 +244,10 @@ class EntryStore(KVStore):
     @abstractmethod
     def _read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The raw entries under ``keys``, ``None`` where absent."""
+
+    def _read_decoded(self, keys: Sequence[str]) -> list[Block | CorruptEntryError | None]:
+        """The entries under ``keys`` decoded (``None`` where absent; the error where unusable), on threads."""
+        return parallel_map(decoded_or_error, self._read_many(keys), keys)
 
     @abstractmethod
     def _write(self, key: str, data: bytes) -> None:

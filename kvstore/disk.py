@@ -15,9 +15,10 @@ from pathlib import Path
 import diskcache
 from diskcache.core import MODE_BINARY, MODE_RAW
 
-from .base import EntryStore, StoreStats, parallel_map
+from .base import EntryStore, StoreStats, decoded_or_error, parallel_map
 from .entry import FORMAT_VERSION, StoreDtype
-from blockrag.errors import InvalidArgumentError, StoreError, StoreFullError
+from blockrag.engine import Block
+from blockrag.errors import CorruptEntryError, InvalidArgumentError, StoreError, StoreFullError
 
 DEFAULT_SIZE_LIMIT = 8 << 30
 #: Names the model a store folder serves; written once, atomically, by the first writer.
@@ -98,6 +99,10 @@ class DiskKVStore(EntryStore):
 
     def _read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return parallel_map(self._cache.get, keys)
+
+    def _read_decoded(self, keys: Sequence[str]) -> list[Block | CorruptEntryError | None]:
+        # Each entry decoded by the thread that read it, while its bytes are still in the CPU's cache.
+        return parallel_map(lambda key: decoded_or_error(self._cache.get(key), key), keys)
 
     def _write(self, key: str, data: bytes) -> None:
         try:

@@ -7,7 +7,9 @@ the format version, model fingerprint, context, start position, dtypes, shape an
 checksum over the header's other fields and every tensor's name, dtype, shape and bytes (it guards
 against corruption at an order of magnitude the speed of sha256, which cost more than the rest of a
 read; it is no defence against a forger, who could recompute any checksum).
-Reading uses JSON and safetensors only, so an entry from an untrusted source cannot run code.
+Reading parses JSON and the safetensors layout only (checked whole before any tensor is made), so an
+entry from an untrusted source cannot run code. The tensors of a block read are views of the entry's
+bytes, not copies: read-only, as blockrag uses every block.
 
 Round-trip bounds per element ``x`` restored as ``x'`` (in the block's own dtype):
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import warnings
 from typing import Literal
 
 import safetensors.torch
@@ -45,6 +49,7 @@ _SOURCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 _SCALE_DTYPES = (torch.float16, torch.float32)
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                        torch.uint8: "U8"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 _ITEM_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U8": 1}
 #: Below this magnitude a group's low and step fit fp16 (max 65504) with room for rounding up.
 _FP16_SAFE = 2.0**15
@@ -180,8 +185,13 @@ def _split(data: bytes) -> tuple[dict, dict]:
     return described, header
 
 
-def read_header(data: bytes) -> dict:
+def read_header(data: bytes | bytearray) -> dict:
     """The JSON header of an entry, checked for its fields and against the payload's size and layout."""
+    return _checked(data)[1]
+
+
+def _checked(data: bytes | bytearray) -> tuple[dict, dict]:
+    """The safetensors description of an entry's tensors and its header, both checked (as :func:`read_header`)."""
     described, header = _split(data)
     if not isinstance(header, dict) or any(not isinstance(header.get(k), t) for k, t in _HEADER_FIELDS.items()):
         raise CorruptEntryError("not a blockrag entry: its header lacks fields")
@@ -203,7 +213,27 @@ def read_header(data: bytes) -> dict:
             for n, (dtypes, shape) in expected.items()):
         raise CorruptEntryError(f"tensors {found} do not match the header's {header['dtype']} layout "
                                 f"{header['shape']}")
-    return header
+    return described, header
+
+
+def _tensors(data: bytes | bytearray, described: dict) -> dict[str, torch.Tensor]:
+    """The entry's tensors as views of ``data`` (their layout checked by :func:`_checked`).
+
+    Views of ``bytes`` are read-only: torch warns that it cannot enforce that, and blockrag never
+    writes a block's tensors. A view whose offset is not a multiple of its element size is copied
+    out (only small tensors can be).
+    """
+    if sys.byteorder != "little":  # safetensors stores little-endian
+        return safetensors.torch.load(bytes(data))
+    base = 8 + int.from_bytes(data[:8], "little")
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        for name, t in described.items():
+            dtype, offset = _TORCH_DTYPES[t["dtype"]], base + t["data_offsets"][0]
+            view = torch.frombuffer(data, dtype=dtype, count=math.prod(t["shape"]), offset=offset).view(t["shape"])
+            out[name] = view if offset % view.element_size() == 0 else view.clone()
+    return out
 
 
 def _finite(tensors: dict[str, torch.Tensor], encoding: str) -> bool:
@@ -213,18 +243,15 @@ def _finite(tensors: dict[str, torch.Tensor], encoding: str) -> bool:
     return all(bool(torch.isfinite(torch.stack(torch.aminmax(tensors[name]))).all()) for name in names)
 
 
-def decode_entry(data: bytes, key: str) -> Block:
+def decode_entry(data: bytes | bytearray, key: str) -> Block:
     """The block stored in ``data`` under ``key``.
 
     Raises :class:`CorruptEntryError` unless the header, every tensor's shape, dtype and size, the
     checksum, the values (no NaN or infinity, which a checksum recomputed by a faulty writer would
     not catch) and the key (recomputed from the header and token ids) all check out.
     """
-    header = read_header(data)
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # safetensors reports malformed bytes with several exception types
-        raise CorruptEntryError(f"unreadable safetensors payload ({type(exc).__name__}: {exc})") from None
+    described, header = _checked(data)
+    tensors = _tensors(data, described)
     if _checksum(header, tensors) != header["checksum"]:
         raise CorruptEntryError("checksum mismatch: the entry's bytes changed after it was written")
     if not _finite(tensors, header["dtype"]):

@@ -3,6 +3,7 @@ the engine's use of a store and int8 fidelity on the bundled SmolLM2."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gzip
 import json
@@ -12,6 +13,7 @@ import os
 import pickle
 import socket
 import uuid
+import warnings
 from pathlib import Path
 
 import diskcache
@@ -88,6 +90,26 @@ def test_entries_are_standard_safetensors_files(tmp_path, dtype):
     assert stored.keys() == again.keys() and all(torch.equal(stored[n], again[n]) for n in stored)
     if dtype == "fp32":
         assert torch.equal(stored["keys"], block.keys) and torch.equal(stored["values"], block.values)
+
+
+def test_an_entry_read_is_viewed_not_copied(tmp_path):
+    block = make_block(6)
+    store = DiskKVStore(tmp_path / "kv", dtype="fp32")
+    store.put(key_of(block), block)
+    (raw,) = store._read_many([key_of(block)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the read-only views warn nothing
+        got = decode_entry(raw, key_of(block))
+    start = _address(raw)
+    # the block's tensors lie inside the bytes read, so no second copy of the entry was made
+    assert all(start <= t.data_ptr() < start + len(raw) for t in (got.keys, got.values))
+    assert_same_block(got, block)
+    assert_same_block(decode_entry(bytearray(raw), key_of(block)), block)
+
+
+def _address(data: bytes) -> int:
+    """Where the bytes of ``data`` lie in memory."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
 
 
 def test_bf16_entry_is_within_bf16_rounding():
@@ -260,7 +282,7 @@ def test_corrupt_entries_are_logged_deleted_and_missed(open_backend, corruption,
     block, good = make_block(40), make_block(41)
     store.put(key_of(block), block)
     store.put(key_of(good), good)
-    entry = store._read_many([key_of(block)])[0]
+    entry = bytes(store._read_many([key_of(block)])[0])
     store._write(key_of(block), CORRUPTIONS[corruption](entry, block))  # damage the stored bytes in place
     with caplog.at_level(logging.WARNING, logger="blockrag.kvstore"):
         got = store.get_many([key_of(block), key_of(good)])
