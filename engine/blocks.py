@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 
 from blockrag.errors import InvalidArgumentError
-from .rope import rerotation
+from .rope import rerotations
 from .transformer import CacheMemory, KVCache, Positions, empty_cache, forward, rotary_module
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
@@ -172,11 +172,12 @@ def assemble(model: PreTrainedModel, blocks: Sequence[Block], starts: Sequence[i
     cache = empty_cache(model, capacity if capacity is not None else end, memory=memory)
     if end > cache.capacity:
         raise InvalidArgumentError(f"blocks reach position {end - 1} but the cache has room for {cache.capacity}")
-    rotary = rotary_module(model)
+    moving = [(b, s) for b, s in zip(blocks, starts) if b.start != s]
+    moves = iter(rerotations(torch.cat([torch.arange(b.start, b.start + len(b)) for b, _ in moving]),
+                             torch.cat([torch.arange(s, s + len(b)) for b, s in moving]), rotary_module(model),
+                             [len(b) for b, _ in moving]) if moving else [])
     for b, s in zip(blocks, starts):
-        move = None if b.start == s else rerotation(torch.arange(b.start, b.start + len(b)),
-                                                    torch.arange(s, s + len(b)), rotary)
-        cache.write_block(s, b.keys, b.values, move)
+        cache.write_block(s, b.keys, b.values, None if b.start == s else next(moves))
     return cache
 
 

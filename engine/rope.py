@@ -9,7 +9,7 @@ longrope, ...) is honoured as the model itself would apply it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -39,24 +39,35 @@ def rerotation(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module) ->
     rotates them by the angle difference in fp32 and returns them in their own dtype (or ``out``'s),
     rounded once. The angles are computed once for many calls.
     """
-    if source.shape != target.shape or source.ndim != 1:
-        raise InvalidArgumentError(f"need 1-D source and target positions of one length, got {tuple(source.shape)} "
-                         f"and {tuple(target.shape)}")
+    return rerotations(source, target, rotary, [len(source)])[0]
+
+
+def rerotations(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module, lengths: Sequence[int]) -> list[Move]:
+    """:func:`rerotation` of several blocks at once: ``source`` and ``target`` hold their positions back to back,
+    ``lengths`` their token counts; the angles of all come from one call of the rotary module per side."""
+    if source.shape != target.shape or source.ndim != 1 or sum(lengths) != len(source):
+        raise InvalidArgumentError(f"need 1-D source and target positions of one length, {sum(lengths)} in all, got "
+                                   f"{tuple(source.shape)} and {tuple(target.shape)}")
     cos_s, sin_s = _cos_sin(rotary, source)
     cos_t, sin_t = _cos_sin(rotary, target)
     # Angle subtraction: R(t) R(-s) = R(t - s), evaluated from each side's own angles.
     cos = cos_t * cos_s + sin_t * sin_s
     sin = sin_t * cos_s - cos_t * sin_s
-    dim = cos.shape[-1]
-    half = dim // 2
+    half = cos.shape[-1] // 2
     if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
         raise UnsupportedModelError("this model's rotary embedding gives the two halves of a head different angles; "
                                     "blockrag re-rotates keys whose halves share them (Llama, Mistral, Qwen2, Qwen3).")
-    cos, sin = cos[:, :half], sin[:, :half]  # rotation acts on the pairs (i, i + half) with one angle each
+    # rotation acts on the pairs (i, i + half) with one angle each
+    return [_move(c, s) for c, s in zip(cos[:, :half].split(list(lengths)), sin[:, :half].split(list(lengths)))]
+
+
+def _move(cos: torch.Tensor, sin: torch.Tensor) -> Move:
+    """The move of keys by the angles ``cos``/``sin`` ``[tokens, rotary_dim / 2]`` (see :func:`rerotation`)."""
+    dim = 2 * cos.shape[-1]
 
     def move(keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if keys.shape[-2] != source.shape[0]:
-            raise InvalidArgumentError(f"keys hold {keys.shape[-2]} tokens but {source.shape[0]} positions were given")
+        if keys.shape[-2] != cos.shape[0]:
+            raise InvalidArgumentError(f"keys hold {keys.shape[-2]} tokens but {cos.shape[0]} positions were given")
         if out is None:
             out = torch.empty_like(keys)
         c, s = cos.to(keys.device), sin.to(keys.device)

@@ -414,3 +414,20 @@ def test_a_finished_requests_cache_memory_serves_the_next_request_and_leaks_noth
     fresh = tiny_engine.generate(None, passages[:1], "Short?", max_new_tokens=6)
     assert reused.token_ids == fresh.token_ids and len(long.token_ids) == 6
     assert len(memory._free) == 1
+
+
+def test_blocks_rerotated_together_move_as_each_alone():
+    from blockrag.engine.rope import rerotation, rerotations
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(6)
+    spans = [(3, 40, 7), (3, 47, 12), (0, 90, 5)]  # (source start, target start, tokens)
+    keys = [torch.randn(2, 2, n, 16, generator=g) for *_, n in spans]
+    rotary = rotary_module(model)
+    together = rerotations(torch.cat([torch.arange(s, s + n) for s, _, n in spans]),
+                           torch.cat([torch.arange(t, t + n) for _, t, n in spans]), rotary, [n for *_, n in spans])
+    for (s, t, n), k, move in zip(spans, keys, together):
+        alone = rerotation(torch.arange(s, s + n), torch.arange(t, t + n), rotary)
+        assert torch.equal(move(k), alone(k))
+    with pytest.raises(ValueError, match="one length"):
+        rerotations(torch.arange(4), torch.arange(4), rotary, [3])
