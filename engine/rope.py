@@ -115,7 +115,7 @@ def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> Non
         _compiled = torch.compile(_rotate_into_eager, dynamic=True)
     try:
         # Sizes all distinct, so that the compiled code assumes no two of them equal.
-        layers, heads, tokens, dim = 2, 3, 5, 4
+        layers, heads, tokens, dim = 2, 3, 5, 14  # the angles are [tokens, dim / 2]: 7, also distinct
         stored = torch.zeros(layers, heads, tokens, dim, dtype=dtype, device=device)  # a block read from a store
         with torch.inference_mode():  # as requests run: a block written into a cache's slots, as assembly does
             encoded = torch.zeros_like(stored)  # a block encoded in this process

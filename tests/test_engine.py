@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, Qwen2Config
 
-from blockrag.engine import (Block, BlockEngine, BlockMismatchError, ModelNotFoundError,
+from blockrag.engine import (Block, BlockEngine, BlockMismatchError, LoadedModel, ModelNotFoundError,
                              PromptTooLongError, UnsupportedModelError, assemble, encode_blocks, load_model,
                              model_fingerprint, rerotate)
 from blockrag.engine.model import check_supported
@@ -431,3 +431,23 @@ def test_blocks_rerotated_together_move_as_each_alone():
         assert torch.equal(move(k), alone(k))
     with pytest.raises(ValueError, match="one length"):
         rerotations(torch.arange(4), torch.arange(4), rotary, [3])
+
+
+def test_the_warmed_rotation_serves_requests_without_compiling_again(tiny_engine, tmp_path):
+    """The first request after loading must not pay a compile (seconds): warm_rotation compiled every kind of keys a
+    request moves, blocks encoded in the process and blocks read from a store."""
+    from torch._dynamo.utils import counters
+
+    from blockrag.kvstore import open_store
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    loaded = LoadedModel(model, tiny_engine.tokenizer, model_fingerprint(model, tiny_engine.tokenizer))
+    writer = BlockEngine(loaded, store=open_store(tmp_path / "kv"))  # warms the rotation for bf16
+    passages = ["A first passage about rivers.", "A second passage, about the hills beyond them."]
+    writer.blocks(passages)
+    compiled = counters["stats"]["unique_graphs"]
+    reader = BlockEngine(loaded, store=open_store(tmp_path / "kv"))  # blocks read from the disk store
+    stored = reader.generate(None, passages, "Rivers?", max_new_tokens=2)
+    encoded = writer.generate(None, writer.encode(passages), "Rivers?", max_new_tokens=2)
+    assert stored.block_tokens > 0 and encoded.token_ids == stored.token_ids
+    assert counters["stats"]["unique_graphs"] == compiled
