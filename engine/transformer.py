@@ -232,7 +232,8 @@ class Positions:
     A token attends to every slot up to its own position. Where that is a plain rule, no mask is
     made: a single token attends to ``[0, end)``, the prompt's first tokens causally, and a run of
     tokens right after filled slots (the question after assembled blocks) to all of those and
-    causally among themselves (:attr:`suffix`). Otherwise the tokens are cut into a few runs
+    causally among themselves (:attr:`suffix`; on CPU without autograd, else under its mask). Otherwise the
+    tokens are cut into a few runs
     (:attr:`runs`), each attending only to the slots up to its last token's position under a mask
     made once per pass: tokens recomputed early in a long prompt then skip the keys after them.
     """
@@ -286,23 +287,25 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scalin
     return out.view(b, heads, n, d)
 
 
+def merges_suffix(query: torch.Tensor) -> bool:
+    """Whether :func:`attend_suffix` can run for ``query``: on CPU (its flash kernel returns the log-sum-exp), without
+    autograd."""
+    return query.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 def attend_suffix(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int,
                   scaling: float) -> torch.Tensor:
     """Attention of the ``n`` tokens at slots ``[first, first + n)`` over ``keys``/``values`` ``[b, kv_heads,
     first + n, d]``: every slot before them, and causally each other.
 
-    On CPU the two parts run unmasked, as two passes of the flash kernel whose softmaxes are merged by
-    their log-sum-exps (in fp32, then rounded once more): the long part with the query heads of a group
-    folded into the query length, so it reads each KV head once under no mask. Elsewhere, and under
-    autograd, it is one pass under a boolean mask.
+    The two parts run unmasked, as two passes of CPU's flash kernel whose softmaxes are merged by their
+    log-sum-exps (in fp32, then rounded once more): the long part with the query heads of a group folded
+    into the query length, so it reads each KV head once under no mask. CPU only, without autograd
+    (:func:`merges_suffix`); elsewhere the run attends under its mask like any other.
     """
     b, heads, n, d = query.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
-    if query.device.type != "cpu" or torch.is_grad_enabled():
-        visible = torch.arange(first + n, device=query.device)[None, :] <= torch.arange(first, first + n,
-                                                                                         device=query.device)[:, None]
-        return attend(query, keys, values, scaling, mask=visible.repeat(group, 1))
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     before, lse_before = flash(query.reshape(b, kv_heads, group * n, d), keys[:, :, :first], values[:, :, :first],
                                scale=scaling)
@@ -333,9 +336,9 @@ class CacheAttention:
         p = self.positions
         self.cache.write(layer, p, key, value)
         keys, values = self.cache.layer(layer, p.end)
-        if p.suffix:
+        if p.suffix and merges_suffix(query):
             return attend_suffix(query, keys, values, p.first, scaling)
-        if not p.masked:
+        if not (p.masked or p.suffix):
             return attend(query, keys, values, scaling, causal=p.causal)
         masks = p.masks(query.shape[1] // keys.shape[1])
         return torch.cat([attend(query[:, :, lo:hi], keys[:, :, :end], values[:, :, :end], scaling, mask)
