@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> dict:
                         "block_over_full_ttft": round(best["block"]["ttft_s"] / best["full"]["ttft_s"], 4),
                         "block_over_none_ttft": round(best["block"]["ttft_s"] / best["none"]["ttft_s"], 3)})
     out = {"benchmark": "answer", "model": args.model, "gguf": str(gguf) if gguf else None,
-           "dtype": str(next(engine.model.parameters()).dtype), "passage_tokens": args.passage_tokens,
+           "dtype": str(next(engine.model.parameters()).dtype),
+           "four_bit_projections": engine.loaded.four_bit_projections, "passage_tokens": args.passage_tokens,
            "new_tokens": args.new_tokens, "repeats": args.repeats, "llama_cpp_skipped": skipped,
            "machine": machine(engine.device), "results": results}
     if args.plot:

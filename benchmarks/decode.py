@@ -5,14 +5,16 @@ and each is prefilled once (fully, or over blocks with ``--prefill block``); eve
 from its own copy of that cache, whose free slots take its new tokens. Full decoding runs greedily,
 with end-of-sequence suppressed so that every run has ``--new-tokens`` steps; the other strategies
 are teacher-forced along its output, so each step compares next-token predictions in the same
-context: top-1 agreement and KL(full || strategy). Speed is decode tokens per second, the setup of
-a strategy's cache included. As the machine may be shared, the strategies take turns step by step,
+context: top-1 agreement and KL(full || strategy). Where the model decodes from four-bit copies of its
+weights, ``full_dense`` is full decoding from the dense weights beside it. Speed is decode tokens per
+second, the setup of a strategy's cache included. As the machine may be shared, the strategies take turns step by step,
 and every step (and setup) keeps its fastest time over ``--rounds`` rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import time
@@ -22,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from blockrag.engine import BlockEngine, DecodeOptions, KVCache, RecycledDecoding, load_model, start_decoding
+from blockrag.engine.transformer import dense_weights
 from blockrag.errors import DataFileError
 
 from .common import add_model_argument, machine
@@ -78,6 +81,10 @@ def build_prompt(engine: BlockEngine, records: list[dict], index: int, tokens: i
     return record["question"], passages
 
 
+DENSE = "full_dense"
+"""The strategy that decodes fully from the dense weights, where the others read four-bit copies."""
+
+
 def _side_by_side(engine: BlockEngine, cache: KVCache, strategies: dict[str, DecodeOptions], first: int,
                   steps: int, rounds: int) -> tuple[list[int], dict[str, torch.Tensor], dict[str, float],
                                                       dict[str, float]]:
@@ -96,11 +103,13 @@ def _side_by_side(engine: BlockEngine, cache: KVCache, strategies: dict[str, Dec
     shares: dict[str, float] = {}
 
     def timed(name: str, at: int, call):
-        started = time.perf_counter()
-        out = call()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        best[name][at] = min(best[name][at], time.perf_counter() - started)
+        weights = dense_weights(engine.model) if name == DENSE else contextlib.nullcontext()
+        with weights:
+            started = time.perf_counter()
+            out = call()
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name][at] = min(best[name][at], time.perf_counter() - started)
         return out
 
     for round_ in range(rounds):
@@ -134,9 +143,11 @@ def run(args: argparse.Namespace) -> dict:
     records = load_records(args.data)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = BlockEngine(load_model(args.model), system_prompt=PREFIX)
+    loaded = load_model(args.model)
+    engine = BlockEngine(loaded, system_prompt=PREFIX)
     strategies = {
         "full": DecodeOptions("full"),
+        **({DENSE: DecodeOptions("full")} if loaded.four_bit_projections else {}),
         "recycled_stride": DecodeOptions("recycled", args.recycle_k, args.stride, pool_kernel=args.pool_kernel),
         "recycled_dynamic": DecodeOptions("recycled", args.recycle_k, args.dynamic_stride, args.dynamic_threshold,
                                           args.pool_kernel),
@@ -185,5 +196,6 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": args.prompts, "recycle_k": args.recycle_k, "stride": args.stride,
         "dynamic_threshold": args.dynamic_threshold, "dynamic_stride": args.dynamic_stride,
         "pool_kernel": args.pool_kernel, "rounds": args.rounds, "device": str(engine.device),
+        "dtype": str(next(engine.model.parameters()).dtype), "four_bit_projections": loaded.four_bit_projections,
         "machine": machine(engine.device), "results": results,
     }

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from blockrag.engine import DEFAULT_MODEL, PASSAGE_ORDERS
+from blockrag.engine import DECODE_WEIGHTS, DEFAULT_MODEL, PASSAGE_ORDERS
 from blockrag.evaluation.modes import DEFAULT_MODES, MODE_HELP
 from blockrag.evaluation.qa import DEFAULT_SYSTEM_PROMPT, DEFAULT_TOP_K
 from blockrag.evaluation.run import DEFAULT_MAX_NEW_TOKENS
@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda where available, else cpu (default)")
     parser.add_argument("--dtype", default="auto",
                         help="float32, bfloat16 or auto (bf16 where the device computes it natively, else fp32)")
+    parser.add_argument("--decode-weights", default="auto", choices=DECODE_WEIGHTS,
+                        help="what decode steps read: auto (four-bit copies on CPU of weights that are four-bit "
+                        "already, as the bundled model's), dense, or 4bit (lossy where the weights are not four-bit)")
     parser.add_argument("--results", metavar="RESULTS.jsonl",
                         help="per-question results, resumed if present (default: beside --json as .results.jsonl)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, start=args.start, seed=args.seed, max_new_tokens=args.max_new_tokens,
         system_prompt=args.system_prompt, oracle_plus_random=args.oracle_plus_random,
         gold_position=args.gold_position, model=args.model, adapter=args.adapter,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype, results=where,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype,
+        decode_weights=args.decode_weights, results=where,
         progress=not args.no_progress)
     try:
         result = run_evaluation(config)

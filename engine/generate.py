@@ -23,6 +23,7 @@ from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, PassageContext, 
                      encode_blocks, prefill_over_blocks)
 from .constrain import Constraint, closing_reserve, compile_constraint
 from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, start_decoding
+from .fourbit import DecodeWeights
 from blockrag.errors import UnknownOptionError, InvalidArgumentError, BlockMismatchError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import PASSAGE_SEPARATOR, PassageOrder, PromptTemplate, passage_text, tokenize
@@ -264,8 +265,10 @@ class BlockEngine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
-                        device: str = "cpu", **kwargs) -> "BlockEngine":
-        return cls(load_model(name_or_path, dtype=dtype, device=device), **kwargs)
+                        device: str = "cpu", decode_weights: DecodeWeights = "auto", **kwargs) -> "BlockEngine":
+        """An engine over :func:`~.model.load_model`'s model (``dtype``, ``device``, ``decode_weights``); ``kwargs`` go
+        to the constructor."""
+        return cls(load_model(name_or_path, dtype=dtype, device=device, decode_weights=decode_weights), **kwargs)
 
     @property
     def system_prompt(self) -> str | None:

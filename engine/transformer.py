@@ -12,7 +12,8 @@ attention reads each KV head once.
 The layers' own modules are called as they are (norms, projections with their biases or LoRA
 layers, Qwen3's query and key norms, the MLP's activation), so fine-tuning trains through this same
 pass; only their order and the attention are written here, and a decode step's plain linear layers
-are applied as matrix-vector products (:func:`project`). This is the one module of blockrag that knows how
+are applied as matrix-vector products (:func:`project`), from four-bit copies where the weights are four-bit
+already (:mod:`.fourbit`). This is the one module of blockrag that knows how
 transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models, or touches anything of
 transformers beyond its public loading API: the releases it is written against are
 :data:`SUPPORTED_TRANSFORMERS`, the range ``pyproject.toml`` allows (a test holds the two equal).
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockrag.errors import InvalidArgumentError, UnsupportedModelError
+from .fourbit import DecodeWeights, FourBitWeights, check_decode_weights, four_bit_weights
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
@@ -400,17 +402,66 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
     return project(model.lm_head, body.norm(hidden[:, -logits:]))
 
 
+FOUR_BIT = "blockrag_four_bit"
+"""The attribute of a layer projection that holds its :class:`~.fourbit.FourBitWeights`, where it has them."""
+
+
+def layer_projections(model: PreTrainedModel) -> list[nn.Module]:
+    """The query, key, value, output, gate, up and down projections of every decoder layer (not the LM head)."""
+    return [p for layer in model.model.layers
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+
+
+def use_four_bit(model: PreTrainedModel, decode_weights: DecodeWeights) -> int:
+    """Give the layer projections of ``model`` four-bit copies for one-token passes as ``decode_weights`` says
+    (:data:`~.fourbit.DECODE_WEIGHTS`), dropping any they had; return how many have one."""
+    check_decode_weights(decode_weights)
+    device = next(model.parameters()).device
+    if decode_weights == "4bit" and device.type != "cpu":
+        raise InvalidArgumentError(f"decode_weights='4bit' runs on CPU only, not {device}; use 'auto' or 'dense'.")
+    packed = 0
+    for projection in layer_projections(model):
+        copy = None
+        if decode_weights != "dense" and type(projection) is nn.Linear:
+            copy = four_bit_weights(projection.weight, exact_only=decode_weights == "auto")
+        setattr(projection, FOUR_BIT, copy)
+        packed += copy is not None
+    return packed
+
+
+@contextlib.contextmanager
+def dense_weights(model: PreTrainedModel) -> Iterator[None]:
+    """Within this block, one-token passes of ``model`` read its dense weights: its four-bit copies are set aside
+    (a benchmark's baseline, side by side with them; not for a model that serves other threads meanwhile)."""
+    projections = layer_projections(model)
+    copies = [getattr(p, FOUR_BIT, None) for p in projections]
+    for p in projections:
+        setattr(p, FOUR_BIT, None)
+    try:
+        yield
+    finally:
+        for p, copy in zip(projections, copies):
+            setattr(p, FOUR_BIT, copy)
+
+
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; for one token through a plain linear layer, as a matrix-vector product.
 
     A decode step reads every weight once for one row of input. On CPU the matrix-vector kernels read
     weights faster than a one-row matrix product does, and compute each output as the same dot product,
-    equal to the bit. Any other layer (a LoRA layer, say) is called as it is.
+    equal to the bit. A projection with a four-bit copy (:func:`use_four_bit`) reads that instead, while its
+    weight is unchanged since and without autograd (the kernel has no derivative). Any other layer (a LoRA
+    layer, say) is called as it is.
     """
     if x.shape[0] * x.shape[1] != 1 or type(layer) is not nn.Linear:
         return layer(x)
     row = x.reshape(-1)
-    out = torch.mv(layer.weight, row) if layer.bias is None else torch.addmv(layer.bias, layer.weight, row)
+    four_bit: FourBitWeights | None = getattr(layer, FOUR_BIT, None)
+    if four_bit is not None and four_bit.version == layer.weight._version and not torch.is_grad_enabled():
+        out = four_bit.matvec(row) if layer.bias is None else four_bit.matvec(row) + layer.bias
+    else:
+        out = torch.mv(layer.weight, row) if layer.bias is None else torch.addmv(layer.bias, layer.weight, row)
     return out.view(1, 1, -1)
 
 

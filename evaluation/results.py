@@ -22,7 +22,7 @@ from .questions import EvalQuestion
 #: Settings a results file must share with a run that resumes it: anything that changes an answer or its cost.
 RESUME_KEYS = ("data_sha256", "passages", "top_k", "passage_order", "oracle_plus_random", "gold_position", "seed",
                "max_new_tokens", "system_prompt", "fingerprint", "block_mode", "embedding_model", "index_passages",
-               "device")
+               "device", "four_bit_projections")
 
 
 class ResultsFile:

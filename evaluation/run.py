@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from blockrag.engine import DEFAULT_MODEL, BlockEngine, BlockMode, GenerationResult, LoadedModel, load_model
+from blockrag.engine import (DEFAULT_MODEL, BlockEngine, BlockMode, DecodeWeights, GenerationResult, LoadedModel,
+                             load_model)
 from blockrag.engine.adapter import file_sha256
 from blockrag.engine.model import package_versions
 from blockrag.engine.prompt import PassageOrder
@@ -71,6 +72,8 @@ class EvalConfig:
     """LoRA adapter folder merged into the model; the rows it was trained on are refused."""
     device: str = "cpu"
     dtype: str = "auto"
+    decode_weights: DecodeWeights = "auto"
+    """What decode steps read (:func:`~blockrag.engine.load_model`'s ``decode_weights``)."""
     results: str | os.PathLike | None = None
     """Per-answer results file, resumed if present; None: kept in memory only."""
     progress: bool = True
@@ -219,7 +222,8 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     trained_on = None
     if config.adapter is not None:
         trained_on = check_untrained(config.adapter, config.data, data_sha256, [item.index for item in items])
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
+                        decode_weights=config.decode_weights)
     weights = next(loaded.model.parameters())
     oracle = config.oracle_plus_random is not None
     modes = list(config.modes)
@@ -238,6 +242,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         "adapter_trained_on": None if trained_on is None else [rows.to_json() for rows in trained_on],
         "fingerprint": loaded.fingerprint, "block_mode": None, "modes": [m.name for m in modes],
         "device": str(weights.device), "dtype": str(weights.dtype),
+        "decode_weights": config.decode_weights, "four_bit_projections": loaded.four_bit_projections,
         "scoring": "best-subspan match (Lost in the Middle) on the answer's first line",
         "ttft": "full: prefill of the whole prompt; block modes: stored blocks read once from the store (its "
                 "memory tier, else below it), assembled, recovery (if any) and the question prefilled",

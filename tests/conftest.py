@@ -18,6 +18,12 @@ def smollm() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def smollm_dense() -> LoadedModel:
+    """The bundled SmolLM2-135M decoding from its dense bf16 weights, as transformers' own ``generate`` does."""
+    return load_model("smollm2-135m", decode_weights="dense")
+
+
+@pytest.fixture(scope="session")
 def smollm_fp32() -> LoadedModel:
     """The bundled SmolLM2-135M in fp32, for tests whose reference is fp32 KV."""
     return load_model("smollm2-135m", dtype="float32")

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from blockrag.cli import main
-from tiny_models import tiny_model
+from blockrag.benchmarks.decode import DATA
+from tiny_models import on_grid, tiny_model
 
 
 @pytest.fixture
@@ -39,6 +40,24 @@ def test_answer_benchmark_rows_side_by_side_and_its_plot(tiny_folder, tmp_path, 
         assert all(row["total_s"] >= row["ttft_s"] > 0 and 1 <= row["new_tokens"] <= 3 for row in rows.values())
     assert result["results"][1]["prompt_tokens"] > result["results"][0]["prompt_tokens"]
     assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"needs the project's shared data ({DATA})")
+def test_decode_benchmark_sets_four_bit_decoding_beside_dense(smollm, tmp_path):
+    folder = tmp_path / "four-bit-model"
+    model = on_grid(tiny_model("llama"))  # as a Q4_1 checkpoint: decode steps read four-bit copies
+    model.config.max_position_embeddings = 2048
+    model.save_pretrained(folder)
+    smollm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--model", str(folder), "--contexts", "300", "--new-tokens", "4",
+                 "--rounds", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["four_bit_projections"] == 14
+    rows = result["results"][0]["strategies"]
+    assert set(rows) == {"full", "full_dense", "recycled_stride", "recycled_dynamic", "streaming"}
+    assert rows["full"]["speedup"] == 1 and rows["full_dense"]["ms_per_token"] > 0
+    assert 0 <= rows["full_dense"]["top1_agreement"] <= 1 and rows["full_dense"]["mean_kl"] >= 0
 
 
 def test_answer_benchmark_skips_llama_cpp_for_a_model_that_is_no_gguf(tiny_folder, tmp_path):

@@ -32,6 +32,17 @@ def tiny_model(family: str = "llama", rope: str = "default", attn: str = "eager"
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def on_grid(model):
+    """``model`` with every layer projection's weight moved to its four-bit grid, as a Q4_1 checkpoint's are."""
+    from blockrag.engine.fourbit import dequantize, quantize
+    from blockrag.engine.transformer import layer_projections
+
+    with torch.no_grad():
+        for projection in layer_projections(model):
+            projection.weight.copy_(dequantize(*quantize(projection.weight)))
+    return model
+
+
 def block_attention_mask(segments: list[tuple[int, str]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The naive Block-Attention mask over one contiguous sequence, as an additive ``[1, 1, T, T]`` tensor: the
     paper's training mask, an independent reference for what assembled naive blocks compute.

@@ -1,0 +1,95 @@
+"""Four-bit copies of a model's weights for one-token passes, where its weights are four-bit already.
+
+A decode step reads every weight once for a single token, so its time is mostly that read. The
+bundled SmolLM2 ships as a Q4_1 GGUF: within each group of :data:`GROUP` inputs of a row, every
+weight is ``scale * q + minimum`` with ``q`` in 0..15. Such a group re-quantizes to the same ``q``
+(its minimum and maximum give the scale back), and torch's CPU kernel for four-bit weights reads a
+quarter of the bytes of bf16 ones. The dense weights stay for passes of many tokens, where a weight
+read serves every token and the matrix units pay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from blockrag.errors import InvalidArgumentError
+
+GROUP = 32
+"""Inputs per quantization group: Q4_0's and Q4_1's block size."""
+
+DecodeWeights = Literal["auto", "dense", "4bit"]
+DECODE_WEIGHTS: tuple[str, ...] = get_args(DecodeWeights)
+"""What one-token passes read: ``auto``, four-bit copies on CPU of the weights that are four-bit already (exact
+to the scales' rounding); ``dense``, the model's own; ``4bit``, four-bit copies of every weight that fits the kernel
+(lossy where a checkpoint is not four-bit)."""
+
+
+def check_decode_weights(value: str) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``value`` is one of :data:`DECODE_WEIGHTS`."""
+    if value not in DECODE_WEIGHTS:
+        raise InvalidArgumentError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {value!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class FourBitWeights:
+    """A linear layer's weight ``[out, in]`` in torch's packed four-bit CPU layout, with each group's scale and zero."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    """``[in / GROUP, out, 2]`` in the activations' dtype: a weight is ``(q - 8) * scale + zero``."""
+    version: int
+    """The dense weight's version counter when it was packed: once the weight changes in place, this copy is stale."""
+
+    def matvec(self, row: torch.Tensor) -> torch.Tensor:
+        """The weight times the vector ``row`` ``[in]``, as ``[out]``."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(row.view(1, -1), self.packed, GROUP,
+                                                          self.scales_and_zeros).view(-1)
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Whether the CPU kernel takes ``weight``: 2-D on CPU, a float dtype, rows a multiple of 16, whole groups."""
+    return (weight.ndim == 2 and weight.device.type == "cpu" and weight.is_floating_point()
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % GROUP == 0)
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q`` (int32, 0..15, ``[out, in]``), ``scale`` and ``minimum`` (fp32, ``[out, in / GROUP]``) of each group,
+    from its minimum and maximum (Q4_1's rule)."""
+    groups = weight.detach().float().unflatten(1, (-1, GROUP))
+    minimum, maximum = groups.amin(-1), groups.amax(-1)
+    scale = (maximum - minimum) / 15
+    q = torch.round((groups - minimum[..., None]) / torch.where(scale > 0, scale, 1)[..., None]).clamp_(0, 15)
+    return q.to(torch.int32).flatten(1), scale, minimum
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights ``scale * q + minimum`` of :func:`quantize`'s output."""
+    return (q.unflatten(1, (-1, GROUP)) * scale[..., None] + minimum[..., None]).flatten(1)
+
+
+def is_four_bit(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> bool:
+    """Whether ``weight`` is its groups' ``scale * q + minimum`` to the rounding of its dtype.
+
+    A four-bit weight rounded to the dtype moves by at most half a unit in the last place, and so do the
+    minimum and maximum its scale comes from; their sum stays within ``2 * eps * max |w|`` of the group
+    (``eps`` the dtype's). A weight that was never four-bit misses its grid by up to half a step, a thirtieth
+    of the group's range: well past that bound in a trained layer, whose groups straddle zero.
+    """
+    groups = weight.detach().float().unflatten(1, (-1, GROUP))
+    error = (dequantize(q, scale, minimum).unflatten(1, (-1, GROUP)) - groups).abs().amax(-1)
+    return bool((error <= 2 * torch.finfo(weight.dtype).eps * groups.abs().amax(-1)).all())
+
+
+def four_bit_weights(weight: torch.Tensor, *, exact_only: bool) -> FourBitWeights | None:
+    """A four-bit copy of ``weight``, or ``None`` where the kernel cannot take it (or, with ``exact_only``, where
+    it is not four-bit already)."""
+    if not fits(weight):
+        return None
+    q, scale, minimum = quantize(weight)
+    if exact_only and not is_four_bit(weight, q, scale, minimum):
+        return None
+    scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    return FourBitWeights(packed, scales_and_zeros.to(weight.dtype), weight._version)

@@ -1,0 +1,144 @@
+"""Four-bit copies of four-bit weights for decode steps: found exactly, read correctly, used only where valid."""
+
+import pytest
+import torch
+
+from blockrag.engine import BlockEngine, DecodeOptions, LoadedModel, load_model, model_fingerprint, start_decoding
+from blockrag.engine.fourbit import GROUP, dequantize, four_bit_weights, is_four_bit, quantize
+from blockrag.engine.transformer import (FOUR_BIT, KVCache, KVShape, Positions, forward, layer_projections, project,
+                                         use_four_bit)
+from blockrag.errors import InvalidArgumentError
+from tiny_models import on_grid, tiny_model
+
+
+def grid_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """An fp32 weight that is four-bit already: each group of GROUP inputs is ``scale * q + minimum``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols // GROUP, GROUP), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1's rule: the group's minimum and maximum are on the grid's ends
+    scale = (torch.rand(rows, cols // GROUP, 1, generator=g) * 0.02 + 0.001).half().float()  # fp16, as Q4_1 has
+    minimum = (-7.5 * scale + torch.randn(rows, cols // GROUP, 1, generator=g) * scale).half().float()
+    return (q * scale + minimum).flatten(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_four_bit_weights_are_recognised_and_others_are_not(dtype):
+    weight = grid_weight(64, 128).to(dtype)
+    q, scale, minimum = quantize(weight)
+    assert is_four_bit(weight, q, scale, minimum)
+    assert four_bit_weights(weight, exact_only=True) is not None
+    if dtype == torch.float32:  # the grid's own values come back exactly
+        assert torch.equal(dequantize(q, scale, minimum), weight)
+    dense = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).to(dtype) * 0.05
+    assert not is_four_bit(dense, *quantize(dense))
+    assert four_bit_weights(dense, exact_only=True) is None
+    assert four_bit_weights(dense, exact_only=False) is not None  # '4bit': quantized anyway
+
+
+def test_shapes_the_kernel_cannot_take_stay_dense():
+    assert four_bit_weights(grid_weight(24, 64), exact_only=False) is None  # rows not a multiple of 16
+    assert four_bit_weights(torch.zeros(32, 48), exact_only=False) is None  # inputs not whole groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_four_bit_product_is_the_grid_weights_product(dtype):
+    weight = grid_weight(96, 256).to(dtype)
+    row = torch.randn(256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out = four_bit_weights(weight, exact_only=True).matvec(row)
+    assert out.dtype == dtype and out.shape == (96,)
+    reference = weight.double() @ row.double()
+    # fp32: the same weights (the scales are exact), summed in another order: a few ulps of the sum of |terms|.
+    # bf16: the scale and zero are rounded to bf16 (half an ulp each, times up to 8 steps of q) and so is the
+    # output; both stay within a few bf16 ulps of the sum of |terms|.
+    magnitude = weight.double().abs() @ row.double().abs()
+    bound = (64 if dtype == torch.float32 else 8) * torch.finfo(dtype).eps * magnitude
+    assert ((out.double() - reference).abs() <= bound).all()
+
+
+def test_auto_packs_exactly_the_four_bit_projections():
+    model = tiny_model("llama")
+    projections = layer_projections(model)
+    assert use_four_bit(model, "auto") == 0  # random weights are not four-bit
+    assert use_four_bit(model, "4bit") == len(projections) == 14
+    assert use_four_bit(model, "dense") == 0
+    assert all(getattr(p, FOUR_BIT) is None for p in projections)
+    on_grid(model)
+    assert use_four_bit(model, "auto") == len(projections)
+    with pytest.raises(InvalidArgumentError, match="decode_weights"):
+        use_four_bit(model, "int4")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_decoding_from_four_bit_copies_matches_the_dense_weights(family):
+    """fp32 grid weights: the four-bit copies hold the very same weights, so logits agree to summation order and
+    greedy tokens are equal (Qwen2's biases are added after the four-bit product)."""
+    model = on_grid(tiny_model(family))
+    with torch.no_grad():
+        for projection in layer_projections(model):
+            if projection.bias is not None:  # initialised to zero: make them count
+                projection.bias.normal_(0, 0.5)
+    prompt = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for decode_weights in ("dense", "auto"):
+        assert use_four_bit(model, decode_weights) == (0 if decode_weights == "dense" else 14)
+        with torch.inference_mode():
+            cache = KVCache.empty(KVShape.of(model), 60)
+            logits = forward(model, cache, prompt, Positions.span(0, 40))
+            decoding = start_decoding(model, cache, DecodeOptions("full"), 16)
+            tokens, steps = [int(logits[0, -1].argmax())], []
+            for _ in range(16):
+                steps.append(decoding.step(tokens[-1]))
+                tokens.append(int(steps[-1].argmax()))
+        runs.append((tokens, torch.stack(steps)))
+    (dense_tokens, dense_logits), (four_bit_tokens, four_bit_logits) = runs
+    assert four_bit_tokens == dense_tokens
+    torch.testing.assert_close(four_bit_logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_changed_weight_or_autograd_uses_the_dense_weight():
+    model = on_grid(tiny_model("llama"))
+    use_four_bit(model, "auto")
+    projection = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 1, 64)
+    four_bit = getattr(projection, FOUR_BIT)
+    with torch.inference_mode():
+        assert torch.equal(project(projection, x), four_bit.matvec(x.reshape(-1)).view(1, 1, -1))
+    with torch.no_grad():
+        projection.weight.mul_(2)
+    with torch.inference_mode():
+        assert torch.equal(project(projection, x), torch.mv(projection.weight, x.reshape(-1)).view(1, 1, -1))
+    use_four_bit(model, "auto")
+    x.requires_grad_(True)
+    out = project(projection, x)  # the kernel has no derivative: autograd takes the dense weight
+    out.sum().backward()
+    torch.testing.assert_close(x.grad.reshape(-1), projection.weight.sum(0))
+
+
+def test_the_bundled_model_is_four_bit_and_decodes_from_its_copies(smollm, smollm_fp32):
+    """SmolLM2 ships as Q4_1: every layer projection re-quantizes exactly (fp32), and is found four-bit in bf16."""
+    for loaded in (smollm, smollm_fp32):
+        assert loaded.four_bit_projections == len(layer_projections(loaded.model)) == 210
+    for projection in layer_projections(smollm_fp32.model)[:14]:
+        q, scale, minimum = quantize(projection.weight)
+        assert torch.equal(dequantize(q, scale, minimum), projection.weight)
+    dense = load_model("smollm2-135m", dtype="float32", decode_weights="dense")
+    assert dense.four_bit_projections == 0 and dense.fingerprint == smollm_fp32.fingerprint
+    question = "Answer in a few words.\n\nQuestion: what is the capital of France?"
+    answers = [BlockEngine(loaded).generate(None, [], question, max_new_tokens=24).text
+               for loaded in (smollm_fp32, dense)]
+    assert answers[0] == answers[1] and answers[0]
+
+
+def test_load_model_refuses_unknown_decode_weights():
+    with pytest.raises(InvalidArgumentError, match="decode_weights"):
+        load_model("smollm2-135m", decode_weights="int8")
+
+
+def test_an_engine_over_a_four_bit_tiny_model_answers_as_the_dense_one(smollm):
+    model = on_grid(tiny_model("llama"))
+    texts = []
+    for decode_weights in ("dense", "auto"):
+        use_four_bit(model, decode_weights)
+        engine = BlockEngine(LoadedModel(model, smollm.tokenizer, model_fingerprint(model, smollm.tokenizer)))
+        texts.append(engine.generate(None, ["A passage about rivers."], "Which river?", max_new_tokens=12).text)
+    assert texts[0] == texts[1]
