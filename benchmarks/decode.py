@@ -7,8 +7,8 @@ with end-of-sequence suppressed so that every run has ``--new-tokens`` steps; th
 are teacher-forced along its output, so each step compares next-token predictions in the same
 context: top-1 agreement and KL(full || strategy). Where the model decodes from four-bit copies of its
 weights, ``full_dense`` is full decoding from the dense weights beside it. Speed is decode tokens per
-second, the setup of a strategy's cache included. As the machine may be shared, the strategies take turns step by step,
-and every step (and setup) keeps its fastest time over ``--rounds`` rounds.
+second, the setup of a strategy's cache included. As the machine may be shared, the strategies take
+turns step by step, and every step (and setup) keeps its fastest time over ``--rounds`` rounds.
 """
 
 from __future__ import annotations

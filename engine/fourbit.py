@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
+
 from blockrag.errors import InvalidArgumentError
 
 GROUP = 32
