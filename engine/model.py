@@ -22,7 +22,8 @@ from blockrag.errors import InvalidArgumentError, ModelNotFoundError, Unsupporte
 from .adapter import adapter_passage_order, merge_adapter
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
 from .fourbit import DecodeWeights, check_decode_weights
-from .transformer import CacheMemory, dequantized, loading_quietly, rotary_module, use_four_bit
+from .transformer import (FOUR_BIT, CacheMemory, dequantized, layer_projections, loading_quietly, rotary_module,
+                          use_four_bit)
 
 if TYPE_CHECKING:  # transformers' model classes load slowly: imported where a model is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -54,8 +55,11 @@ class LoadedModel:
     """Where its prompts put the best passage: a block fine-tuned model reads well only in its training order."""
     cache_memory: CacheMemory = field(default_factory=CacheMemory, compare=False, repr=False)
     """Memory of finished requests' caches, that every engine over this model carves its next ones from."""
-    four_bit_projections: int = 0
-    """How many layer projections one-token passes (decode steps) read as four-bit copies (``decode_weights``)."""
+
+    @property
+    def four_bit_projections(self) -> int:
+        """How many layer projections one-token passes (decode steps) read as four-bit copies (``decode_weights``)."""
+        return sum(getattr(p, FOUR_BIT, None) is not None for p in layer_projections(self.model))
 
 
 def check_supported(config) -> None:
@@ -204,7 +208,8 @@ def load_model(
     if adapter is not None:
         model, fingerprint = merge_adapter(model, fingerprint, adapter)
         order = adapter_passage_order(adapter)
-    return LoadedModel(model, tokenizer, fingerprint, order, four_bit_projections=use_four_bit(model, decode_weights))
+    use_four_bit(model, decode_weights)
+    return LoadedModel(model, tokenizer, fingerprint, order)
 
 
 def _tensor_digest(h: "hashlib._Hash", name: str, tensor: torch.Tensor, samples: int = 4096) -> None:
