@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from blockrag.errors import CacheFullError, InvalidArgumentError
-from .transformer import KVCache, Positions, attend, forward
+from .transformer import CacheAttention, DecodeStep, KVCache, Positions, attend, forward
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
@@ -94,6 +94,7 @@ class Decoding(ABC):
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
+        self.one_token = DecodeStep.of(model)
         self.steps = 0
         self.full_layer_steps = 0
         """Layer-steps that attended to the whole cache."""
@@ -105,9 +106,13 @@ class Decoding(ABC):
             raise CacheFullError(f"the cache of {self.cache.capacity} positions cannot hold another token")
         positions = Positions.span(self.cache.length, 1, self.device)
         ids = torch.tensor([[token]], device=self.device)
-        logits = forward(self.model, self.cache, ids, positions, attention=self.attention(positions))
+        attention = self.attention(positions)
+        if self.one_token is not None:
+            logits = self.one_token(self.cache, ids, positions, attention)
+        else:
+            logits = forward(self.model, self.cache, ids, positions, attention=attention)[0, -1]
         self.steps += 1
-        return logits[0, -1]
+        return logits
 
     @abstractmethod
     def attention(self, positions: Positions):
@@ -119,7 +124,7 @@ class FullDecoding(Decoding):
 
     def attention(self, positions: Positions):
         self.full_layer_steps += len(self.cache.keys)
-        return None  # the forward pass's own: every slot up to the new token's
+        return CacheAttention(self.cache, positions)
 
 
 class _KVBuffer:

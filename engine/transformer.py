@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -445,6 +446,20 @@ def dense_weights(model: PreTrainedModel) -> Iterator[None]:
             setattr(p, FOUR_BIT, copy)
 
 
+def _matvec(layer: nn.Linear, four_bit_allowed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``layer`` applied to a vector ``[in]``: from its four-bit copy where it has a current one and
+    ``four_bit_allowed``, else as the matrix-vector product of its dense weight."""
+    four_bit: FourBitWeights | None = getattr(layer, FOUR_BIT, None)
+    if four_bit is not None and four_bit.version == layer.weight._version and four_bit_allowed:
+        if layer.bias is None:
+            return four_bit.matvec
+        matvec, bias = four_bit.matvec, layer.bias
+        return lambda row: matvec(row) + bias
+    if layer.bias is None:
+        return functools.partial(torch.mv, layer.weight)
+    return functools.partial(torch.addmv, layer.bias, layer.weight)
+
+
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; for one token through a plain linear layer, as a matrix-vector product.
 
@@ -456,13 +471,92 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if x.shape[0] * x.shape[1] != 1 or type(layer) is not nn.Linear:
         return layer(x)
-    row = x.reshape(-1)
-    four_bit: FourBitWeights | None = getattr(layer, FOUR_BIT, None)
-    if four_bit is not None and four_bit.version == layer.weight._version and not torch.is_grad_enabled():
-        out = four_bit.matvec(row) if layer.bias is None else four_bit.matvec(row) + layer.bias
-    else:
-        out = torch.mv(layer.weight, row) if layer.bias is None else torch.addmv(layer.bias, layer.weight, row)
-    return out.view(1, 1, -1)
+    return _matvec(layer, not torch.is_grad_enabled())(x.reshape(-1)).view(1, 1, -1)
+
+
+@dataclass(frozen=True)
+class _StepLayer:
+    """What a decode step runs in one decoder layer, looked up once: its norms, its projections as matrix-vector
+    products (:func:`_matvec`), its activation and its attention's scaling."""
+
+    input_norm: nn.Module
+    q: Callable[[torch.Tensor], torch.Tensor]
+    k: Callable[[torch.Tensor], torch.Tensor]
+    v: Callable[[torch.Tensor], torch.Tensor]
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    o: Callable[[torch.Tensor], torch.Tensor]
+    post_norm: nn.Module
+    gate: Callable[[torch.Tensor], torch.Tensor]
+    up: Callable[[torch.Tensor], torch.Tensor]
+    down: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+
+
+class DecodeStep:
+    """A decode step of one model: one new token, batch 1, without autograd, through every layer.
+
+    It computes what :func:`forward` computes for a single token, equal to the bit, with what each layer
+    needs looked up once per model rather than on every step: a step is hundreds of small operations,
+    and on CPU their dispatch is a good part of its time. Get it with :meth:`of`, which builds it again
+    when the model's projections, their weights or their four-bit copies changed.
+    """
+
+    _built: "weakref.WeakKeyDictionary[nn.Module, DecodeStep]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.signature = self._signature(model)
+        body = model.model
+        self.heads, self.kv_heads = model.config.num_attention_heads, KVShape.of(model).kv_heads
+        self.layers = []
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_StepLayer(
+                layer.input_layernorm, *(_matvec(p, True) for p in (attn.q_proj, attn.k_proj, attn.v_proj)),
+                getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), _matvec(attn.o_proj, True),
+                layer.post_attention_layernorm, *(_matvec(p, True) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
+                mlp.act_fn, attn.scaling))
+        self.head_dim = body.layers[0].self_attn.head_dim
+        self.norm, self.head = body.norm, _matvec(model.lm_head, True)
+
+    @staticmethod
+    def _signature(model: PreTrainedModel) -> tuple:
+        """What the step depends on: every projection, its weight's version (inference tensors have none) and its
+        four-bit copy."""
+        return tuple((id(p), None if p.weight.is_inference() else p.weight._version, id(getattr(p, FOUR_BIT, None)))
+                     for p in (*layer_projections(model), model.lm_head))
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> "DecodeStep | None":
+        """The decode step of ``model``, or ``None`` where a projection is not a plain linear layer (a LoRA layer,
+        say): :func:`forward` runs those as they are."""
+        if any(type(p) is not nn.Linear for p in (*layer_projections(model), model.lm_head)):
+            return None
+        step = cls._built.get(model)
+        if step is None or step.signature != cls._signature(model):
+            step = cls._built[model] = cls(model)
+        return step
+
+    def __call__(self, cache: KVCache, token: torch.Tensor, positions: Positions, attention: Attention) -> torch.Tensor:
+        """The logits ``[vocab]`` after the token ``token`` ``[1, 1]`` at ``positions`` (one) over ``cache``;
+        ``attention`` as in :func:`forward`, which stores the token's KV."""
+        cos, sin = rope_angles(self.model, positions.ids)
+        hidden = self.model.model.embed_tokens(token).view(-1)
+        q_shape, kv_shape = (1, self.heads, 1, self.head_dim), (1, self.kv_heads, 1, self.head_dim)
+        for i, layer in enumerate(self.layers):
+            x = layer.input_norm(hidden)
+            q, k, v = layer.q(x).view(q_shape), layer.k(x).view(kv_shape), layer.v(x).view(kv_shape)
+            if layer.q_norm is not None:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            rq = q * cos + _rotate_half(q) * sin
+            rk = k * cos + _rotate_half(k) * sin
+            hidden = hidden + layer.o(attention(i, rq, rk, v, q, layer.scaling).reshape(-1))
+            x = layer.post_norm(hidden)
+            hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+        cache.length = max(cache.length, positions.end)
+        return self.head(self.norm(hidden))
 
 
 def empty_cache(model: PreTrainedModel, capacity: int, batch: int = 1, memory: CacheMemory | None = None) -> KVCache:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from blockrag.engine import (BlockEngine, DecodeOptions, FixedStride, FullDecoding, LoadedModel, QuerySimilarity,
                              Recovery, RecycledDecoding, StreamingDecoding, load_model, model_fingerprint,
                              start_decoding)
-from blockrag.engine.transformer import KVCache, Positions, empty_cache, forward, project
+from blockrag.engine.transformer import DecodeStep, KVCache, Positions, empty_cache, forward, project, use_four_bit
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
@@ -280,6 +280,45 @@ def test_a_decode_step_by_matrix_vector_products_equals_the_layers_own_products_
         layer.__class__ = OwnForward
     prompt, answer = random_ids(PROMPT, 5), random_ids(4, 6)
     assert_same_logits(step_logits(model, prompt, answer), step_logits(reference, prompt, answer))
+    assert DecodeStep.of(reference) is None  # layers of other classes: decoding runs them through forward
+    assert_same_logits(teacher_forced(reference, DecodeOptions("full"), prompt, answer)[1],
+                       step_logits(reference, prompt, answer))
+
+
+@pytest.mark.parametrize("weights", ["dense", "four_bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weights):
+    """Decoding runs each token through :class:`DecodeStep`; it must compute what forward computes for it."""
+    from tiny_models import on_grid, tiny_model as tiny_of_family
+    model = tiny_of_family(family, attn="sdpa")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:  # Qwen2's start at zero
+                module.bias.normal_(0, 0.5)
+    model = (on_grid(model) if weights == "four_bit" else model).to(dtype)
+    assert use_four_bit(model, "auto") == (14 if weights == "four_bit" else 0)
+    assert DecodeStep.of(model) is not None
+    prompt, answer = random_ids(PROMPT, 5), random_ids(6, 6)
+    decoding, stepped = teacher_forced(model, DecodeOptions("full"), prompt, answer)
+    assert decoding.one_token is DecodeStep.of(model)
+    assert_same_logits(stepped, step_logits(model, prompt, answer))
+
+
+def test_the_decode_step_is_rebuilt_when_a_weight_changes_in_place():
+    from tiny_models import on_grid, tiny_model as tiny_of_family
+    model = on_grid(tiny_of_family("llama", attn="sdpa"))
+    use_four_bit(model, "auto")
+    step = DecodeStep.of(model)
+    assert DecodeStep.of(model) is step
+    with torch.no_grad():  # its four-bit copy is now stale: the step must read the dense weight
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    assert DecodeStep.of(model) is not step
+    prompt, answer = random_ids(PROMPT, 5), random_ids(4, 6)
+    assert_same_logits(teacher_forced(model, DecodeOptions("full"), prompt, answer)[1],
+                       step_logits(model, prompt, answer))
+    use_four_bit(model, "dense")  # copies dropped: a new step again
+    assert DecodeStep.of(model) is not step
 
 
 def test_a_single_tokens_layer_of_another_class_is_called_as_it_is():
