@@ -353,12 +353,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_angles(model: PreTrainedModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of ``positions`` ``[tokens, rotary_dim]`` as the model rotates them (rope scaling, and the
-    attention factor yarn and longrope fold in, included), in the model's dtype."""
-    param = next(model.parameters())
-    cos, sin = rotary_module(model)(torch.zeros(1, dtype=param.dtype, device=param.device), positions[None])
+def rope_angles(rotary: nn.Module, probe: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``positions`` ``[tokens, rotary_dim]`` as the model's ``rotary`` module
+    (:func:`rotary_module`) rotates them (rope scaling, and the attention factor yarn and longrope fold in,
+    included), in the dtype and on the device of ``probe``, a one-element tensor."""
+    cos, sin = rotary(probe, positions[None])
     return cos[0], sin[0]
+
+
+def _probe(model: PreTrainedModel) -> torch.Tensor:
+    """A one-element tensor of the model's dtype, on its device: what :func:`rope_angles` takes them from."""
+    param = next(model.parameters())
+    return torch.zeros(1, dtype=param.dtype, device=param.device)
 
 
 def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, positions: Positions, *,
@@ -375,7 +381,7 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
         raise InvalidArgumentError(f"{input_ids.shape[1]} tokens but {len(positions.ids)} positions")
     attention = attention or CacheAttention(cache, positions)
     body = model.model
-    cos, sin = rope_angles(model, positions.ids)
+    cos, sin = rope_angles(rotary_module(model), _probe(model), positions.ids)
     cos, sin = cos[None, None], sin[None, None]
     hidden = body.embed_tokens(input_ids)
     batch, n = input_ids.shape
@@ -503,12 +509,11 @@ class DecodeStep:
     when the model's projections, their weights or their four-bit copies changed.
     """
 
-    _built: "weakref.WeakKeyDictionary[nn.Module, DecodeStep]" = weakref.WeakKeyDictionary()
-
     def __init__(self, model: PreTrainedModel):
-        self.model = model
+        # Parts of the model only, not the model: the step is kept in a mapping held weakly by the model.
         self.signature = self._signature(model)
         body = model.model
+        self.rotary, self.probe, self.embed = rotary_module(model), _probe(model), body.embed_tokens
         self.heads, self.kv_heads = model.config.num_attention_heads, KVShape.of(model).kv_heads
         self.layers = []
         for layer in body.layers:
@@ -523,27 +528,29 @@ class DecodeStep:
 
     @staticmethod
     def _signature(model: PreTrainedModel) -> tuple:
-        """What the step depends on: every projection, its weight's version (inference tensors have none) and its
-        four-bit copy."""
-        return tuple((id(p), None if p.weight.is_inference() else p.weight._version, id(getattr(p, FOUR_BIT, None)))
-                     for p in (*layer_projections(model), model.lm_head))
+        """What the step depends on: the model's dtype and device, every projection, its weight's version (inference
+        tensors have none) and its four-bit copy."""
+        param = next(model.parameters())
+        return (param.dtype, param.device, *(
+            (id(p), None if p.weight.is_inference() else p.weight._version, id(getattr(p, FOUR_BIT, None)))
+            for p in (*layer_projections(model), model.lm_head)))
 
     @classmethod
-    def of(cls, model: PreTrainedModel) -> "DecodeStep | None":
+    def of(cls, model: PreTrainedModel) -> DecodeStep | None:
         """The decode step of ``model``, or ``None`` where a projection is not a plain linear layer (a LoRA layer,
         say): :func:`forward` runs those as they are."""
         if any(type(p) is not nn.Linear for p in (*layer_projections(model), model.lm_head)):
             return None
-        step = cls._built.get(model)
+        step = _DECODE_STEPS.get(model)
         if step is None or step.signature != cls._signature(model):
-            step = cls._built[model] = cls(model)
+            step = _DECODE_STEPS[model] = cls(model)
         return step
 
     def __call__(self, cache: KVCache, token: torch.Tensor, positions: Positions, attention: Attention) -> torch.Tensor:
         """The logits ``[vocab]`` after the token ``token`` ``[1, 1]`` at ``positions`` (one) over ``cache``;
         ``attention`` as in :func:`forward`, which stores the token's KV."""
-        cos, sin = rope_angles(self.model, positions.ids)
-        hidden = self.model.model.embed_tokens(token).view(-1)
+        cos, sin = rope_angles(self.rotary, self.probe, positions.ids)
+        hidden = self.embed(token).view(-1)
         q_shape, kv_shape = (1, self.heads, 1, self.head_dim), (1, self.kv_heads, 1, self.head_dim)
         for i, layer in enumerate(self.layers):
             x = layer.input_norm(hidden)
@@ -557,6 +564,10 @@ class DecodeStep:
             hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))
         cache.length = max(cache.length, positions.end)
         return self.head(self.norm(hidden))
+
+
+_DECODE_STEPS: weakref.WeakKeyDictionary[nn.Module, DecodeStep] = weakref.WeakKeyDictionary()
+"""Each model's :class:`DecodeStep`, kept while the model lives."""
 
 
 def empty_cache(model: PreTrainedModel, capacity: int, batch: int = 1, memory: CacheMemory | None = None) -> KVCache:
