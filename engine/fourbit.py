@@ -35,18 +35,39 @@ def check_decode_weights(value: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class FourBitWeights:
-    """A linear layer's weight ``[out, in]`` in torch's packed four-bit CPU layout, with each group's scale and zero."""
+    """A weight ``[out, in]`` in torch's packed four-bit CPU layout, with each group's scale and zero."""
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
     """``[in / GROUP, out, 2]`` in the activations' dtype: a weight is ``(q - 8) * scale + zero``."""
-    version: int
-    """The dense weight's version counter when it was packed: once the weight changes in place, this copy is stale."""
+
+    @property
+    def rows(self) -> int:
+        return self.scales_and_zeros.shape[1]
 
     def matvec(self, row: torch.Tensor) -> torch.Tensor:
         """The weight times the vector ``row`` ``[in]``, as ``[out]``."""
         return torch.ops.aten._weight_int4pack_mm_for_cpu(row.view(1, -1), self.packed, GROUP,
                                                           self.scales_and_zeros).view(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class FourBitRows:
+    """A linear layer's rows ``[start, end)`` of a four-bit copy, which it may share with layers that read the same
+    input (a decoder layer's query, key and value projections: one product for three, the kernel's rows being
+    independent sums)."""
+
+    weights: FourBitWeights
+    start: int
+    end: int
+    version: int
+    """The layer's weight's version counter when it was packed: once the weight changes in place, this copy is stale."""
+
+    def matvec(self, row: torch.Tensor) -> torch.Tensor:
+        """The layer's weight times the vector ``row`` ``[in]``, as ``[end - start]``: the whole shared product, cut
+        (a decode step reads the layers that share a copy in one product instead)."""
+        out = self.weights.matvec(row)
+        return out if self.start == 0 and self.end == self.weights.rows else out[self.start:self.end]
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -93,4 +114,4 @@ def four_bit_weights(weight: torch.Tensor, *, exact_only: bool) -> FourBitWeight
         return None
     scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    return FourBitWeights(packed, scales_and_zeros.to(weight.dtype), weight._version)
+    return FourBitWeights(packed, scales_and_zeros.to(weight.dtype))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockrag.errors import InvalidArgumentError, UnsupportedModelError
-from .fourbit import DecodeWeights, FourBitWeights, check_decode_weights, four_bit_weights
+from .fourbit import DecodeWeights, FourBitRows, check_decode_weights, four_bit_weights
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
@@ -410,31 +410,57 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
 
 
 FOUR_BIT = "blockrag_four_bit"
-"""The attribute of a layer projection that holds its :class:`~.fourbit.FourBitWeights`, where it has them."""
+"""The attribute of a layer projection that holds its :class:`~.fourbit.FourBitRows`, where it has them."""
+
+
+def projection_groups(model: PreTrainedModel) -> list[tuple[nn.Module, ...]]:
+    """The projections of every decoder layer, grouped by the input they read: query, key and value; output; gate
+    and up; down (not the LM head)."""
+    return [group for layer in model.model.layers
+            for group in ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                          (layer.self_attn.o_proj,), (layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,))]
 
 
 def layer_projections(model: PreTrainedModel) -> list[nn.Module]:
     """The query, key, value, output, gate, up and down projections of every decoder layer (not the LM head)."""
-    return [p for layer in model.model.layers
-            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    return [p for group in projection_groups(model) for p in group]
 
 
 def use_four_bit(model: PreTrainedModel, decode_weights: DecodeWeights) -> int:
     """Give the layer projections of ``model`` four-bit copies for one-token passes as ``decode_weights`` says
-    (:data:`~.fourbit.DECODE_WEIGHTS`), dropping any they had; return how many have one."""
+    (:data:`~.fourbit.DECODE_WEIGHTS`), dropping any they had; return how many have one.
+
+    Projections that read the same input share one copy of their weights stacked by rows where all of them
+    can have one, so that a decode step reads them in one product.
+    """
     check_decode_weights(decode_weights)
     device = next(model.parameters()).device
     if decode_weights == "4bit" and device.type != "cpu":
         raise InvalidArgumentError(f"decode_weights='4bit' runs on CPU only, not {device}; use 'auto' or 'dense'.")
-    packed = 0
     for projection in layer_projections(model):
-        copy = None
-        if decode_weights != "dense" and type(projection) is nn.Linear:
-            copy = four_bit_weights(projection.weight, exact_only=decode_weights == "auto")
-        setattr(projection, FOUR_BIT, copy)
-        packed += copy is not None
-    return packed
+        setattr(projection, FOUR_BIT, None)
+    if decode_weights == "dense":
+        return 0
+    for group in projection_groups(model):
+        plain = [p for p in group if type(p) is nn.Linear]
+        shared = len(plain) == len(group) > 1 and _pack(plain, decode_weights)
+        if not shared:
+            for projection in plain:
+                _pack([projection], decode_weights)
+    return sum(getattr(p, FOUR_BIT) is not None for p in layer_projections(model))
+
+
+def _pack(projections: list[nn.Linear], decode_weights: DecodeWeights) -> bool:
+    """Give ``projections`` one four-bit copy of their weights stacked by rows, if it can be made; say whether it was."""
+    weights = [p.weight for p in projections]
+    copy = four_bit_weights(torch.cat(weights) if len(weights) > 1 else weights[0], exact_only=decode_weights == "auto")
+    if copy is None:
+        return False
+    start = 0
+    for projection, weight in zip(projections, weights):
+        setattr(projection, FOUR_BIT, FourBitRows(copy, start, start + weight.shape[0], weight._version))
+        start += weight.shape[0]
+    return True
 
 
 @contextlib.contextmanager
@@ -455,7 +481,7 @@ def dense_weights(model: PreTrainedModel) -> Iterator[None]:
 def _matvec(layer: nn.Linear, four_bit_allowed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """``layer`` applied to a vector ``[in]``: from its four-bit copy where it has a current one and
     ``four_bit_allowed``, else as the matrix-vector product of its dense weight."""
-    four_bit: FourBitWeights | None = getattr(layer, FOUR_BIT, None)
+    four_bit: FourBitRows | None = getattr(layer, FOUR_BIT, None)
     if four_bit is not None and four_bit.version == layer.weight._version and four_bit_allowed:
         if layer.bias is None:
             return four_bit.matvec
@@ -480,21 +506,36 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _matvec(layer, not torch.is_grad_enabled())(x.reshape(-1)).view(1, 1, -1)
 
 
+def _matvecs(group: tuple[nn.Linear, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The projections of ``group`` (:func:`projection_groups`) applied to one vector: as one product where they share
+    a current four-bit copy, else one by one."""
+    copies = [getattr(p, FOUR_BIT, None) for p in group]
+    first = copies[0]
+    shared = first is not None and all(
+        c is not None and c.weights is first.weights and c.version == p.weight._version for c, p in zip(copies, group))
+    biases = [p.bias for p in group]
+    if not shared or len(group) == 1 or any((b is None) != (biases[0] is None) for b in biases):
+        matvecs = [_matvec(p, True) for p in group]
+        return lambda row: tuple(matvec(row) for matvec in matvecs)
+    product, sizes = first.weights.matvec, [c.end - c.start for c in copies]
+    if biases[0] is None:
+        return lambda row: product(row).split(sizes)
+    bias = torch.cat(biases)
+    return lambda row: (product(row) + bias).split(sizes)
+
+
 @dataclass(frozen=True)
 class _StepLayer:
     """What a decode step runs in one decoder layer, looked up once: its norms, its projections as matrix-vector
-    products (:func:`_matvec`), its activation and its attention's scaling."""
+    products (:func:`_matvec`, :func:`_matvecs`), its activation and its attention's scaling."""
 
     input_norm: nn.Module
-    q: Callable[[torch.Tensor], torch.Tensor]
-    k: Callable[[torch.Tensor], torch.Tensor]
-    v: Callable[[torch.Tensor], torch.Tensor]
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     o: Callable[[torch.Tensor], torch.Tensor]
     post_norm: nn.Module
-    gate: Callable[[torch.Tensor], torch.Tensor]
-    up: Callable[[torch.Tensor], torch.Tensor]
+    gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     down: Callable[[torch.Tensor], torch.Tensor]
     act: Callable[[torch.Tensor], torch.Tensor]
     scaling: float
@@ -519,9 +560,9 @@ class DecodeStep:
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(_StepLayer(
-                layer.input_layernorm, *(_matvec(p, True) for p in (attn.q_proj, attn.k_proj, attn.v_proj)),
+                layer.input_layernorm, _matvecs((attn.q_proj, attn.k_proj, attn.v_proj)),
                 getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), _matvec(attn.o_proj, True),
-                layer.post_attention_layernorm, *(_matvec(p, True) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
+                layer.post_attention_layernorm, _matvecs((mlp.gate_proj, mlp.up_proj)), _matvec(mlp.down_proj, True),
                 mlp.act_fn, attn.scaling))
         self.head_dim = body.layers[0].self_attn.head_dim
         self.norm, self.head = body.norm, _matvec(model.lm_head, True)
@@ -553,15 +594,15 @@ class DecodeStep:
         hidden = self.embed(token).view(-1)
         q_shape, kv_shape = (1, self.heads, 1, self.head_dim), (1, self.kv_heads, 1, self.head_dim)
         for i, layer in enumerate(self.layers):
-            x = layer.input_norm(hidden)
-            q, k, v = layer.q(x).view(q_shape), layer.k(x).view(kv_shape), layer.v(x).view(kv_shape)
+            q, k, v = layer.qkv(layer.input_norm(hidden))
+            q, k, v = q.view(q_shape), k.view(kv_shape), v.view(kv_shape)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             rq = q * cos + _rotate_half(q) * sin
             rk = k * cos + _rotate_half(k) * sin
             hidden = hidden + layer.o(attention(i, rq, rk, v, q, layer.scaling).reshape(-1))
-            x = layer.post_norm(hidden)
-            hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+            gate, up = layer.gate_up(layer.post_norm(hidden))
+            hidden = hidden + layer.down(layer.act(gate) * up)
         cache.length = max(cache.length, positions.end)
         return self.head(self.norm(hidden))
 

@@ -95,6 +95,35 @@ def test_decoding_from_four_bit_copies_matches_the_dense_weights(family):
     torch.testing.assert_close(four_bit_logits, dense_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projections_of_one_input_share_a_copy_whose_rows_are_each_ones_own_product(dtype):
+    """Query, key and value (and gate and up) are packed as one copy, read in one product by a decode step: each
+    projection's rows of it must equal, to the bit, the product of a copy of its weight alone."""
+    model = on_grid(tiny_model("qwen2")).to(dtype)
+    assert use_four_bit(model, "auto") == 14
+    x = torch.randn(64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj)):
+            copies = [getattr(p, FOUR_BIT) for p in group]
+            assert all(c.weights is copies[0].weights for c in copies)
+            assert copies[-1].end == copies[0].weights.rows == sum(p.out_features for p in group)
+            for projection, copy in zip(group, copies):
+                row = x if projection.in_features == 64 else torch.randn(projection.in_features).to(dtype)
+                alone = four_bit_weights(projection.weight, exact_only=True).matvec(row)
+                assert torch.equal(copy.matvec(row), alone)
+
+
+def test_a_projection_off_the_grid_leaves_the_others_of_its_input_their_own_copies():
+    model = on_grid(tiny_model("llama"))
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight.add_(torch.randn_like(attn.k_proj.weight) * 0.01)
+    assert use_four_bit(model, "auto") == 13
+    q, k, v = (getattr(p, FOUR_BIT, None) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert k is None and q.weights is not v.weights and q.weights.rows == attn.q_proj.out_features
+
+
 def test_a_changed_weight_or_autograd_uses_the_dense_weight():
     model = on_grid(tiny_model("llama"))
     use_four_bit(model, "auto")
