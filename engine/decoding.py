@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from blockrag.errors import CacheFullError, InvalidArgumentError
-from .transformer import CacheAttention, DecodeStep, KVCache, Positions, attend, forward
+from .transformer import CacheAttention, DecodeStep, KVCache, Positions, attend, attend_with_lse, forward, merges_suffix
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
@@ -249,16 +249,21 @@ class _RecycledLayer:
         self.selected: torch.Tensor | None = None
         """Positions ``[kv_heads, k]`` of the recycle set, ascending."""
 
-    def scores(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``[kv_heads, positions]``: attention probabilities of ``query`` over ``keys``, max over each KV
-        head's query heads, then max-pooled over neighbouring positions.
+    def scores(self, query: torch.Tensor, keys: torch.Tensor, scaling: float,
+               lse: torch.Tensor | None = None) -> torch.Tensor:
+        """``[kv_heads, positions]``: how much ``query`` attends to each position, max over each KV head's query
+        heads, then max-pooled over neighbouring positions.
 
-        Computed again beside the attention itself, which fused kernels run without returning them.
+        Computed again beside the attention itself, which fused kernels run without returning them: as
+        log-probabilities where the kernel gave the log-sum-exps ``lse`` ``[kv_heads, group]`` of the scores
+        (no softmax over them then), else as probabilities. Both rank positions alike.
         """
         heads, _, dim = keys[0].shape
         q = query[0, :, -1].reshape(heads, -1, dim)
         # keys times queries ([heads, positions, group]): faster on CPU than queries times keys, for a few queries
-        probs = torch.softmax(torch.matmul(keys[0], q.transpose(1, 2)).float() * scaling, dim=1).amax(2)
+        logits = torch.matmul(keys[0], q.transpose(1, 2)).float() * scaling
+        probs = torch.softmax(logits, dim=1) if lse is None else logits.sub_(lse[:, None, :].float())
+        probs = probs.amax(2)
         if self.pool_kernel == 1:
             return probs
         return F.max_pool1d(probs, self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
@@ -267,11 +272,15 @@ class _RecycledLayer:
                value: torch.Tensor, full_step: bool, scaling: float) -> torch.Tensor:
         keys, values = cache_layer
         if full_step:
-            scores = self.scores(query, keys, scaling)
+            if merges_suffix(query):  # CPU: the flash kernel's log-sum-exps save a softmax over the scores
+                out, lse = attend_with_lse(query, keys, values, scaling)
+                scores = self.scores(query, keys, scaling, lse[0])
+            else:
+                out, scores = attend(query, keys, values, scaling), self.scores(query, keys, scaling)
             k = min(recycle_budget(self.recycle_k, scores.shape[1]), scores.shape[1])
             self.selected = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
             self.recycled.replace(*gather(keys, values, self.selected))
-            return attend(query, keys, values, scaling)
+            return out
         self.recycled.append(key, value)
         return attend(query, self.recycled.keys, self.recycled.values, scaling)
 

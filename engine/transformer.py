@@ -320,6 +320,17 @@ def attend_suffix(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.to(query.dtype)
 
 
+def attend_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` of one token's ``query`` ``[b, heads, 1, d]`` over all of ``keys``/``values`` (the very
+    kernel call it makes, so the same output), and the log-sum-exp of each query head's scaled scores
+    ``[b, kv_heads, group]``. CPU only, without autograd (:func:`merges_suffix`).
+    """
+    b, heads, _, _ = query.shape
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, scale=scaling)
+    return out, lse.view(b, keys.shape[1], heads // keys.shape[1])
+
+
 class Attention(Protocol):
     """What a layer's new tokens attend to: given their rotated query, key and value (and the query before
     rotation, for schedules that compare queries), store the KV and return the attention output."""
