@@ -321,6 +321,18 @@ def test_the_decode_step_is_rebuilt_when_a_weight_changes_in_place():
     assert DecodeStep.of(model) is not step
 
 
+def test_a_models_decode_step_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+    from tiny_models import tiny_model as tiny_of_family
+    model = tiny_of_family("llama", attn="sdpa")
+    assert DecodeStep.of(model) is not None
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 def test_a_single_tokens_layer_of_another_class_is_called_as_it_is():
     layer, x = Doubled(8, 4), torch.randn(1, 1, 8)
     with torch.inference_mode():
