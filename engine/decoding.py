@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from blockrag.errors import CacheFullError, InvalidArgumentError
-from .transformer import CacheAttention, DecodeStep, KVCache, Positions, attend, attend_with_lse, forward, merges_suffix
+from .transformer import (CacheAttention, DecodeStep, KVCache, Positions, attend, attend_with_lse, flash_returns_lse,
+                          forward)
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
@@ -272,7 +273,7 @@ class _RecycledLayer:
                value: torch.Tensor, full_step: bool, scaling: float) -> torch.Tensor:
         keys, values = cache_layer
         if full_step:
-            if merges_suffix(query):  # CPU: the flash kernel's log-sum-exps save a softmax over the scores
+            if flash_returns_lse(query):  # CPU: the flash kernel's log-sum-exps save a softmax over the scores
                 out, lse = attend_with_lse(query, keys, values, scaling)
                 scores = self.scores(query, keys, scaling, lse[0])
             else:

@@ -290,9 +290,9 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scalin
     return out.view(b, heads, n, d)
 
 
-def merges_suffix(query: torch.Tensor) -> bool:
-    """Whether :func:`attend_suffix` can run for ``query``: on CPU (its flash kernel returns the log-sum-exp), without
-    autograd."""
+def flash_returns_lse(query: torch.Tensor) -> bool:
+    """Whether the attention of ``query`` can take the log-sum-exps of CPU's flash kernel (:func:`attend_suffix`,
+    :func:`attend_with_lse`): on CPU, without autograd."""
     return query.device.type == "cpu" and not torch.is_grad_enabled()
 
 
@@ -304,7 +304,7 @@ def attend_suffix(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     The two parts run unmasked, as two passes of CPU's flash kernel whose softmaxes are merged by their
     log-sum-exps (in fp32, then rounded once more): the long part with the query heads of a group folded
     into the query length, so it reads each KV head once under no mask. CPU only, without autograd
-    (:func:`merges_suffix`); elsewhere the run attends under its mask like any other.
+    (:func:`flash_returns_lse`); elsewhere the run attends under its mask like any other.
     """
     b, heads, n, d = query.shape
     kv_heads = keys.shape[1]
@@ -324,7 +324,7 @@ def attend_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` of one token's ``query`` ``[b, heads, 1, d]`` over all of ``keys``/``values`` (the very
     kernel call it makes, so the same output), and the log-sum-exp of each query head's scaled scores
-    ``[b, kv_heads, group]``. CPU only, without autograd (:func:`merges_suffix`).
+    ``[b, kv_heads, group]``. CPU only, without autograd (:func:`flash_returns_lse`).
     """
     b, heads, _, _ = query.shape
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, scale=scaling)
@@ -350,7 +350,7 @@ class CacheAttention:
         p = self.positions
         self.cache.write(layer, p, key, value)
         keys, values = self.cache.layer(layer, p.end)
-        if p.suffix and merges_suffix(query):
+        if p.suffix and flash_returns_lse(query):
             return attend_suffix(query, keys, values, p.first, scaling)
         if not (p.masked or p.suffix):
             return attend(query, keys, values, scaling, causal=p.causal)
@@ -462,7 +462,8 @@ def use_four_bit(model: PreTrainedModel, decode_weights: DecodeWeights) -> int:
 
 
 def _pack(projections: list[nn.Linear], decode_weights: DecodeWeights) -> bool:
-    """Give ``projections`` one four-bit copy of their weights stacked by rows, if it can be made; say whether it was."""
+    """Give ``projections`` one four-bit copy of their weights stacked by rows, if it can be made; say whether it
+    was."""
     weights = [p.weight for p in projections]
     copy = four_bit_weights(torch.cat(weights) if len(weights) > 1 else weights[0], exact_only=decode_weights == "auto")
     if copy is None:
@@ -525,7 +526,7 @@ def _matvecs(group: tuple[nn.Linear, ...]) -> Callable[[torch.Tensor], tuple[tor
     shared = first is not None and all(
         c is not None and c.weights is first.weights and c.version == p.weight._version for c, p in zip(copies, group))
     biases = [p.bias for p in group]
-    if not shared or len(group) == 1 or any((b is None) != (biases[0] is None) for b in biases):
+    if not shared or any((b is None) != (biases[0] is None) for b in biases):
         matvecs = [_matvec(p, True) for p in group]
         return lambda row: tuple(matvec(row) for matvec in matvecs)
     product, sizes = first.weights.matvec, [c.end - c.start for c in copies]
