@@ -15,8 +15,12 @@ against prompt length for the four rows (log scale).
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -64,50 +68,57 @@ def _row(result: GenerationResult) -> dict[str, Any]:
 
 
 class _LlamaCpp:
-    """llama.cpp over a GGUF file: time to the first streamed token, then per token, greedy."""
+    """llama.cpp over a GGUF file, in a process of its own: its threads beside torch's in one process slowed
+    the engine's rows. Time to the first streamed token, then per token, greedy."""
 
     def __init__(self, gguf: Path, context: int, threads: int):
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise MissingExtraError("the llama.cpp row of `blockrag bench answer`", "llamacpp", "llama_cpp")
+        self.worker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_load_llama, initargs=(str(gguf), context, threads))
         try:
-            from llama_cpp import Llama
-        except ImportError as exc:
-            raise MissingExtraError("the llama.cpp row of `blockrag bench answer`", "llamacpp", exc) from exc
-        self.llama = Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                           verbose=False)
+            self.answer("Hello", 2)  # loads and warms it, as the engine is warmed
+        except BrokenProcessPool as exc:
+            self.close()
+            raise BenchmarkError(f"llama.cpp could not load {gguf}: its error is printed above") from exc
 
     def answer(self, prompt: str, new_tokens: int) -> dict[str, Any]:
-        tokens = self.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        self.llama.reset()  # no prefix reuse between runs: every run prefills the whole prompt
-        started = time.perf_counter()
-        first, count = None, 0
-        for _ in self.llama.generate(tokens, temp=0.0, top_k=1, reset=True):
-            count += 1
-            first = first or time.perf_counter()
-            if count == new_tokens:
-                break
-        done = time.perf_counter()
-        assert first is not None
-        return {"ttft_s": round(first - started, 4), "total_s": round(done - started, 3),
-                "decode_ms_per_token": round((done - first) / (count - 1) * 1000, 2) if count > 1 else None,
-                "prompt_tokens": len(tokens), "prefilled_tokens": len(tokens), "new_tokens": count}
+        return self.worker.submit(_llama_answer, prompt, new_tokens).result()
+
+    def close(self) -> None:
+        self.worker.shutdown()
 
 
-def run(args: argparse.Namespace) -> dict:
-    counts = [int(c) for c in args.passages.split(",")]
-    if min(counts) < 1 or args.new_tokens < 1:
-        raise InvalidArgumentError("--passages takes counts of at least 1, and --new-tokens at least 1")
-    torch.set_num_threads(args.threads)
-    engine = BlockEngine(load_model(args.model))
-    generator = torch.Generator().manual_seed(0)
-    gguf = _gguf(args)
-    llama: _LlamaCpp | None = None
-    skipped = None
-    if gguf is None:
-        skipped = f"{args.model} is not a GGUF file; pass --gguf"
-    else:
-        try:
-            llama = _LlamaCpp(gguf, min(engine.max_positions, 16384), args.threads)
-        except MissingExtraError as exc:
-            skipped = str(exc)
+_LLAMA: Any = None  # the worker process's llama_cpp.Llama
+
+
+def _load_llama(gguf: str, context: int, threads: int) -> None:
+    from llama_cpp import Llama
+
+    global _LLAMA
+    _LLAMA = Llama(model_path=gguf, n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def _llama_answer(prompt: str, new_tokens: int) -> dict[str, Any]:
+    tokens = _LLAMA.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    _LLAMA.reset()  # no prefix reuse between runs: every run prefills the whole prompt
+    started = time.perf_counter()
+    first, count = None, 0
+    for _ in _LLAMA.generate(tokens, temp=0.0, top_k=1, reset=True):
+        count += 1
+        first = first or time.perf_counter()
+        if count == new_tokens:
+            break
+    done = time.perf_counter()
+    assert first is not None
+    return {"ttft_s": round(first - started, 4), "total_s": round(done - started, 3),
+            "decode_ms_per_token": round((done - first) / (count - 1) * 1000, 2) if count > 1 else None,
+            "prompt_tokens": len(tokens), "prefilled_tokens": len(tokens), "new_tokens": count}
+
+
+def _measure(engine: BlockEngine, args: argparse.Namespace, counts: list[int], llama: _LlamaCpp | None,
+             generator: torch.Generator) -> list[dict[str, Any]]:
+    """Each passage count's rows, taking turns ``args.repeats`` times; the fastest run of each row."""
     engine.generate(None, engine.encode(random_texts(engine, generator, 1, 8)), QUESTION, max_new_tokens=2)  # warm
     results = []
     for count in counts:
@@ -132,6 +143,31 @@ def run(args: argparse.Namespace) -> dict:
         results.append({"passages": count, "prompt_tokens": best["full"]["prompt_tokens"], "rows": best,
                         "block_over_full_ttft": round(best["block"]["ttft_s"] / best["full"]["ttft_s"], 4),
                         "block_over_none_ttft": round(best["block"]["ttft_s"] / best["none"]["ttft_s"], 3)})
+    return results
+
+
+def run(args: argparse.Namespace) -> dict:
+    counts = [int(c) for c in args.passages.split(",")]
+    if min(counts) < 1 or args.new_tokens < 1:
+        raise InvalidArgumentError("--passages takes counts of at least 1, and --new-tokens at least 1")
+    torch.set_num_threads(args.threads)
+    engine = BlockEngine(load_model(args.model))
+    generator = torch.Generator().manual_seed(0)
+    gguf = _gguf(args)
+    llama: _LlamaCpp | None = None
+    skipped = None
+    if gguf is None:
+        skipped = f"{args.model} is not a GGUF file; pass --gguf"
+    else:
+        try:
+            llama = _LlamaCpp(gguf, min(engine.max_positions, 16384), args.threads)
+        except MissingExtraError as exc:
+            skipped = str(exc)
+    try:
+        results = _measure(engine, args, counts, llama, generator)
+    finally:
+        if llama is not None:
+            llama.close()
     out = {"benchmark": "answer", "model": args.model, "gguf": str(gguf) if gguf else None,
            "dtype": str(next(engine.model.parameters()).dtype),
            "four_bit_projections": engine.loaded.four_bit_projections, "passage_tokens": args.passage_tokens,

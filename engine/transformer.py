@@ -276,14 +276,15 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scalin
            mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Attention of ``query`` ``[b, heads, n, d]`` over grouped ``keys``/``values`` ``[b, kv_heads, s, d]``.
 
-    Under a mask, the query heads of a group are folded into the query length, so every KV head is
-    read once and no repeated copy is made (the kernel's grouped-query path repeats them there);
-    ``mask`` is boolean (True: attended), ``[group x n, s]`` as :meth:`Positions.masks` makes it.
+    Unless causal, the query heads of a group are folded into the query length, so every KV head is read
+    once and no repeated copy is made: the kernel's grouped-query path reads a KV head once per query head,
+    which makes a decode step's attention several times slower on CPU. ``mask`` is boolean (True:
+    attended), ``[group x n, s]`` as :meth:`Positions.masks` makes it.
     """
     b, heads, n, d = query.shape
     kv_heads = keys.shape[1]
-    if mask is None:  # the kernel's own grouped-query path reads each KV head once too
-        return F.scaled_dot_product_attention(query, keys, values, is_causal=causal, scale=scaling,
+    if causal:  # a long run of queries, whose blocks share each KV block the kernel reads
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
                                               enable_gqa=heads != kv_heads)
     folded = query.reshape(b, kv_heads, heads // kv_heads * n, d)
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
@@ -326,9 +327,11 @@ def attend_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     kernel call it makes, so the same output), and the log-sum-exp of each query head's scaled scores
     ``[b, kv_heads, group]``. CPU only, without autograd (:func:`flash_returns_lse`).
     """
-    b, heads, _, _ = query.shape
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, scale=scaling)
-    return out, lse.view(b, keys.shape[1], heads // keys.shape[1])
+    b, heads, _, d = query.shape
+    kv_heads = keys.shape[1]
+    folded = query.reshape(b, kv_heads, heads // kv_heads, d)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(folded, keys, values, scale=scaling)
+    return out.view(b, heads, 1, d), lse
 
 
 class Attention(Protocol):
