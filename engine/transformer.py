@@ -13,7 +13,7 @@ The layers' own modules are called as they are (norms, projections with their bi
 layers, Qwen3's query and key norms, the MLP's activation), so fine-tuning trains through this same
 pass; only their order and the attention are written here, and a decode step's plain linear layers
 are applied as matrix-vector products (:func:`project`), from four-bit copies where the weights are four-bit
-already (:mod:`.fourbit`). This is the one module of blockrag that knows how
+already (:mod:`.fourbit`), and its RMSNorms as one fused kernel each (:class:`DecodeStep`). This is the one module of blockrag that knows how
 transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models, or touches anything of
 transformers beyond its public loading API: the releases it is written against are
 :data:`SUPPORTED_TRANSFORMERS`, the range ``pyproject.toml`` allows (a test holds the two equal).
@@ -495,35 +495,39 @@ def dense_weights(model: PreTrainedModel) -> Iterator[None]:
 
 def _matvec(layer: nn.Linear, four_bit_allowed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """``layer`` applied to a vector ``[in]``: from its four-bit copy where it has a current one and
-    ``four_bit_allowed``, else as the matrix-vector product of its dense weight."""
+    ``four_bit_allowed``, else as a product with its dense weight: in bf16 as a one-row matrix product,
+    whose kernel reads bf16 weights faster than the matrix-vector kernel does, and otherwise as the
+    matrix-vector product, which reads fp32 weights faster."""
     four_bit: FourBitRows | None = getattr(layer, FOUR_BIT, None)
     if four_bit is not None and four_bit.version == layer.weight._version and four_bit_allowed:
         if layer.bias is None:
             return four_bit.matvec
         matvec, bias = four_bit.matvec, layer.bias
         return lambda row: matvec(row) + bias
-    if layer.bias is None:
-        return functools.partial(torch.mv, layer.weight)
-    return functools.partial(torch.addmv, layer.bias, layer.weight)
+    weight, bias = layer.weight, layer.bias
+    if weight.dtype == torch.bfloat16:
+        return lambda row: F.linear(row[None], weight, bias)[0]
+    if bias is None:
+        return functools.partial(torch.mv, weight)
+    return functools.partial(torch.addmv, bias, weight)
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``; for one token through a plain linear layer, as a matrix-vector product.
+    """``layer(x)``; for one token through a plain linear layer, as :func:`_matvec` computes it, so that a
+    one-token :func:`forward` equals a :class:`DecodeStep` to the bit.
 
-    A decode step reads every weight once for one row of input. On CPU the matrix-vector kernels read
-    weights faster than a one-row matrix product does, and compute each output as the same dot product,
-    equal to the bit. A projection with a four-bit copy (:func:`use_four_bit`) reads that instead, while its
-    weight is unchanged since and without autograd (the kernel has no derivative). Any other layer (a LoRA
-    layer, say) is called as it is.
+    A projection with a four-bit copy (:func:`use_four_bit`) reads that, while its weight is unchanged since
+    and without autograd (the kernel has no derivative). Any other layer (a LoRA layer, say) is called as
+    it is.
     """
     if x.shape[0] * x.shape[1] != 1 or type(layer) is not nn.Linear:
         return layer(x)
     return _matvec(layer, not torch.is_grad_enabled())(x.reshape(-1)).view(1, 1, -1)
 
 
-def _matvecs(group: tuple[nn.Linear, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """The projections of ``group`` (:func:`projection_groups`) applied to one vector: as one product where they share
-    a current four-bit copy, else one by one."""
+def _stacked(group: tuple[nn.Linear, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The projections of ``group`` (:func:`projection_groups`) applied to one vector, their outputs stacked: as one
+    product where they share a current four-bit copy, else one by one."""
     copies = [getattr(p, FOUR_BIT, None) for p in group]
     first = copies[0]
     shared = first is not None and all(
@@ -531,26 +535,40 @@ def _matvecs(group: tuple[nn.Linear, ...]) -> Callable[[torch.Tensor], tuple[tor
     biases = [p.bias for p in group]
     if not shared or any((b is None) != (biases[0] is None) for b in biases):
         matvecs = [_matvec(p, True) for p in group]
-        return lambda row: tuple(matvec(row) for matvec in matvecs)
-    product, sizes = first.weights.matvec, [c.end - c.start for c in copies]
+        return lambda row: torch.cat([matvec(row) for matvec in matvecs])
+    product = first.weights.matvec
     if biases[0] is None:
-        return lambda row: product(row).split(sizes)
+        return product
     bias = torch.cat(biases)
-    return lambda row: (product(row) + bias).split(sizes)
+    return lambda row: product(row) + bias
+
+
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+"""The supported families' RMSNorm classes, which all compute ``weight * (x * rsqrt(mean(x²) + eps))`` in fp32."""
+
+
+def _rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``norm`` as the fused RMSNorm kernel times its weight: one kernel call instead of the module's six, equal
+    to the module to the bit (a decode step is tested equal to :func:`forward`, which calls the module). Any
+    other norm is the module itself."""
+    if type(norm).__name__ not in _RMS_NORMS:
+        return norm
+    weight, shape, eps = norm.weight, [norm.weight.shape[0]], norm.variance_epsilon
+    return lambda x: torch.rms_norm(x, shape, None, eps) * weight
 
 
 @dataclass(frozen=True)
 class _StepLayer:
-    """What a decode step runs in one decoder layer, looked up once: its norms, its projections as matrix-vector
-    products (:func:`_matvec`, :func:`_matvecs`), its activation and its attention's scaling."""
+    """What a decode step runs in one decoder layer, looked up once: its norms (:func:`_rms_norm`), its projections
+    as matrix-vector products (:func:`_matvec`, :func:`_stacked`), its activation and its attention's scaling."""
 
-    input_norm: nn.Module
-    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
-    q_norm: nn.Module | None
-    k_norm: nn.Module | None
+    input_norm: Callable[[torch.Tensor], torch.Tensor]
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    q_norm: Callable[[torch.Tensor], torch.Tensor] | None
+    k_norm: Callable[[torch.Tensor], torch.Tensor] | None
     o: Callable[[torch.Tensor], torch.Tensor]
-    post_norm: nn.Module
-    gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    post_norm: Callable[[torch.Tensor], torch.Tensor]
+    gate_up: Callable[[torch.Tensor], torch.Tensor]
     down: Callable[[torch.Tensor], torch.Tensor]
     act: Callable[[torch.Tensor], torch.Tensor]
     scaling: float
@@ -574,13 +592,14 @@ class DecodeStep:
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            q_norm, k_norm = (_rms_norm(n) if n is not None else None
+                              for n in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)))
             self.layers.append(_StepLayer(
-                layer.input_layernorm, _matvecs((attn.q_proj, attn.k_proj, attn.v_proj)),
-                getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), _matvec(attn.o_proj, True),
-                layer.post_attention_layernorm, _matvecs((mlp.gate_proj, mlp.up_proj)), _matvec(mlp.down_proj, True),
-                mlp.act_fn, attn.scaling))
+                _rms_norm(layer.input_layernorm), _stacked((attn.q_proj, attn.k_proj, attn.v_proj)),
+                q_norm, k_norm, _matvec(attn.o_proj, True), _rms_norm(layer.post_attention_layernorm),
+                _stacked((mlp.gate_proj, mlp.up_proj)), _matvec(mlp.down_proj, True), mlp.act_fn, attn.scaling))
         self.head_dim = body.layers[0].self_attn.head_dim
-        self.norm, self.head = body.norm, _matvec(model.lm_head, True)
+        self.norm, self.head = _rms_norm(body.norm), _matvec(model.lm_head, True)
 
     @staticmethod
     def _signature(model: PreTrainedModel) -> tuple:
@@ -606,17 +625,24 @@ class DecodeStep:
         """The logits ``[vocab]`` after the token ``token`` ``[1, 1]`` at ``positions`` (one) over ``cache``;
         ``attention`` as in :func:`forward`, which stores the token's KV."""
         cos, sin = rope_angles(self.rotary, self.probe, positions.ids)
+        # x * cos + rotate_half(x) * sin, as x * cos + roll(x) * sin with the sign of rotate_half's negated half
+        # moved onto sin: the same products (a sign is exact), in two fewer operations.
+        half = self.head_dim // 2
+        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         hidden = self.embed(token).view(-1)
-        q_shape, kv_shape = (1, self.heads, 1, self.head_dim), (1, self.kv_heads, 1, self.head_dim)
+        heads, qk = self.heads, self.heads + self.kv_heads
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(layer.input_norm(hidden))
-            q, k, v = q.view(q_shape), k.view(kv_shape), v.view(kv_shape)
-            if layer.q_norm is not None:
-                q, k = layer.q_norm(q), layer.k_norm(k)
-            rq = q * cos + _rotate_half(q) * sin
-            rk = k * cos + _rotate_half(k) * sin
-            hidden = hidden + layer.o(attention(i, rq, rk, v, q, layer.scaling).reshape(-1))
-            gate, up = layer.gate_up(layer.post_norm(hidden))
+            qkv = layer.qkv(layer.input_norm(hidden)).view(1, -1, 1, self.head_dim)  # heads by rows, q k v
+            if layer.q_norm is None:  # query and key rotated as one
+                q = qkv[:, :heads]
+                rotated = qkv[:, :qk] * cos + qkv[:, :qk].roll(half, -1) * signed_sin
+                rq, rk = rotated[:, :heads], rotated[:, heads:]
+            else:
+                q, k = layer.q_norm(qkv[:, :heads]), layer.k_norm(qkv[:, heads:qk])
+                rq, rk = (x * cos + x.roll(half, -1) * signed_sin for x in (q, k))
+            out = attention(i, rq, rk, qkv[:, qk:], q, layer.scaling)
+            hidden = hidden + layer.o(out.reshape(-1))
+            gate, up = layer.gate_up(layer.post_norm(hidden)).view(2, -1)
             hidden = hidden + layer.down(layer.act(gate) * up)
         cache.length = max(cache.length, positions.end)
         return self.head(self.norm(hidden))

@@ -180,8 +180,13 @@ def test_llamaindex_tool_call_round_trip_and_structured_predict(tiny_engine):
 
 
 @pytest.mark.slow
-def test_a_function_agent_calls_the_tool_and_finishes(smollm):
-    """Two steps on the bundled model: the agent calls the tool with a parseable argument, then answers."""
+def test_a_function_agent_calls_the_tool_and_finishes(smollm_fp32):
+    """Two steps on the bundled model: the agent calls the tool with a parseable argument, then answers.
+
+    In fp32: whether the 135M model calls again or answers turns on logits so close that in bf16 the order in
+    which a kernel sums decides it.
+    """
+    smollm = smollm_fp32
     from llama_index.core.agent.workflow import FunctionAgent
 
     calls = []
