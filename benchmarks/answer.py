@@ -197,8 +197,9 @@ def plot(result: dict, path: Path) -> None:
     axes.set_yscale("log")
     axes.set_xlabel("prompt tokens")
     axes.set_ylabel("time to first token (s)")
+    cpu = result["machine"].get("cpu", {}).get("model") or "CPU"
     axes.set_title(f"{result['model']} ({result['dtype'].removeprefix('torch.')}), "
-                   f"{result['machine']['cpus']} CPU cores")
+                   f"{result['machine']['cpus']} {cpu} cores")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()

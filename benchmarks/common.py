@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,11 +27,24 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Where a benchmark ran: platform, CPUs, torch threads, GPU and load average, with package versions."""
+    """Where a benchmark ran: platform, CPU model and the instruction sets its kernels choose between, CPUs, torch
+    threads, GPU and load average, with package versions."""
     device = torch.device(device)
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+    return {"platform": platform.platform(), "cpu": _cpu(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "load_average": [round(x, 2) for x in os.getloadavg()], "versions": package_versions()}
+
+
+def _cpu() -> dict[str, Any]:
+    """The CPU's model name and whether it has AVX512-BF16 and AMX, from /proc/cpuinfo (Linux; empty elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name"), "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
 
 
 def question_tokens(engine: BlockEngine, question: str = QUESTION) -> int:
