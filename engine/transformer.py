@@ -13,9 +13,9 @@ The layers' own modules are called as they are (norms, projections with their bi
 layers, Qwen3's query and key norms, the MLP's activation), so fine-tuning trains through this same
 pass; only their order and the attention are written here, and a decode step's plain linear layers
 are applied as matrix-vector products (:func:`project`), from four-bit copies where the weights are four-bit
-already (:mod:`.fourbit`), and its RMSNorms as one fused kernel each (:class:`DecodeStep`). This is the one module of blockrag that knows how
-transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models, or touches anything of
-transformers beyond its public loading API: the releases it is written against are
+already (:mod:`.fourbit`), and its RMSNorms as one fused kernel each (:class:`DecodeStep`). This is the one
+module of blockrag that knows how transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models, or
+touches anything of transformers beyond its public loading API: the releases it is written against are
 :data:`SUPPORTED_TRANSFORMERS`, the range ``pyproject.toml`` allows (a test holds the two equal).
 """
 
@@ -626,7 +626,7 @@ class DecodeStep:
         ``attention`` as in :func:`forward`, which stores the token's KV."""
         cos, sin = rope_angles(self.rotary, self.probe, positions.ids)
         # x * cos + rotate_half(x) * sin, as x * cos + roll(x) * sin with the sign of rotate_half's negated half
-        # moved onto sin: the same products (a sign is exact), in two fewer operations.
+        # moved onto sin: the same products (a sign is exact), in fewer operations.
         half = self.head_dim // 2
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         hidden = self.embed(token).view(-1)
