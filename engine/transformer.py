@@ -362,9 +362,17 @@ class CacheAttention:
                           for (lo, hi, end), mask in zip(p.runs, masks)], dim=2)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, as :func:`_rotate` takes it."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x`` rotated to its positions: ``x * cos + rotate_half(x) * sin``, computed as ``x * cos + roll(x) *
+    signed_sin`` (:func:`_signed_sin`), which moves rotate_half's negation onto sin: the same products, as a sign
+    is exact, in fewer operations."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def rope_angles(rotary: nn.Module, probe: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,7 +404,7 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
     attention = attention or CacheAttention(cache, positions)
     body = model.model
     cos, sin = rope_angles(rotary_module(model), _probe(model), positions.ids)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, signed_sin = cos[None, None], _signed_sin(sin)[None, None]
     hidden = body.embed_tokens(input_ids)
     batch, n = input_ids.shape
     last = len(body.layers) - 1 if through_layer is None else through_layer
@@ -408,8 +416,7 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
         if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        rq = q * cos + _rotate_half(q) * sin
-        rk = k * cos + _rotate_half(k) * sin
+        rq, rk = _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
         if through_layer is not None and i == last:
             cache.write(i, positions, rk, v)
             break
@@ -625,21 +632,17 @@ class DecodeStep:
         """The logits ``[vocab]`` after the token ``token`` ``[1, 1]`` at ``positions`` (one) over ``cache``;
         ``attention`` as in :func:`forward`, which stores the token's KV."""
         cos, sin = rope_angles(self.rotary, self.probe, positions.ids)
-        # x * cos + rotate_half(x) * sin, as x * cos + roll(x) * sin with the sign of rotate_half's negated half
-        # moved onto sin: the same products (a sign is exact), in fewer operations.
-        half = self.head_dim // 2
-        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        signed_sin = _signed_sin(sin)
         hidden = self.embed(token).view(-1)
         heads, qk = self.heads, self.heads + self.kv_heads
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(layer.input_norm(hidden)).view(1, -1, 1, self.head_dim)  # heads by rows, q k v
             if layer.q_norm is None:  # query and key rotated as one
-                q = qkv[:, :heads]
-                rotated = qkv[:, :qk] * cos + qkv[:, :qk].roll(half, -1) * signed_sin
+                q, rotated = qkv[:, :heads], _rotate(qkv[:, :qk], cos, signed_sin)
                 rq, rk = rotated[:, :heads], rotated[:, heads:]
             else:
                 q, k = layer.q_norm(qkv[:, :heads]), layer.k_norm(qkv[:, heads:qk])
-                rq, rk = (x * cos + x.roll(half, -1) * signed_sin for x in (q, k))
+                rq, rk = _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
             out = attention(i, rq, rk, qkv[:, qk:], q, layer.scaling)
             hidden = hidden + layer.o(out.reshape(-1))
             gate, up = layer.gate_up(layer.post_norm(hidden)).view(2, -1)
