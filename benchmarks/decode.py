@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "0.8 was calibrated on SmolLM2 with 2K-token prompts of questions 5 and 6")
     parser.add_argument("--dynamic-stride", type=int, default=5, help="steps between query checks (dynamic)")
     parser.add_argument("--pool-kernel", type=int, default=7, help="max-pooling of scores before the top-K")
-    parser.add_argument("--recent", type=int, default=DecodeOptions.recent,
-                        help="positions before a full step's token that the recycle set always holds")
+    parser.add_argument("--prompt-tail", type=int, default=DecodeOptions.prompt_tail,
+                        help="the prompt's last positions (the question) that the recycle set always holds")
     parser.add_argument("--prefill", choices=("full", "block"), default="full", help="how the prompt is prefilled")
     parser.add_argument("--prompts", type=int, default=1, help="prompts (questions) per context length")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -151,9 +151,9 @@ def run(args: argparse.Namespace) -> dict:
         "full": DecodeOptions("full"),
         **({DENSE: DecodeOptions("full")} if loaded.four_bit_projections else {}),
         "recycled_stride": DecodeOptions("recycled", args.recycle_k, args.stride, pool_kernel=args.pool_kernel,
-                                         recent=args.recent),
+                                         prompt_tail=args.prompt_tail),
         "recycled_dynamic": DecodeOptions("recycled", args.recycle_k, args.dynamic_stride, args.dynamic_threshold,
-                                          args.pool_kernel, recent=args.recent),
+                                          args.pool_kernel, prompt_tail=args.prompt_tail),
         "streaming": DecodeOptions("streaming", args.recycle_k),
     }
     results = []
@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "decode", "model": args.model, "prefill": args.prefill, "new_tokens": args.new_tokens,
         "prompts": args.prompts, "recycle_k": args.recycle_k, "stride": args.stride,
         "dynamic_threshold": args.dynamic_threshold, "dynamic_stride": args.dynamic_stride,
-        "pool_kernel": args.pool_kernel, "sinks": DecodeOptions.sinks, "recent": args.recent, "rounds": args.rounds,
+        "pool_kernel": args.pool_kernel, "sinks": DecodeOptions.sinks, "prompt_tail": args.prompt_tail,
+        "rounds": args.rounds,
         "device": str(engine.device),
         "dtype": str(next(engine.model.parameters()).dtype), "four_bit_projections": loaded.four_bit_projections,
         "machine": machine(engine.device), "results": results,

@@ -50,8 +50,8 @@ class DecodeOptions:
     of its last full step falls below the threshold. Scores are max-pooled over ``pool_kernel``
     neighbouring tokens before the top-K (as the paper's code does, after SnapKV), so that a chosen
     token brings its neighbours. ``sinks`` is the number of first tokens StreamingLLM keeps; Recycled
-    Attention's recycle set holds them too, with the ``recent`` positions before each full step's token
-    (the question, at the first), whatever their scores: within K, taken from the top-K's share.
+    Attention's recycle set holds them too, with the prompt's last ``prompt_tail`` positions (a RAG
+    prompt's question), whatever their scores: within K, taken from the top-K's share.
     """
 
     mode: DecodeMode = "full"
@@ -60,7 +60,7 @@ class DecodeOptions:
     dynamic_threshold: float | None = None
     pool_kernel: int = 7
     sinks: int = 4
-    recent: int = 64
+    prompt_tail: int = 64
 
     def __post_init__(self) -> None:
         if self.mode not in DECODE_MODES:
@@ -76,8 +76,8 @@ class DecodeOptions:
                              f"only; got {self.dynamic_threshold!r} with decode={self.mode!r}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise InvalidArgumentError(f"pool_kernel must be a positive odd number, got {self.pool_kernel}")
-        if self.sinks < 0 or self.recent < 0:
-            raise InvalidArgumentError(f"sinks and recent must be >= 0, got {self.sinks} and {self.recent}")
+        if self.sinks < 0 or self.prompt_tail < 0:
+            raise InvalidArgumentError(f"sinks and prompt_tail must be >= 0, got {self.sinks} and {self.prompt_tail}")
 
     def budget(self, context: int) -> int:
         """K for a context of ``context`` tokens."""
@@ -245,11 +245,12 @@ class _RecycledLayer:
     """The recycle set of one layer's last full step, plus the tokens since."""
 
     def __init__(self, keys: torch.Tensor, recycle_k: int | float, pool_kernel: int, max_new_tokens: int,
-                 sinks: int, recent: int):
-        most = keys.shape[2] + max_new_tokens
+                 sinks: int, prompt_tail: int):
+        self.prompt = keys.shape[2]
+        most = self.prompt + max_new_tokens
         self.recycle_k = recycle_k
         self.pool_kernel = pool_kernel
-        self.sinks, self.recent = sinks, recent
+        self.sinks, self.prompt_tail = sinks, prompt_tail
         self.recycled = _KVBuffer(keys[:, :, :0], keys[:, :, :0],
                                   min(recycle_budget(recycle_k, most), most) + max_new_tokens)
         self.selected: torch.Tensor | None = None
@@ -286,9 +287,9 @@ class _RecycledLayer:
             n = scores.shape[1]
             k = min(recycle_budget(self.recycle_k, n), n)
             sinks = min(self.sinks, k)
-            recent = min(self.recent, k - sinks)
+            tail = min(self.prompt_tail, k - sinks)
             scores[:, :sinks] = math.inf  # kept whatever they score, as many as K holds
-            scores[:, n - recent:n] = math.inf
+            scores[:, self.prompt - tail:self.prompt] = math.inf
             self.selected = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
             self.recycled.replace(*gather(keys, values, self.selected))
             return out
@@ -301,16 +302,17 @@ class RecycledDecoding(PartialDecoding):
 
     New tokens always enter the cache, so a full step sees everything. The recycle set is chosen
     per layer and per KV head; grouped query heads are combined by max. It always holds the first
-    ``sinks`` positions and the ``recent`` before the full step's token, as StreamingLLM's window does:
-    on long RAG prompts that raised top-1 agreement with full decoding (benchmarks/RESULTS.md).
+    ``sinks`` positions and the prompt's last ``prompt_tail``, which in a RAG prompt hold the question
+    (a window sliding with the answer did not do as well): on long RAG prompts that raised top-1
+    agreement with full decoding (benchmarks/RESULTS.md).
     """
 
     def __init__(self, model: PreTrainedModel, cache: KVCache, recycle_k: int | float, schedule: Schedule,
-                 max_new_tokens: int, pool_kernel: int, sinks: int, recent: int):
+                 max_new_tokens: int, pool_kernel: int, sinks: int, prompt_tail: int):
         super().__init__(model, cache)
         self.schedule = schedule
         keys, _ = cache.layer(0)
-        self.layers = [_RecycledLayer(keys, recycle_k, pool_kernel, max_new_tokens, sinks, recent)
+        self.layers = [_RecycledLayer(keys, recycle_k, pool_kernel, max_new_tokens, sinks, prompt_tail)
                        for _ in cache.keys]
 
     def attend(self, layer, query, key, value, raw_query, scaling):
@@ -370,4 +372,4 @@ def start_decoding(model: PreTrainedModel, cache: KVCache, options: DecodeOption
     schedule = FixedStride(options.stride) if options.dynamic_threshold is None else \
         QuerySimilarity(options.dynamic_threshold, options.stride)
     return RecycledDecoding(model, cache, options.recycle_k, schedule, max_new_tokens, options.pool_kernel,
-                            options.sinks, options.recent)
+                            options.sinks, options.prompt_tail)

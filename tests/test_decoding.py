@@ -106,15 +106,16 @@ def pooled_reference(probs: torch.Tensor, kernel: int) -> torch.Tensor:
     return torch.stack([probs[..., max(0, i - r): i + r + 1].amax(-1) for i in range(n)], dim=-1)
 
 
-@pytest.mark.parametrize("sinks,recent", [(0, 0), (2, 3)], ids=["top-k-only", "with-sinks-and-recent"])
+@pytest.mark.parametrize("sinks,tail", [(0, 0), (2, 3)], ids=["top-k-only", "with-sinks-and-prompt-tail"])
 @pytest.mark.parametrize("kernel", [1, 7])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @torch.inference_mode()
-def test_recycle_set_is_the_top_k_of_eager_attention_scores(family, kernel, sinks, recent):
+def test_recycle_set_is_the_top_k_of_eager_attention_scores(family, kernel, sinks, tail):
     model = tiny_model(family, "eager")
     prompt, answer = random_ids(PROMPT, 7), random_ids(3, 8)
     k = 10
-    options = DecodeOptions("recycled", recycle_k=k, stride=2, pool_kernel=kernel, sinks=sinks, recent=recent)
+    options = DecodeOptions("recycled", recycle_k=k, stride=2, pool_kernel=kernel, sinks=sinks,
+                             prompt_tail=tail)
     decoding, _ = teacher_forced(model, options, prompt, answer)
     assert isinstance(decoding, RecycledDecoding)
     # The last full step was step 2: the query of answer[2] over the prompt and answer[:3].
@@ -129,11 +130,11 @@ def test_recycle_set_is_the_top_k_of_eager_attention_scores(family, kernel, sink
         assert torch.equal(selected, selected.sort(-1).values) and len(set(selected[0].tolist())) == k
         n = sequence.shape[1]  # the full step's token is the last position
         kept = torch.zeros(n, dtype=torch.bool)
-        kept[:sinks] = kept[n - recent:] = True
+        kept[:sinks] = kept[PROMPT - tail:PROMPT] = True
         for head in range(heads):
             chosen = torch.zeros(n, dtype=torch.bool)
             chosen[selected[head]] = True
-            assert chosen[kept].all(), (layer, head)  # the sinks and the recent positions, whatever they score
+            assert chosen[kept].all(), (layer, head)  # the sinks and the prompt's tail, whatever they score
             # The rest a valid top-K: every chosen score at least every other one. Tolerance: the engine's scores
             # come from cached keys and a single-query softmax, the reference from one eager forward (float32).
             assert scores[head][chosen & ~kept].min() >= scores[head][~chosen].max() - 1e-6, (layer, head)
@@ -212,7 +213,7 @@ def test_budget_and_option_validation():
     assert DecodeOptions("recycled", recycle_k=300).budget(8000) == 300
     for bad in (dict(mode="sparse"), dict(recycle_k=0), dict(recycle_k=1.5), dict(recycle_k=True),
                 dict(stride=0), dict(mode="streaming", dynamic_threshold=0.9),
-                dict(mode="recycled", dynamic_threshold=2.0), dict(pool_kernel=4), dict(sinks=-1), dict(recent=-1)):
+                dict(mode="recycled", dynamic_threshold=2.0), dict(pool_kernel=4), dict(sinks=-1), dict(prompt_tail=-1)):
         with pytest.raises(ValueError):
             DecodeOptions(**bad)
     model = tiny_model("llama")
