@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -40,6 +41,76 @@ def test_answer_benchmark_rows_side_by_side_and_its_plot(tiny_folder, tmp_path, 
         assert all(row["total_s"] >= row["ttft_s"] > 0 and 1 <= row["new_tokens"] <= 3 for row in rows.values())
     assert result["results"][1]["prompt_tokens"] > result["results"][0]["prompt_tokens"]
     assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+FAKE_LLAMA_CPP = """
+import json, os, time
+
+class Llama:
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, verbose):
+        if not os.path.isfile(model_path):
+            raise ValueError(f"Model path does not exist: {model_path}")
+        self.log = model_path + ".calls"
+        self._write({"loaded": [n_ctx, n_threads, n_threads_batch], "pid": os.getpid()})
+
+    def _write(self, call):
+        with open(self.log, "a") as f:
+            f.write(json.dumps(call) + "\\n")
+
+    def tokenize(self, text, add_bos, special):
+        return list(text)
+
+    def reset(self):
+        self._write({"reset": True})
+
+    def generate(self, tokens, temp, top_k, reset):
+        self._write({"prompt_tokens": len(tokens), "temp": temp, "top_k": top_k})
+        while True:
+            time.sleep(0.005)  # a token takes 5 ms
+            yield 7
+"""
+
+
+@pytest.fixture
+def fake_llama_cpp(tmp_path, monkeypatch):
+    """A stand-in ``llama_cpp`` on ``sys.path``, which the benchmark's spawned worker process imports too: it
+    logs its calls beside the GGUF path it is given, and refuses a path that is no file, as llama.cpp does."""
+    folder = tmp_path / "fake-site"
+    folder.mkdir()
+    (folder / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
+
+
+def test_answer_benchmark_runs_llama_cpp_in_its_own_process(tiny_folder, tmp_path, fake_llama_cpp):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "answer.json"
+    assert main(["bench", "answer", "--model", str(tiny_folder), "--gguf", str(gguf), "--passages", "1,2",
+                 "--passage-tokens", "10", "--new-tokens", "3", "--repeats", "2", "--threads", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["llama_cpp_skipped"] is None
+    calls = [json.loads(line) for line in (tmp_path / "model.gguf.calls").read_text().splitlines()]
+    assert calls[0] == {"loaded": [2048, 1, 1], "pid": calls[0]["pid"]}  # the model's context, the threads asked
+    assert calls[0]["pid"] != os.getpid() and sum("loaded" in c for c in calls) == 1  # once, in a worker process
+    generations = [c for c in calls if "prompt_tokens" in c]
+    assert len(generations) == 1 + 2 * 2  # the warm-up, then each passage count's repeats
+    assert all(c["temp"] == 0.0 and c["top_k"] == 1 for c in generations)  # greedy
+    assert sum("reset" in c for c in calls) == len(generations)  # no prefix reuse between runs
+    for r in result["results"]:
+        row = r["rows"]["llama.cpp"]
+        assert row["new_tokens"] == 3 and row["ttft_s"] >= 0.005 and row["decode_ms_per_token"] >= 5
+        assert row["total_s"] >= row["ttft_s"] + 0.009
+        assert row["prompt_tokens"] == row["prefilled_tokens"] > r["prompt_tokens"]  # the stand-in counts bytes
+    assert result["results"][1]["rows"]["llama.cpp"]["prompt_tokens"] > result["results"][0]["rows"]["llama.cpp"][
+        "prompt_tokens"]
+
+
+def test_answer_benchmark_says_when_llama_cpp_cannot_load_the_file(tiny_folder, tmp_path, fake_llama_cpp, capsys):
+    assert main(["bench", "answer", "--model", str(tiny_folder), "--gguf", str(tmp_path / "missing.gguf"),
+                 "--passages", "1", "--passage-tokens", "10", "--new-tokens", "2", "--repeats", "1"]) != 0
+    assert "llama.cpp could not load" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not DATA.is_file(), reason=f"needs the project's shared data ({DATA})")
