@@ -199,8 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": args.prompts, "recycle_k": args.recycle_k, "stride": args.stride,
         "dynamic_threshold": args.dynamic_threshold, "dynamic_stride": args.dynamic_stride,
         "pool_kernel": args.pool_kernel, "sinks": DecodeOptions.sinks, "prompt_tail": args.prompt_tail,
-        "rounds": args.rounds,
-        "device": str(engine.device),
+        "rounds": args.rounds, "device": str(engine.device),
         "dtype": str(next(engine.model.parameters()).dtype), "four_bit_projections": loaded.four_bit_projections,
         "machine": machine(engine.device), "results": results,
     }

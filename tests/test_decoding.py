@@ -213,7 +213,8 @@ def test_budget_and_option_validation():
     assert DecodeOptions("recycled", recycle_k=300).budget(8000) == 300
     for bad in (dict(mode="sparse"), dict(recycle_k=0), dict(recycle_k=1.5), dict(recycle_k=True),
                 dict(stride=0), dict(mode="streaming", dynamic_threshold=0.9),
-                dict(mode="recycled", dynamic_threshold=2.0), dict(pool_kernel=4), dict(sinks=-1), dict(prompt_tail=-1)):
+                dict(mode="recycled", dynamic_threshold=2.0), dict(pool_kernel=4), dict(sinks=-1),
+                dict(prompt_tail=-1)):
         with pytest.raises(ValueError):
             DecodeOptions(**bad)
     model = tiny_model("llama")
