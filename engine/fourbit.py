@@ -1,11 +1,14 @@
-"""Four-bit copies of a model's weights for one-token passes, where its weights are four-bit already.
+"""Four-bit copies of a model's weights for one-token passes, where its weights are four- or eight-bit already.
 
 A decode step reads every weight once for a single token, so its time is mostly that read. The
-bundled SmolLM2 ships as a Q4_1 GGUF: within each group of :data:`GROUP` inputs of a row, every
-weight is ``scale * q + minimum`` with ``q`` in 0..15. Such a group re-quantizes to the same ``q``
-(its minimum and maximum give the scale back), and torch's CPU kernel for four-bit weights reads a
-quarter of the bytes of bf16 ones. The dense weights stay for passes of many tokens, where a weight
-read serves every token and the matrix units pay.
+bundled SmolLM2 ships as a GGUF whose layers are Q4_1: within each group of :data:`GROUP` inputs of a
+row, every weight is ``scale * q + minimum`` with ``q`` in 0..15. Such a group re-quantizes to the same
+``q`` (its minimum and maximum give the scale back), and torch's CPU kernel for four-bit weights reads a
+quarter of the bytes of bf16 ones. Its embedding matrix, which is also its LM head, is Q8_0: ``scale * q``
+with ``q`` in -127..127. Such a weight is held as two four-bit halves side by side, its high and low
+nibbles, read by one product of the same kernel over the input taken twice: half the bytes of bf16.
+The dense weights stay for passes of many tokens, where a weight read serves every token and the
+matrix units pay.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ GROUP = 32
 
 DecodeWeights = Literal["auto", "dense", "4bit"]
 DECODE_WEIGHTS: tuple[str, ...] = get_args(DecodeWeights)
-"""What one-token passes read: ``auto``, four-bit copies on CPU of the weights that are four-bit already (exact
-to the scales' rounding); ``dense``, the model's own; ``4bit``, four-bit copies of every weight that fits the kernel
-(lossy where a checkpoint is not four-bit)."""
+"""What one-token passes read: ``auto``, four-bit copies on CPU of the weights that are four- or eight-bit
+already (exact to the scales' rounding); ``dense``, the model's own; ``4bit``, four-bit copies of every weight
+that fits the kernel (lossy where a checkpoint is neither)."""
 
 
 def check_decode_weights(value: str) -> None:
@@ -39,7 +42,10 @@ class FourBitWeights:
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
-    """``[in / GROUP, out, 2]`` in the activations' dtype: a weight is ``(q - 8) * scale + zero``."""
+    """``[inputs / GROUP, out, 2]`` in the activations' dtype: a weight is ``(q - 8) * scale + zero``."""
+    eight_bit: bool = False
+    """Whether the packed weight is an eight-bit one's high and low halves side by side (:func:`eight_bit_weights`),
+    whose product takes the input twice."""
 
     @property
     def rows(self) -> int:
@@ -47,6 +53,7 @@ class FourBitWeights:
 
     def matvec(self, row: torch.Tensor) -> torch.Tensor:
         """The weight times the vector ``row`` ``[in]``, as ``[out]``."""
+        row = torch.cat((row, row)) if self.eight_bit else row
         return torch.ops.aten._weight_int4pack_mm_for_cpu(row.view(1, -1), self.packed, GROUP,
                                                           self.scales_and_zeros).view(-1)
 
@@ -104,14 +111,54 @@ def is_four_bit(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mini
     return bool((error <= 2 * torch.finfo(weight.dtype).eps * groups.abs().amax(-1)).all())
 
 
+def quantize_eight_bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` (int32, -127..127, ``[out, in]``) and ``scale`` (fp32, ``[out, in / GROUP]``) of each group, from its
+    largest magnitude (Q8_0's rule)."""
+    groups = weight.detach().float().unflatten(1, (-1, GROUP))
+    scale = groups.abs().amax(-1) / 127
+    q = torch.round(groups / torch.where(scale > 0, scale, 1)[..., None]).clamp_(-127, 127)
+    return q.to(torch.int32).flatten(1), scale
+
+
+def is_eight_bit(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether ``weight`` is its groups' ``scale * q`` to the rounding of its dtype.
+
+    A weight ``q * s`` rounded to the dtype moves by at most half a unit in the last place (``eps / 2`` of it),
+    and so does the group's largest, which gives ``scale`` back: ``q`` comes back, or a neighbour where the two
+    roundings add up to half a step, and ``scale * q`` stays within ``eps * |w|`` of each weight. A weight that was
+    never eight-bit misses its grid by up to half a step whatever its size, so its small weights fail the bound.
+    """
+    eps, weight = torch.finfo(weight.dtype).eps, weight.detach().float()
+    error = ((q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1) - weight).abs()
+    return bool((error <= 2 * eps * weight.abs()).all())
+
+
+def eight_bit_weights(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> FourBitWeights:
+    """The weights ``scale * q`` (:func:`quantize_eight_bit`) as two four-bit halves: with ``q + 128 = 16 * high +
+    low``, a weight is ``16 * scale * (high - 8) + scale * low``, the high half's scale ``16 * scale`` with zero
+    0 and the low half's ``scale`` with zero ``8 * scale``. Both are the scale times a power of two, as exact in
+    ``dtype`` as the scale is."""
+    biased = q + 128
+    halves = torch.cat((biased // 16, biased % 16), dim=1).to(torch.int32)
+    high = torch.stack([16 * scale, torch.zeros_like(scale)], dim=-1)
+    low = torch.stack([scale, 8 * scale], dim=-1)
+    scales_and_zeros = torch.cat((high, low), dim=1).transpose(0, 1).contiguous().to(dtype)
+    return FourBitWeights(torch.ops.aten._convert_weight_to_int4pack_for_cpu(halves, 2), scales_and_zeros, True)
+
+
 def four_bit_weights(weight: torch.Tensor, *, exact_only: bool) -> FourBitWeights | None:
-    """A four-bit copy of ``weight``, or ``None`` where the kernel cannot take it (or, with ``exact_only``, where
-    it is not four-bit already)."""
+    """A copy of ``weight`` for the four-bit kernel: exact where it is four-bit already, or eight-bit (as two
+    halves); otherwise, unless ``exact_only``, quantized to four bits. ``None`` where the kernel cannot take it
+    (or, with ``exact_only``, where it is neither)."""
     if not fits(weight):
         return None
     q, scale, minimum = quantize(weight)
-    if exact_only and not is_four_bit(weight, q, scale, minimum):
-        return None
+    if not is_four_bit(weight, q, scale, minimum):
+        q8, scale8 = quantize_eight_bit(weight)
+        if is_eight_bit(weight, q8, scale8):
+            return eight_bit_weights(q8, scale8, weight.dtype)
+        if exact_only:
+            return None
     scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     return FourBitWeights(packed, scales_and_zeros.to(weight.dtype))

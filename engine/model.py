@@ -22,7 +22,7 @@ from blockrag.errors import InvalidArgumentError, ModelNotFoundError, Unsupporte
 from .adapter import adapter_passage_order, merge_adapter
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
 from .fourbit import DecodeWeights, check_decode_weights
-from .transformer import (FOUR_BIT, CacheMemory, dequantized, layer_projections, loading_quietly, rotary_module,
+from .transformer import (FOUR_BIT, CacheMemory, decode_projections, dequantized, loading_quietly, rotary_module,
                           use_four_bit)
 
 if TYPE_CHECKING:  # transformers' model classes load slowly: imported where a model is loaded
@@ -58,8 +58,9 @@ class LoadedModel:
 
     @property
     def four_bit_projections(self) -> int:
-        """How many layer projections one-token passes (decode steps) read as four-bit copies (``decode_weights``)."""
-        return sum(getattr(p, FOUR_BIT, None) is not None for p in layer_projections(self.model))
+        """How many projections (the layers' and the LM head) one-token passes (decode steps) read as four-bit
+        copies (``decode_weights``)."""
+        return sum(getattr(p, FOUR_BIT, None) is not None for p in decode_projections(self.model))
 
 
 def check_supported(config) -> None:
@@ -181,7 +182,7 @@ def load_model(
     ``adapter`` is a LoRA adapter folder (from ``blockrag finetune``), merged into the weights; the
     model's ``passage_order`` is then the one the adapter was trained with (see :mod:`blockrag.engine.adapter`).
     ``decode_weights`` says what decode steps read (:data:`~.fourbit.DECODE_WEIGHTS`): by default, on CPU,
-    four-bit copies of the weights that are four-bit already, as the bundled GGUF's are; prefill and stored
+    four-bit copies of the weights that are four- or eight-bit already, as the bundled GGUF's are; prefill and stored
     blocks always use the dense weights, so the fingerprint does not depend on it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

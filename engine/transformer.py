@@ -12,8 +12,8 @@ attention reads each KV head once.
 The layers' own modules are called as they are (norms, projections with their biases or LoRA
 layers, Qwen3's query and key norms, the MLP's activation), so fine-tuning trains through this same
 pass; only their order and the attention are written here, and a decode step's plain linear layers
-are applied as matrix-vector products (:func:`project`), from four-bit copies where the weights are four-bit
-already (:mod:`.fourbit`), and its RMSNorms as one fused kernel each (:class:`DecodeStep`). This is the one
+are applied as matrix-vector products (:func:`project`), from four-bit copies where the weights are four- or
+eight-bit already (:mod:`.fourbit`), and its RMSNorms as one fused kernel each (:class:`DecodeStep`). This is the one
 module of blockrag that knows how transformers lays out its Llama, Mistral, Qwen2 and Qwen3 models, or
 touches anything of transformers beyond its public loading API: the releases it is written against are
 :data:`SUPPORTED_TRANSFORMERS`, the range ``pyproject.toml`` allows (a test holds the two equal).
@@ -431,25 +431,27 @@ def forward(model: PreTrainedModel, cache: KVCache, input_ids: torch.Tensor, pos
 
 
 FOUR_BIT = "blockrag_four_bit"
-"""The attribute of a layer projection that holds its :class:`~.fourbit.FourBitRows`, where it has them."""
+"""The attribute of a projection (:func:`decode_projections`) that holds its :class:`~.fourbit.FourBitRows`, where
+it has them."""
 
 
 def projection_groups(model: PreTrainedModel) -> list[tuple[nn.Module, ...]]:
-    """The projections of every decoder layer, grouped by the input they read: query, key and value; output; gate
-    and up; down (not the LM head)."""
+    """The projections a one-token pass reads, grouped by their input: in every decoder layer query, key and value;
+    output; gate and up; down; then the LM head."""
     return [group for layer in model.model.layers
             for group in ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-                          (layer.self_attn.o_proj,), (layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,))]
+                          (layer.self_attn.o_proj,), (layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,))
+            ] + [(model.lm_head,)]
 
 
-def layer_projections(model: PreTrainedModel) -> list[nn.Module]:
-    """The query, key, value, output, gate, up and down projections of every decoder layer (not the LM head)."""
+def decode_projections(model: PreTrainedModel) -> list[nn.Module]:
+    """The query, key, value, output, gate, up and down projections of every decoder layer, and the LM head."""
     return [p for group in projection_groups(model) for p in group]
 
 
 def use_four_bit(model: PreTrainedModel, decode_weights: DecodeWeights) -> int:
-    """Give the layer projections of ``model`` four-bit copies for one-token passes as ``decode_weights`` says
-    (:data:`~.fourbit.DECODE_WEIGHTS`), dropping any they had; return how many have one.
+    """Give the projections of ``model`` (:func:`decode_projections`) four-bit copies for one-token passes as
+    ``decode_weights`` says (:data:`~.fourbit.DECODE_WEIGHTS`), dropping any they had; return how many have one.
 
     Projections that read the same input share one copy of their weights stacked by rows where all of them
     can have one, so that a decode step reads them in one product.
@@ -458,7 +460,7 @@ def use_four_bit(model: PreTrainedModel, decode_weights: DecodeWeights) -> int:
     device = next(model.parameters()).device
     if decode_weights == "4bit" and device.type != "cpu":
         raise InvalidArgumentError(f"decode_weights='4bit' runs on CPU only, not {device}; use 'auto' or 'dense'.")
-    for projection in layer_projections(model):
+    for projection in decode_projections(model):
         setattr(projection, FOUR_BIT, None)
     if decode_weights == "dense":
         return 0
@@ -468,7 +470,7 @@ def use_four_bit(model: PreTrainedModel, decode_weights: DecodeWeights) -> int:
         if not shared:
             for projection in plain:
                 _pack([projection], decode_weights)
-    return sum(getattr(p, FOUR_BIT) is not None for p in layer_projections(model))
+    return sum(getattr(p, FOUR_BIT) is not None for p in decode_projections(model))
 
 
 def _pack(projections: list[nn.Linear], decode_weights: DecodeWeights) -> bool:
@@ -489,7 +491,7 @@ def _pack(projections: list[nn.Linear], decode_weights: DecodeWeights) -> bool:
 def dense_weights(model: PreTrainedModel) -> Iterator[None]:
     """Within this block, one-token passes of ``model`` read its dense weights: its four-bit copies are set aside
     (a benchmark's baseline, side by side with them; not for a model that serves other threads meanwhile)."""
-    projections = layer_projections(model)
+    projections = decode_projections(model)
     copies = [getattr(p, FOUR_BIT, None) for p in projections]
     for p in projections:
         setattr(p, FOUR_BIT, None)
@@ -615,13 +617,13 @@ class DecodeStep:
         param = next(model.parameters())
         return (param.dtype, param.device, *(
             (id(p), None if p.weight.is_inference() else p.weight._version, id(getattr(p, FOUR_BIT, None)))
-            for p in (*layer_projections(model), model.lm_head)))
+            for p in decode_projections(model)))
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> DecodeStep | None:
         """The decode step of ``model``, or ``None`` where a projection is not a plain linear layer (a LoRA layer,
         say): :func:`forward` runs those as they are."""
-        if any(type(p) is not nn.Linear for p in (*layer_projections(model), model.lm_head)):
+        if any(type(p) is not nn.Linear for p in decode_projections(model)):
             return None
         step = _DECODE_STEPS.get(model)
         if step is None or step.signature != cls._signature(model):

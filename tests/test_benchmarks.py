@@ -124,7 +124,7 @@ def test_decode_benchmark_sets_four_bit_decoding_beside_dense(smollm, tmp_path):
     assert main(["bench", "decode", "--model", str(folder), "--contexts", "300", "--new-tokens", "4",
                  "--rounds", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["four_bit_projections"] == 14
+    assert result["four_bit_projections"] == 15
     rows = result["results"][0]["strategies"]
     assert set(rows) == {"full", "full_dense", "recycled_stride", "recycled_dynamic", "streaming"}
     assert rows["full"]["speedup"] == 1 and rows["full_dense"]["ms_per_token"] > 0

@@ -1,11 +1,13 @@
-"""Four-bit copies of four-bit weights for decode steps: found exactly, read correctly, used only where valid."""
+"""Four-bit copies of four- and eight-bit weights for decode steps: found exactly, read correctly, used only where
+valid."""
 
 import pytest
 import torch
 
 from blockrag.engine import BlockEngine, DecodeOptions, LoadedModel, load_model, model_fingerprint, start_decoding
-from blockrag.engine.fourbit import GROUP, dequantize, four_bit_weights, is_four_bit, quantize
-from blockrag.engine.transformer import (FOUR_BIT, KVCache, KVShape, Positions, forward, layer_projections, project,
+from blockrag.engine.fourbit import (GROUP, dequantize, four_bit_weights, is_eight_bit, is_four_bit, quantize,
+                                    quantize_eight_bit)
+from blockrag.engine.transformer import (FOUR_BIT, KVCache, KVShape, Positions, forward, decode_projections, project,
                                          use_four_bit)
 from blockrag.errors import InvalidArgumentError
 from tiny_models import on_grid, tiny_model
@@ -21,6 +23,15 @@ def grid_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return (q * scale + minimum).flatten(1)
 
 
+def eight_bit_grid_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """An fp32 weight that is eight-bit already: each group of GROUP inputs is ``scale * q``, Q8_0's rule."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (rows, cols // GROUP, GROUP), generator=g).float()
+    q[..., 0] = 127 * torch.where(torch.rand(rows, cols // GROUP, generator=g) < 0.5, -1, 1)  # the largest is +-127
+    scale = (torch.rand(rows, cols // GROUP, 1, generator=g) * 0.002 + 0.0001).half().float()  # fp16, as Q8_0 has
+    return (q * scale).flatten(1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_four_bit_weights_are_recognised_and_others_are_not(dtype):
     weight = grid_weight(64, 128).to(dtype)
@@ -33,6 +44,30 @@ def test_four_bit_weights_are_recognised_and_others_are_not(dtype):
     assert not is_four_bit(dense, *quantize(dense))
     assert four_bit_weights(dense, exact_only=True) is None
     assert four_bit_weights(dense, exact_only=False) is not None  # '4bit': quantized anyway
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eight_bit_weights_are_recognised_and_read_as_two_four_bit_halves(dtype):
+    weight = eight_bit_grid_weight(64, 128).to(dtype)
+    q, scale = quantize_eight_bit(weight)
+    assert is_eight_bit(weight, q, scale) and not is_four_bit(weight, *quantize(weight))
+    if dtype == torch.float32:  # the grid's own values come back exactly
+        assert torch.equal((q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1), weight)
+    copy = four_bit_weights(weight, exact_only=True)
+    assert copy.eight_bit and copy.rows == 64
+    assert not four_bit_weights(grid_weight(64, 128).to(dtype), exact_only=True).eight_bit  # four-bit stays so
+    dense = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).to(dtype) * 0.05
+    assert not is_eight_bit(dense, *quantize_eight_bit(dense))
+    assert four_bit_weights(dense, exact_only=True) is None
+    row = torch.randn(128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out = copy.matvec(row)
+    assert out.dtype == dtype and out.shape == (64,)
+    # fp32: the same weights (the halves' scales are the scale times 16 or 1, zeros 0 or 8 times it: exact), summed
+    # in another order. bf16: the scale is rounded to bf16 (half an ulp, times up to 128 steps of q: half an ulp of
+    # the weight) and so is the output: within a few bf16 ulps of the sum of |terms|, as the four-bit product.
+    reference, magnitude = weight.double() @ row.double(), weight.double().abs() @ row.double().abs()
+    bound = (64 if dtype == torch.float32 else 8) * torch.finfo(dtype).eps * magnitude
+    assert ((out.double() - reference).abs() <= bound).all()
 
 
 def test_shapes_the_kernel_cannot_take_stay_dense():
@@ -57,9 +92,9 @@ def test_four_bit_product_is_the_grid_weights_product(dtype):
 
 def test_auto_packs_exactly_the_four_bit_projections():
     model = tiny_model("llama")
-    projections = layer_projections(model)
+    projections = decode_projections(model)
     assert use_four_bit(model, "auto") == 0  # random weights are not four-bit
-    assert use_four_bit(model, "4bit") == len(projections) == 14
+    assert use_four_bit(model, "4bit") == len(projections) == 15  # seven in each of two layers, and the LM head
     assert use_four_bit(model, "dense") == 0
     assert all(getattr(p, FOUR_BIT) is None for p in projections)
     on_grid(model)
@@ -68,19 +103,26 @@ def test_auto_packs_exactly_the_four_bit_projections():
         use_four_bit(model, "int4")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_decoding_from_four_bit_copies_matches_the_dense_weights(family):
-    """fp32 grid weights: the four-bit copies hold the very same weights, so logits agree to summation order and
-    greedy tokens are equal (Qwen2's biases are added after the four-bit product)."""
+@pytest.mark.parametrize("family,head", [("llama", "four-bit"), ("qwen2", "four-bit"), ("qwen3", "four-bit"),
+                                         ("llama", "eight-bit")])
+def test_decoding_from_four_bit_copies_matches_the_dense_weights(family, head):
+    """fp32 grid weights: the copies hold the very same weights, so logits agree to summation order and greedy
+    tokens are equal (Qwen2's biases are added after the four-bit product). The LM head is on the four-bit grid,
+    or on the eight-bit one, as the bundled model's is."""
     model = on_grid(tiny_model(family))
     with torch.no_grad():
-        for projection in layer_projections(model):
+        if head == "eight-bit":
+            q, scale = quantize_eight_bit(model.lm_head.weight)
+            model.lm_head.weight.copy_((q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1))
+        for projection in decode_projections(model):
             if projection.bias is not None:  # initialised to zero: make them count
                 projection.bias.normal_(0, 0.5)
     prompt = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(3))
     runs = []
     for decode_weights in ("dense", "auto"):
-        assert use_four_bit(model, decode_weights) == (0 if decode_weights == "dense" else 14)
+        assert use_four_bit(model, decode_weights) == (0 if decode_weights == "dense" else 15)
+        if decode_weights == "auto":
+            assert getattr(model.lm_head, FOUR_BIT).weights.eight_bit == (head == "eight-bit")
         with torch.inference_mode():
             cache = KVCache.empty(KVShape.of(model), 60)
             logits = forward(model, cache, prompt, Positions.span(0, 40))
@@ -100,7 +142,7 @@ def test_projections_of_one_input_share_a_copy_whose_rows_are_each_ones_own_prod
     """Query, key and value (and gate and up) are packed as one copy, read in one product by a decode step: each
     projection's rows of it must equal, to the bit, the product of a copy of its weight alone."""
     model = on_grid(tiny_model("qwen2")).to(dtype)
-    assert use_four_bit(model, "auto") == 14
+    assert use_four_bit(model, "auto") == 15
     x = torch.randn(64, generator=torch.Generator().manual_seed(4)).to(dtype)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -119,7 +161,7 @@ def test_a_projection_off_the_grid_leaves_the_others_of_its_input_their_own_copi
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
         attn.k_proj.weight.add_(torch.randn_like(attn.k_proj.weight) * 0.01)
-    assert use_four_bit(model, "auto") == 13
+    assert use_four_bit(model, "auto") == 14
     q, k, v = (getattr(p, FOUR_BIT, None) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     assert k is None and q.weights is not v.weights and q.weights.rows == attn.q_proj.out_features
 
@@ -144,12 +186,18 @@ def test_a_changed_weight_or_autograd_uses_the_dense_weight():
 
 
 def test_the_bundled_model_is_four_bit_and_decodes_from_its_copies(smollm, smollm_fp32):
-    """SmolLM2 ships as Q4_1: every layer projection re-quantizes exactly (fp32), and is found four-bit in bf16."""
+    """SmolLM2's layers ship as Q4_1 and its LM head (its embedding matrix) as Q8_0: every layer projection
+    re-quantizes exactly in fp32, and so does the head on the eight-bit grid; in bf16 all are found as they are."""
     for loaded in (smollm, smollm_fp32):
-        assert loaded.four_bit_projections == len(layer_projections(loaded.model)) == 210
-    for projection in layer_projections(smollm_fp32.model)[:14]:
+        assert loaded.four_bit_projections == len(decode_projections(loaded.model)) == 211
+        eight_bit = [getattr(p, FOUR_BIT).weights.eight_bit for p in decode_projections(loaded.model)]
+        assert eight_bit == [False] * 210 + [True]
+    for projection in decode_projections(smollm_fp32.model)[:14]:
         q, scale, minimum = quantize(projection.weight)
         assert torch.equal(dequantize(q, scale, minimum), projection.weight)
+    head = smollm_fp32.model.lm_head.weight
+    q, scale = quantize_eight_bit(head)
+    assert torch.equal((q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1), head)
     dense = load_model("smollm2-135m", dtype="float32", decode_weights="dense")
     assert dense.four_bit_projections == 0 and dense.fingerprint == smollm_fp32.fingerprint
     question = "Answer in a few words.\n\nQuestion: what is the capital of France?"

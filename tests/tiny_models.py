@@ -35,10 +35,10 @@ def tiny_model(family: str = "llama", rope: str = "default", attn: str = "eager"
 def on_grid(model):
     """``model`` with every layer projection's weight moved to its four-bit grid, as a Q4_1 checkpoint's are."""
     from blockrag.engine.fourbit import dequantize, quantize
-    from blockrag.engine.transformer import layer_projections
+    from blockrag.engine.transformer import decode_projections
 
     with torch.no_grad():
-        for projection in layer_projections(model):
+        for projection in decode_projections(model):
             projection.weight.copy_(dequantize(*quantize(projection.weight)))
     return model
 
