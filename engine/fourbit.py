@@ -120,6 +120,11 @@ def quantize_eight_bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.to(torch.int32).flatten(1), scale
 
 
+def dequantize_eight_bit(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights ``scale * q`` of :func:`quantize_eight_bit`'s output."""
+    return (q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1)
+
+
 def is_eight_bit(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether ``weight`` is its groups' ``scale * q`` to the rounding of its dtype.
 
@@ -129,8 +134,7 @@ def is_eight_bit(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     never eight-bit misses its grid by up to half a step whatever its size, so its small weights fail the bound.
     """
     eps, weight = torch.finfo(weight.dtype).eps, weight.detach().float()
-    error = ((q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1) - weight).abs()
-    return bool((error <= 2 * eps * weight.abs()).all())
+    return bool(((dequantize_eight_bit(q, scale) - weight).abs() <= 2 * eps * weight.abs()).all())
 
 
 def eight_bit_weights(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> FourBitWeights:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from blockrag.engine import BlockEngine, DecodeOptions, LoadedModel, load_model, model_fingerprint, start_decoding
-from blockrag.engine.fourbit import (GROUP, dequantize, four_bit_weights, is_eight_bit, is_four_bit, quantize,
-                                    quantize_eight_bit)
+from blockrag.engine.fourbit import (GROUP, dequantize, dequantize_eight_bit, four_bit_weights, is_eight_bit,
+                                    is_four_bit, quantize, quantize_eight_bit)
 from blockrag.engine.transformer import (FOUR_BIT, KVCache, KVShape, Positions, forward, decode_projections, project,
                                          use_four_bit)
 from blockrag.errors import InvalidArgumentError
@@ -52,7 +52,7 @@ def test_eight_bit_weights_are_recognised_and_read_as_two_four_bit_halves(dtype)
     q, scale = quantize_eight_bit(weight)
     assert is_eight_bit(weight, q, scale) and not is_four_bit(weight, *quantize(weight))
     if dtype == torch.float32:  # the grid's own values come back exactly
-        assert torch.equal((q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1), weight)
+        assert torch.equal(dequantize_eight_bit(q, scale), weight)
     copy = four_bit_weights(weight, exact_only=True)
     assert copy.eight_bit and copy.rows == 64
     assert not four_bit_weights(grid_weight(64, 128).to(dtype), exact_only=True).eight_bit  # four-bit stays so
@@ -113,7 +113,7 @@ def test_decoding_from_four_bit_copies_matches_the_dense_weights(family, head):
     with torch.no_grad():
         if head == "eight-bit":
             q, scale = quantize_eight_bit(model.lm_head.weight)
-            model.lm_head.weight.copy_((q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1))
+            model.lm_head.weight.copy_(dequantize_eight_bit(q, scale))
         for projection in decode_projections(model):
             if projection.bias is not None:  # initialised to zero: make them count
                 projection.bias.normal_(0, 0.5)
@@ -197,7 +197,7 @@ def test_the_bundled_model_is_four_bit_and_decodes_from_its_copies(smollm, smoll
         assert torch.equal(dequantize(q, scale, minimum), projection.weight)
     head = smollm_fp32.model.lm_head.weight
     q, scale = quantize_eight_bit(head)
-    assert torch.equal((q.unflatten(1, (-1, GROUP)) * scale[..., None]).flatten(1), head)
+    assert torch.equal(dequantize_eight_bit(q, scale), head)
     dense = load_model("smollm2-135m", dtype="float32", decode_weights="dense")
     assert dense.four_bit_projections == 0 and dense.fingerprint == smollm_fp32.fingerprint
     question = "Answer in a few words.\n\nQuestion: what is the capital of France?"

@@ -33,7 +33,8 @@ def tiny_model(family: str = "llama", rope: str = "default", attn: str = "eager"
 
 
 def on_grid(model):
-    """``model`` with every layer projection's weight moved to its four-bit grid, as a Q4_1 checkpoint's are."""
+    """``model`` with every projection's weight (the layers' and the LM head) moved to its four-bit grid, as a Q4_1
+    checkpoint's layers are."""
     from blockrag.engine.fourbit import dequantize, quantize
     from blockrag.engine.transformer import decode_projections
 
