@@ -8,7 +8,7 @@ quarter of the bytes of bf16 ones. Its embedding matrix, which is also its LM he
 with ``q`` in -127..127. Such a weight is held as two four-bit halves side by side, its high and low
 nibbles, read by one product of the same kernel over the input taken twice: half the bytes of bf16.
 The dense weights stay for passes of many tokens, where a weight read serves every token and the
-matrix units pay.
+matrix units pay, and for one-token passes of models in any dtype but :data:`KERNEL_DTYPE`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,16 @@ from blockrag.errors import InvalidArgumentError
 GROUP = 32
 """Inputs per quantization group: Q4_0's and Q4_1's block size."""
 
+KERNEL_DTYPE = torch.bfloat16
+"""The one activation dtype for which torch's CPU four-bit kernel is vectorized. In fp32 and fp16 it runs a
+scalar loop, slower than the dense product, so ``auto`` makes copies for bf16 models only."""
+
 DecodeWeights = Literal["auto", "dense", "4bit"]
 DECODE_WEIGHTS: tuple[str, ...] = get_args(DecodeWeights)
-"""What one-token passes read: ``auto``, four-bit copies on CPU of the weights that are four- or eight-bit
-already (exact to the scales' rounding); ``dense``, the model's own; ``4bit``, four-bit copies of every weight
-that fits the kernel (lossy where a checkpoint is neither)."""
+"""What one-token passes read: ``auto``, for a bf16 model on CPU (:data:`KERNEL_DTYPE`), four-bit copies of the
+weights that are four- or eight-bit already (exact to the scales' rounding), and elsewhere the model's own;
+``dense``, the model's own; ``4bit``, four-bit copies of every weight that fits the kernel, in any dtype (lossy
+where a checkpoint is neither, and slower than dense outside :data:`KERNEL_DTYPE`)."""
 
 
 def check_decode_weights(value: str) -> None:

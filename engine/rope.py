@@ -103,20 +103,22 @@ def _rotate_into_eager(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
 # keys read from a store; torch caches the compiled code on disk between processes.
 _rotate_into: Callable[..., None] = _rotate_into_eager
 _compiled: Callable[..., None] | None = None
-_warmed: set[tuple[torch.dtype, str]] = set()
+_warmed: set[tuple[torch.dtype, str, int]] = set()  # compiled code is guarded on torch's thread count too
 
 
 def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
     """Compile the re-rotation for keys of ``dtype`` now, not inside a request; stay eager if it cannot be."""
     global _rotate_into, _compiled
-    if (dtype, str(device)) in _warmed:
+    kind = (dtype, str(device), torch.get_num_threads())
+    if kind in _warmed:
         return
     if _compiled is None:  # made here, not at import: importing the compiler is slow
         _compiled = torch.compile(_rotate_into_eager, dynamic=True)
     try:
         # Sizes all distinct, so that the compiled code assumes no two of them equal.
         layers, heads, tokens, dim = 2, 3, 5, 14  # the angles are [tokens, dim / 2]: 7, also distinct
-        stored = torch.zeros(layers, heads, tokens, dim, dtype=dtype, device=device)  # a block read from a store
+        with torch.inference_mode(False):  # a block read from a store, even where the caller is in inference mode
+            stored = torch.zeros(layers, heads, tokens, dim, dtype=dtype, device=device)
         with torch.inference_mode():  # as requests run: a block written into a cache's slots, as assembly does
             encoded = torch.zeros_like(stored)  # a block encoded in this process
             slots = torch.zeros(layers, 1, heads, 11, dim, dtype=dtype, device=device)[:, 0, :, 6:6 + tokens]
@@ -126,7 +128,7 @@ def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> Non
     except Exception as exc:  # no C++ compiler, say: correct, only slower
         log.warning("could not compile the key re-rotation (%s: %s); it stays eager", type(exc).__name__, exc)
         return
-    _warmed.add((dtype, str(device)))
+    _warmed.add(kind)
     _rotate_into = _compiled
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
@@ -202,8 +203,11 @@ def _one_openmp_thread() -> None:
     """Keep the writer's tensor ops (the store's dtype conversion) on the writer's own thread.
 
     OpenMP gives each calling thread a team of its own: at the default size, the writer's team
-    would spin on the cores the model's forward is using.
+    would spin on the cores the model's forward is using. torch sets a thread's team size on its first
+    parallel call there, to the process's count once ``torch.set_num_threads`` was called: that first call
+    (``get_num_threads``) goes before the limit, which it would otherwise undo.
     """
+    torch.get_num_threads()
     threadpool_limits(1, user_api="openmp")  # OpenMP limits apply to the calling thread only
 
 

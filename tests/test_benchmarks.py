@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from blockrag.cli import main
+from blockrag.engine import model as model_module
 from blockrag.benchmarks.decode import DATA
 from tiny_models import on_grid, tiny_model
 
@@ -114,7 +115,8 @@ def test_answer_benchmark_says_when_llama_cpp_cannot_load_the_file(tiny_folder, 
 
 
 @pytest.mark.skipif(not DATA.is_file(), reason=f"needs the project's shared data ({DATA})")
-def test_decode_benchmark_sets_four_bit_decoding_beside_dense(smollm, tmp_path):
+def test_decode_benchmark_sets_four_bit_decoding_beside_dense(smollm, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_module, "computes_bf16", lambda device: True)  # bf16, where 'auto' makes copies
     folder = tmp_path / "four-bit-model"
     model = on_grid(tiny_model("llama"))  # as a Q4_1 checkpoint: decode steps read four-bit copies
     model.config.max_position_embeddings = 2048

@@ -304,7 +304,8 @@ def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weigh
             if isinstance(module, torch.nn.Linear) and module.bias is not None:  # Qwen2's start at zero
                 module.bias.normal_(0, 0.5)
     model = (on_grid(model) if weights == "four_bit" else model).to(dtype)
-    assert use_four_bit(model, "auto") == (15 if weights == "four_bit" else 0)
+    four_bit = weights == "four_bit"  # '4bit': in fp32, 'auto' keeps the dense weights; on the grid both copy alike
+    assert use_four_bit(model, "4bit" if four_bit else "auto") == (15 if four_bit else 0)
     assert DecodeStep.of(model) is not None
     prompt, answer = random_ids(PROMPT, 5), random_ids(6, 6)
     decoding, stepped = teacher_forced(model, DecodeOptions("full"), prompt, answer)
@@ -315,7 +316,7 @@ def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weigh
 def test_the_decode_step_is_rebuilt_when_a_weight_changes_in_place():
     from tiny_models import on_grid, tiny_model as tiny_of_family
     model = on_grid(tiny_of_family("llama", attn="sdpa"))
-    use_four_bit(model, "auto")
+    use_four_bit(model, "4bit")
     step = DecodeStep.of(model)
     assert DecodeStep.of(model) is step
     with torch.no_grad():  # its four-bit copy is now stale: the step must read the dense weight

@@ -452,3 +452,25 @@ def test_the_warmed_rotation_serves_requests_without_compiling_again(tiny_engine
     encoded = writer.generate(None, writer.encode(passages), "Rivers?", max_new_tokens=2)
     assert stored.block_tokens > 0 and encoded.token_ids == stored.token_ids
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_a_rotation_warmed_inside_inference_mode_serves_stored_keys_without_compiling(monkeypatch):
+    """A caller that loads its engine under inference mode (as a server's startup may) warms it there: the warm
+    must still compile the kind of keys a store returns, which are normal tensors, not inference ones."""
+    from torch._dynamo.utils import counters
+
+    from blockrag.engine import rope
+
+    monkeypatch.setattr(rope, "_warmed", set())  # fp16: a kind no other test warms
+    monkeypatch.setattr(rope, "_rotate_into", rope._rotate_into)
+    with torch.inference_mode():
+        rope.warm_rotation(torch.float16)
+    compiled = counters["stats"]["unique_graphs"]
+    stored = torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(8)).half()  # as a store reads it
+    move = rope.rerotation(torch.arange(9), torch.arange(4, 13), rotary_module(tiny_model("llama")))
+    with torch.inference_mode():
+        out = torch.zeros(2, 1, 2, 20, 16, dtype=torch.float16)[:, 0, :, 5:14]  # a block's slots in a request's cache
+        move(stored, out)
+    assert counters["stats"]["unique_graphs"] == compiled
+    # The eager pass's fp32 values, rounded once to fp16: compiled, they may differ by a rounding step of fp16.
+    torch.testing.assert_close(out, move(stored), rtol=torch.finfo(torch.float16).eps, atol=1e-7)

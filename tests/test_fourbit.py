@@ -90,15 +90,19 @@ def test_four_bit_product_is_the_grid_weights_product(dtype):
     assert ((out.double() - reference).abs() <= bound).all()
 
 
-def test_auto_packs_exactly_the_four_bit_projections():
-    model = tiny_model("llama")
+def test_auto_packs_exactly_the_four_bit_projections_of_a_bf16_model():
+    """``auto`` copies the weights on a grid, in bf16 only (the one dtype torch's kernel is vectorized for);
+    ``4bit`` copies every weight, in any dtype."""
+    model = tiny_model("llama").to(torch.bfloat16)
     projections = decode_projections(model)
     assert use_four_bit(model, "auto") == 0  # random weights are not four-bit
     assert use_four_bit(model, "4bit") == len(projections) == 15  # seven in each of two layers, and the LM head
     assert use_four_bit(model, "dense") == 0
     assert all(getattr(p, FOUR_BIT) is None for p in projections)
-    on_grid(model)
-    assert use_four_bit(model, "auto") == len(projections)
+    grid = on_grid(tiny_model("llama"))
+    assert use_four_bit(grid, "auto") == 0  # fp32: the kernel's scalar loop would be slower than the dense product
+    assert use_four_bit(grid, "4bit") == len(projections)
+    assert use_four_bit(grid.to(torch.bfloat16), "auto") == len(projections)
     with pytest.raises(InvalidArgumentError, match="decode_weights"):
         use_four_bit(model, "int4")
 
@@ -108,7 +112,8 @@ def test_auto_packs_exactly_the_four_bit_projections():
 def test_decoding_from_four_bit_copies_matches_the_dense_weights(family, head):
     """fp32 grid weights: the copies hold the very same weights, so logits agree to summation order and greedy
     tokens are equal (Qwen2's biases are added after the four-bit product). The LM head is on the four-bit grid,
-    or on the eight-bit one, as the bundled model's is."""
+    or on the eight-bit one, as the bundled model's is. ``4bit``, as ``auto`` keeps fp32 models dense: on grid
+    weights both make the same copies."""
     model = on_grid(tiny_model(family))
     with torch.no_grad():
         if head == "eight-bit":
@@ -119,9 +124,9 @@ def test_decoding_from_four_bit_copies_matches_the_dense_weights(family, head):
                 projection.bias.normal_(0, 0.5)
     prompt = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(3))
     runs = []
-    for decode_weights in ("dense", "auto"):
+    for decode_weights in ("dense", "4bit"):
         assert use_four_bit(model, decode_weights) == (0 if decode_weights == "dense" else 15)
-        if decode_weights == "auto":
+        if decode_weights == "4bit":
             assert getattr(model.lm_head, FOUR_BIT).weights.eight_bit == (head == "eight-bit")
         with torch.inference_mode():
             cache = KVCache.empty(KVShape.of(model), 60)
@@ -142,7 +147,7 @@ def test_projections_of_one_input_share_a_copy_whose_rows_are_each_ones_own_prod
     """Query, key and value (and gate and up) are packed as one copy, read in one product by a decode step: each
     projection's rows of it must equal, to the bit, the product of a copy of its weight alone."""
     model = on_grid(tiny_model("qwen2")).to(dtype)
-    assert use_four_bit(model, "auto") == 15
+    assert use_four_bit(model, "auto" if dtype == torch.bfloat16 else "4bit") == 15
     x = torch.randn(64, generator=torch.Generator().manual_seed(4)).to(dtype)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -157,7 +162,7 @@ def test_projections_of_one_input_share_a_copy_whose_rows_are_each_ones_own_prod
 
 
 def test_a_projection_off_the_grid_leaves_the_others_of_its_input_their_own_copies():
-    model = on_grid(tiny_model("llama"))
+    model = on_grid(tiny_model("llama")).to(torch.bfloat16)
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
         attn.k_proj.weight.add_(torch.randn_like(attn.k_proj.weight) * 0.01)
@@ -168,7 +173,7 @@ def test_a_projection_off_the_grid_leaves_the_others_of_its_input_their_own_copi
 
 def test_a_changed_weight_or_autograd_uses_the_dense_weight():
     model = on_grid(tiny_model("llama"))
-    use_four_bit(model, "auto")
+    use_four_bit(model, "4bit")
     projection = model.model.layers[0].self_attn.q_proj
     x = torch.randn(1, 1, 64)
     four_bit = getattr(projection, FOUR_BIT)
@@ -178,31 +183,34 @@ def test_a_changed_weight_or_autograd_uses_the_dense_weight():
         projection.weight.mul_(2)
     with torch.inference_mode():
         assert torch.equal(project(projection, x), torch.mv(projection.weight, x.reshape(-1)).view(1, 1, -1))
-    use_four_bit(model, "auto")
+    use_four_bit(model, "4bit")
     x.requires_grad_(True)
     out = project(projection, x)  # the kernel has no derivative: autograd takes the dense weight
     out.sum().backward()
     torch.testing.assert_close(x.grad.reshape(-1), projection.weight.sum(0))
 
 
-def test_the_bundled_model_is_four_bit_and_decodes_from_its_copies(smollm, smollm_fp32):
-    """SmolLM2's layers ship as Q4_1 and its LM head (its embedding matrix) as Q8_0: every layer projection
-    re-quantizes exactly in fp32, and so does the head on the eight-bit grid; in bf16 all are found as they are."""
-    for loaded in (smollm, smollm_fp32):
+def test_the_bundled_model_is_four_bit_and_decodes_from_its_copies(smollm_fp32):
+    """SmolLM2's layers ship as Q4_1 and its LM head (its embedding matrix) as Q8_0: in bf16 ``auto`` finds all of
+    them as they are; in fp32 it keeps the dense weights, and ``4bit`` re-quantizes every layer projection exactly,
+    and the head on the eight-bit grid, so that it answers as the dense weights do."""
+    bf16 = load_model("smollm2-135m", dtype="bfloat16")
+    four_bit = load_model("smollm2-135m", dtype="float32", decode_weights="4bit")
+    assert smollm_fp32.four_bit_projections == 0
+    for loaded in (bf16, four_bit):
         assert loaded.four_bit_projections == len(decode_projections(loaded.model)) == 211
         eight_bit = [getattr(p, FOUR_BIT).weights.eight_bit for p in decode_projections(loaded.model)]
         assert eight_bit == [False] * 210 + [True]
-    for projection in decode_projections(smollm_fp32.model)[:14]:
+    for projection in decode_projections(four_bit.model)[:14]:
         q, scale, minimum = quantize(projection.weight)
         assert torch.equal(dequantize(q, scale, minimum), projection.weight)
-    head = smollm_fp32.model.lm_head.weight
+    head = four_bit.model.lm_head.weight
     q, scale = quantize_eight_bit(head)
     assert torch.equal(dequantize_eight_bit(q, scale), head)
-    dense = load_model("smollm2-135m", dtype="float32", decode_weights="dense")
-    assert dense.four_bit_projections == 0 and dense.fingerprint == smollm_fp32.fingerprint
+    assert four_bit.fingerprint == smollm_fp32.fingerprint
     question = "Answer in a few words.\n\nQuestion: what is the capital of France?"
     answers = [BlockEngine(loaded).generate(None, [], question, max_new_tokens=24).text
-               for loaded in (smollm_fp32, dense)]
+               for loaded in (four_bit, smollm_fp32)]
     assert answers[0] == answers[1] and answers[0]
 
 
@@ -214,7 +222,7 @@ def test_load_model_refuses_unknown_decode_weights():
 def test_an_engine_over_a_four_bit_tiny_model_answers_as_the_dense_one(smollm):
     model = on_grid(tiny_model("llama"))
     texts = []
-    for decode_weights in ("dense", "auto"):
+    for decode_weights in ("dense", "4bit"):
         use_four_bit(model, decode_weights)
         engine = BlockEngine(LoadedModel(model, smollm.tokenizer, model_fingerprint(model, smollm.tokenizer)))
         texts.append(engine.generate(None, ["A passage about rivers."], "Which river?", max_new_tokens=12).text)

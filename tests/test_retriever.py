@@ -278,6 +278,9 @@ def test_kv_writes_run_on_one_openmp_thread_and_leave_the_callers_threads_alone(
     def openmp_threads() -> set[int]:
         return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "openmp"}
 
+    # As after a caller set torch's threads (a CLI's --threads): a new thread then takes that count on its first
+    # torch call, which must not undo the writer's limit.
+    torch.set_num_threads(torch.get_num_threads())
     caller = openmp_threads()
     if caller == {1}:
         pytest.skip("OpenMP runs one thread here already: the writer's limit cannot be told apart")
