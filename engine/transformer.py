@@ -517,9 +517,27 @@ def _matvec(layer: nn.Linear, four_bit_allowed: bool) -> Callable[[torch.Tensor]
     weight, bias = layer.weight, layer.bias
     if weight.dtype == torch.bfloat16:
         return lambda row: F.linear(row[None], weight, bias)[0]
+    parts = torch.get_num_threads()
+    if parts > 1 and weight.shape[0] % parts == 0 and weight.device.type == "cpu":
+        return _matvec_in_parts(weight, bias, parts)
     if bias is None:
         return functools.partial(torch.mv, weight)
     return functools.partial(torch.addmv, bias, weight)
+
+
+def _matvec_in_parts(weight: torch.Tensor, bias: torch.Tensor | None,
+                     parts: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``weight @ row (+ bias)`` as ``parts`` products of a block of rows each, one per thread.
+
+    On CPU the fp32 matrix-vector kernel reads the weight on one thread whatever torch's thread count, so a decode
+    step read its weights at one core's bandwidth; a batched one-row product of the row blocks shares them out. Each
+    output is the same dot product either way (a test holds the two equal to the bit on the machine it runs on).
+    """
+    blocks = weight.view(parts, weight.shape[0] // parts, weight.shape[1]).transpose(1, 2)
+    if bias is None:
+        return lambda row: torch.bmm(row.expand(parts, 1, -1), blocks).view(-1)
+    biases = bias.view(parts, 1, -1)
+    return lambda row: torch.baddbmm(biases, row.expand(parts, 1, -1), blocks).view(-1)
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -613,10 +631,10 @@ class DecodeStep:
 
     @staticmethod
     def _signature(model: PreTrainedModel) -> tuple:
-        """What the step depends on: the model's dtype and device, every projection, its weight's version (inference
-        tensors have none) and its four-bit copy."""
+        """What the step depends on: the model's dtype and device, torch's thread count (:func:`_matvec_in_parts`),
+        every projection, its weight's version (inference tensors have none) and its four-bit copy."""
         param = next(model.parameters())
-        return (param.dtype, param.device, *(
+        return (param.dtype, param.device, torch.get_num_threads(), *(
             (id(p), None if p.weight.is_inference() else p.weight._version, id(getattr(p, FOUR_BIT, None)))
             for p in decode_projections(model)))
 

@@ -329,6 +329,49 @@ def test_the_decode_step_is_rebuilt_when_a_weight_changes_in_place():
     assert DecodeStep.of(model) is not step
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_an_fp32_projection_is_read_in_one_block_of_rows_per_thread(threads, bias):
+    """On more than one thread an fp32 one-token product runs as one batched product over blocks of rows (the
+    matrix-vector kernel reads on one thread only); it must compute the matrix-vector product's dot products."""
+    from blockrag.engine.transformer import _matvec
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 48, bias=bias)  # 48 rows: 2 and 3 divide them; 5 does not
+    x = torch.randn(1, 1, 96)
+    reference = (torch.addmv(layer.bias, layer.weight, x.view(-1)) if bias else torch.mv(layer.weight, x.view(-1)))
+    # Any order of summing 96 products is within 96 * eps of their absolute sum (Higham, Accuracy and Stability,
+    # 3.1); rows taken from the wrong block would be off by far more.
+    bound = 96 * torch.finfo(torch.float32).eps * ((layer.weight * x.view(-1)).abs().sum(1) + (layer.bias.abs() if bias
+                                                                                             else 0))
+    before = torch.get_num_threads()
+    try:
+        for count in (threads, 5):
+            torch.set_num_threads(count)
+            with torch.inference_mode():
+                out = project(layer, x).view(-1)
+            assert torch.all((out - reference).abs() <= bound)
+            blocks = count == threads  # batched where the thread count divides the rows, torch.mv's kernel else
+            assert ("_matvec_in_parts" in getattr(_matvec(layer, True), "__qualname__", "")) == blocks
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_decode_step_is_rebuilt_when_the_thread_count_changes():
+    from tiny_models import tiny_model as tiny_of_family
+    model = tiny_of_family("llama", attn="sdpa")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        step = DecodeStep.of(model)
+        torch.set_num_threads(1)  # its products were split for two threads: a new step reads them on one
+        assert DecodeStep.of(model) is not step
+        prompt, answer = random_ids(PROMPT, 5), random_ids(4, 6)
+        assert_same_logits(teacher_forced(model, DecodeOptions("full"), prompt, answer)[1],
+                           step_logits(model, prompt, answer))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_models_decode_step_does_not_keep_the_model_alive():
     import gc
     import weakref
