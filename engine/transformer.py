@@ -506,8 +506,9 @@ def dense_weights(model: PreTrainedModel) -> Iterator[None]:
 def _matvec(layer: nn.Linear, four_bit_allowed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """``layer`` applied to a vector ``[in]``: from its four-bit copy where it has a current one and
     ``four_bit_allowed``, else as a product with its dense weight: in bf16 as a one-row matrix product,
-    whose kernel reads bf16 weights faster than the matrix-vector kernel does, and otherwise as the
-    matrix-vector product, which reads fp32 weights faster."""
+    whose kernel reads bf16 weights faster than the matrix-vector kernel does; in fp32 on CPU on several threads
+    as one block of rows per thread (:func:`_matvec_in_parts`) where their count divides the rows; otherwise as the
+    matrix-vector product, which reads fp32 weights faster than the one-row matrix product does."""
     four_bit: FourBitRows | None = getattr(layer, FOUR_BIT, None)
     if four_bit is not None and four_bit.version == layer.weight._version and four_bit_allowed:
         if layer.bias is None:
@@ -518,7 +519,7 @@ def _matvec(layer: nn.Linear, four_bit_allowed: bool) -> Callable[[torch.Tensor]
     if weight.dtype == torch.bfloat16:
         return lambda row: F.linear(row[None], weight, bias)[0]
     parts = torch.get_num_threads()
-    if parts > 1 and weight.shape[0] % parts == 0 and weight.device.type == "cpu":
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and parts > 1 and weight.shape[0] % parts == 0:
         return _matvec_in_parts(weight, bias, parts)
     if bias is None:
         return functools.partial(torch.mv, weight)
@@ -531,7 +532,7 @@ def _matvec_in_parts(weight: torch.Tensor, bias: torch.Tensor | None,
 
     On CPU the fp32 matrix-vector kernel reads the weight on one thread whatever torch's thread count, so a decode
     step read its weights at one core's bandwidth; a batched one-row product of the row blocks shares them out. Each
-    output is the same dot product either way (a test holds the two equal to the bit on the machine it runs on).
+    output is a dot product of the same terms (a test holds it within fp32's reordering bound of the other kernel's).
     """
     blocks = weight.view(parts, weight.shape[0] // parts, weight.shape[1]).transpose(1, 2)
     if bias is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -343,31 +344,33 @@ def test_an_fp32_projection_is_read_in_one_block_of_rows_per_thread(threads, bia
     # 3.1); rows taken from the wrong block would be off by far more.
     bound = 96 * torch.finfo(torch.float32).eps * ((layer.weight * x.view(-1)).abs().sum(1) + (layer.bias.abs() if bias
                                                                                              else 0))
-    before = torch.get_num_threads()
-    try:
-        for count in (threads, 5):
-            torch.set_num_threads(count)
-            with torch.inference_mode():
-                out = project(layer, x).view(-1)
-            assert torch.all((out - reference).abs() <= bound)
-            blocks = count == threads  # batched where the thread count divides the rows, torch.mv's kernel else
-            assert ("_matvec_in_parts" in getattr(_matvec(layer, True), "__qualname__", "")) == blocks
-    finally:
-        torch.set_num_threads(before)
+    for count in (threads, 5):
+        with torch_threads(count), torch.inference_mode():
+            out = project(layer, x).view(-1)
+            split = "_matvec_in_parts" in getattr(_matvec(layer, True), "__qualname__", "")
+        assert torch.all((out - reference).abs() <= bound)
+        assert split == (count == threads)  # batched where the thread count divides the rows, torch.mv's kernel else
 
 
 def test_the_decode_step_is_rebuilt_when_the_thread_count_changes():
     from tiny_models import tiny_model as tiny_of_family
     model = tiny_of_family("llama", attn="sdpa")
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         step = DecodeStep.of(model)
-        torch.set_num_threads(1)  # its products were split for two threads: a new step reads them on one
+    with torch_threads(1):  # its products were split for two threads: a new step reads them on one
         assert DecodeStep.of(model) is not step
         prompt, answer = random_ids(PROMPT, 5), random_ids(4, 6)
         assert_same_logits(teacher_forced(model, DecodeOptions("full"), prompt, answer)[1],
                            step_logits(model, prompt, answer))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's thread count set to ``count`` inside, and back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
     finally:
         torch.set_num_threads(before)
 
