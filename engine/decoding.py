@@ -170,14 +170,29 @@ def gather(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) ->
     """Keys and values ``[1, kv_heads, slots, head_dim]`` at ``positions`` ``[kv_heads, k]`` (per head), as
     ``[1, kv_heads, k, head_dim]``.
 
-    One ``index_select`` over rows of the flattened storage: several times faster on CPU than
-    ``torch.gather`` with an index expanded over the head dimension.
+    One ``index_select`` over the rows of their storage: several times faster on CPU than ``torch.gather`` with an
+    index expanded over the head dimension. The rows are indexed where they lie, as a cache layer's view holds them
+    (``slots`` filled of each head's capacity), so the filled slots are not first copied out to flatten them.
     """
     _, heads, slots, dim = keys.shape
-    rows = (positions + torch.arange(heads, device=positions.device)[:, None] * slots).flatten()
+    rows_per_head = _rows_per_head(keys)
+    if rows_per_head is None or _rows_per_head(values) != rows_per_head:
+        keys, values = keys.contiguous(), values.contiguous()
+        rows_per_head = slots
+    rows = (positions + torch.arange(heads, device=positions.device)[:, None] * rows_per_head).flatten()
     shape = (1, heads, positions.shape[1], dim)
-    return (keys.reshape(-1, dim).index_select(0, rows).view(shape),
-            values.reshape(-1, dim).index_select(0, rows).view(shape))
+    storage_rows = ((heads - 1) * rows_per_head + slots, dim)
+    return (keys.as_strided(storage_rows, (dim, 1)).index_select(0, rows).view(shape),
+            values.as_strided(storage_rows, (dim, 1)).index_select(0, rows).view(shape))
+
+
+def _rows_per_head(kv: torch.Tensor) -> int | None:
+    """How many rows of ``head_dim`` lie between the heads of ``kv`` ``[1, kv_heads, slots, head_dim]``, or ``None``
+    where its rows are not evenly laid out (each one contiguous, the heads a whole number of rows apart)."""
+    dim = kv.shape[3]
+    if kv.stride(3) != 1 or kv.stride(2) != dim or kv.stride(1) % dim:
+        return None
+    return kv.stride(1) // dim
 
 
 class PartialDecoding(Decoding):
