@@ -159,40 +159,27 @@ class _KVBuffer:
         self.length = end
 
     def write(self, at: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        end = at + keys.shape[2]
+        self._check_room(at + keys.shape[2])
+        self._keys[:, :, at:at + keys.shape[2]] = keys
+        self._values[:, :, at:at + keys.shape[2]] = values
+
+    def select(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Hold only the keys and values ``[1, kv_heads, slots, head_dim]`` at each head's ``positions``
+        ``[kv_heads, k]``, in that order.
+
+        Each head's rows are selected straight into this buffer's storage, from wherever ``keys`` lies (a cache
+        layer's view, say): nothing else of them is copied, and nothing is allocated.
+        """
+        count = positions.shape[1]
+        self._check_room(count)
+        for head in range(positions.shape[0]):
+            torch.index_select(keys[0, head], 0, positions[head], out=self._keys[0, head, :count])
+            torch.index_select(values[0, head], 0, positions[head], out=self._values[0, head, :count])
+        self.length = count
+
+    def _check_room(self, end: int) -> None:
         if end > self._keys.shape[2]:
             raise CacheFullError(f"KV buffer of {self._keys.shape[2]} tokens cannot hold token {end}")
-        self._keys[:, :, at:end] = keys
-        self._values[:, :, at:end] = values
-
-
-def gather(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[1, kv_heads, slots, head_dim]`` at ``positions`` ``[kv_heads, k]`` (per head), as
-    ``[1, kv_heads, k, head_dim]``.
-
-    One ``index_select`` over the rows of their storage: several times faster on CPU than ``torch.gather`` with an
-    index expanded over the head dimension. The rows are indexed where they lie, as a cache layer's view holds them
-    (``slots`` filled of each head's capacity), so the filled slots are not first copied out to flatten them.
-    """
-    _, heads, slots, dim = keys.shape
-    rows_per_head = _rows_per_head(keys)
-    if rows_per_head is None or _rows_per_head(values) != rows_per_head:
-        keys, values = keys.contiguous(), values.contiguous()
-        rows_per_head = slots
-    rows = (positions + torch.arange(heads, device=positions.device)[:, None] * rows_per_head).flatten()
-    shape = (1, heads, positions.shape[1], dim)
-    storage_rows = ((heads - 1) * rows_per_head + slots, dim)
-    return (keys.as_strided(storage_rows, (dim, 1)).index_select(0, rows).view(shape),
-            values.as_strided(storage_rows, (dim, 1)).index_select(0, rows).view(shape))
-
-
-def _rows_per_head(kv: torch.Tensor) -> int | None:
-    """How many rows of ``head_dim`` lie between the heads of ``kv`` ``[1, kv_heads, slots, head_dim]``, or ``None``
-    where its rows are not evenly laid out (each one contiguous, the heads a whole number of rows apart)."""
-    dim = kv.shape[3]
-    if kv.stride(3) != 1 or kv.stride(2) != dim or kv.stride(1) % dim:
-        return None
-    return kv.stride(1) // dim
 
 
 class PartialDecoding(Decoding):
@@ -306,7 +293,7 @@ class _RecycledLayer:
             scores[:, :sinks] = math.inf  # kept whatever they score, as many as K holds
             scores[:, self.prompt - tail:self.prompt] = math.inf
             self.selected = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
-            self.recycled.replace(*gather(keys, values, self.selected))
+            self.recycled.select(keys, values, self.selected)
             return out
         self.recycled.append(key, value)
         return attend(query, self.recycled.keys, self.recycled.values, scaling)

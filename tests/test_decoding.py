@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from blockrag.engine import (BlockEngine, DecodeOptions, FixedStride, FullDecoding, LoadedModel, QuerySimilarity,
                              Recovery, RecycledDecoding, StreamingDecoding, load_model, model_fingerprint,
                              start_decoding)
-from blockrag.engine.decoding import gather
 from blockrag.engine.transformer import DecodeStep, KVCache, Positions, empty_cache, forward, project, use_four_bit
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -140,29 +139,11 @@ def test_recycle_set_is_the_top_k_of_eager_attention_scores(family, kernel, sink
             # The rest a valid top-K: every chosen score at least every other one. Tolerance: the engine's scores
             # come from cached keys and a single-query softmax, the reference from one eager forward (float32).
             assert scores[head][chosen & ~kept].min() >= scores[head][~chosen].max() - 1e-6, (layer, head)
-        # The partial cache holds exactly the keys of the recycle set, then the token decoded since none.
-        full, recycled = decoding.cache.layer(layer)[0], decoding.layers[layer].recycled
-        expected = torch.stack([full[0, h, selected[h]] for h in range(heads)]).unsqueeze(0)
-        assert torch.equal(recycled.keys, expected)
-
-
-@pytest.mark.parametrize("layout", ["cache-view", "contiguous", "heads-last", "values-apart"])
-def test_gather_takes_each_heads_positions_from_any_layout(layout):
-    heads, filled, dim = 3, 11, 4
-    storage = torch.randn(2, 1, heads, filled + 5, dim)  # keys and values with room for five more positions
-    keys, values = storage[0][:, :, :filled], storage[1][:, :, :filled]
-    if layout == "contiguous":
-        keys, values = keys.contiguous(), values.contiguous()
-    elif layout == "heads-last":  # rows not contiguous: gather copies them first
-        keys = keys.transpose(1, 3).contiguous().transpose(1, 3)
-        values = values.transpose(1, 3).contiguous().transpose(1, 3)
-    elif layout == "values-apart":  # values laid out unlike keys
-        values = values.contiguous()
-    positions = torch.tensor([[0, 4, 10], [1, 2, 3], [5, 9, 10]])
-    gathered_keys, gathered_values = gather(keys, values, positions)
-    for got, source in ((gathered_keys, keys), (gathered_values, values)):
-        assert got.shape == (1, heads, 3, dim)
-        assert torch.equal(got, torch.stack([source[0, h, positions[h]] for h in range(heads)]).unsqueeze(0))
+        # The partial cache holds exactly the keys and values of the recycle set, then the token decoded since none.
+        recycled = decoding.layers[layer].recycled
+        for held, full in zip((recycled.keys, recycled.values), decoding.cache.layer(layer)):
+            expected = torch.stack([full[0, h, selected[h]] for h in range(heads)]).unsqueeze(0)
+            assert torch.equal(held, expected)
 
 
 def test_query_similarity_schedule_refreshes_on_drift_only():
