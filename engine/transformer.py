@@ -131,7 +131,8 @@ class KVCache:
         self.stacked = stacked
         """``[layers, batch, kv_heads, capacity, head_dim]`` keys and values the layers are views of, if any."""
         self.memory: torch.Tensor | None = None
-        """The flat tensor ``stacked`` is carved from, which :meth:`CacheMemory.give_back` takes back."""
+        """The flat tensor ``stacked`` is carved from the start of, whole, which :meth:`CacheMemory.give_back` takes
+        back."""
 
     @classmethod
     def empty(cls, shape: KVShape, capacity: int, batch: int = 1, memory: "CacheMemory | None" = None) -> "KVCache":
@@ -141,11 +142,11 @@ class KVCache:
             new = [torch.empty(size, dtype=shape.dtype, device=shape.device) for _ in range(2 * shape.layers)]
             return cls(new[: shape.layers], new[shape.layers:])
         half = shape.layers * math.prod(size)
-        flat = memory.take(2 * half, shape.dtype, shape.device) if memory is not None else \
+        whole = memory.take(2 * half, shape.dtype, shape.device) if memory is not None else \
             torch.empty(2 * half, dtype=shape.dtype, device=shape.device)
-        keys, values = flat[:half].view(shape.layers, *size), flat[half:2 * half].view(shape.layers, *size)
+        keys, values = whole[:half].view(shape.layers, *size), whole[half:2 * half].view(shape.layers, *size)
         cache = cls(list(keys), list(values), stacked=(keys, values))
-        cache.memory = flat
+        cache.memory = whole
         return cache
 
     @property
@@ -210,21 +211,22 @@ class CacheMemory:
         self._lock = threading.Lock()
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A flat tensor of at least ``numel`` elements: the smallest kept one that fits, else a new one."""
+        """A flat tensor of at least ``numel`` elements, to carve a cache from its start: the smallest kept one that
+        fits, whole (so that a short request hands back all the memory a long one left), else a new one."""
         with self._lock:
             fits = [i for i, t in enumerate(self._free) if t.numel() >= numel and t.dtype == dtype and t.device == device]
             if fits:
-                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))[:numel]
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         return torch.empty(numel, dtype=dtype, device=device)
 
     def give_back(self, cache: KVCache) -> None:
         """Keep ``cache``'s memory for later caches; ``cache`` must not be used afterwards."""
-        flat, cache.memory, cache.stacked = cache.memory, None, None
+        whole, cache.memory, cache.stacked = cache.memory, None, None
         cache.keys, cache.values = [], []
-        if flat is None or flat.device.type != "cpu":
+        if whole is None or whole.device.type != "cpu":
             return
         with self._lock:
-            self._free.append(flat._base if flat._base is not None else flat)
+            self._free.append(whole)
             self._free.sort(key=lambda t: -t.numel())
             del self._free[self.keep:]
 

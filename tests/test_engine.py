@@ -407,6 +407,11 @@ def test_a_finished_requests_cache_memory_serves_the_next_request_and_leaks_noth
     with torch.inference_mode():  # as requests run
         prefill = tiny_engine.prefill(None, passages[:1], "Short?", max_new_tokens=6)
     assert prefill.cache.memory.data_ptr() == kept.data_ptr()  # carved from the kept memory
+    memory.give_back(prefill.cache)
+    short = tiny_engine.generate(None, [], "Short?", max_new_tokens=6)  # a request with a far smaller cache
+    # ... hands all of it back, for the next long request: not just the part it used
+    assert len(memory._free) == 1 and memory._free[0].numel() == kept.numel()
+    assert memory._free[0].data_ptr() == kept.data_ptr() and len(short.token_ids) == 6
     memory._free.clear()
     # a shorter request over memory that held a longer one's KV answers as it does over fresh memory
     memory._free.append(torch.full_like(kept, float("nan")))
