@@ -131,8 +131,8 @@ class KVCache:
         self.stacked = stacked
         """``[layers, batch, kv_heads, capacity, head_dim]`` keys and values the layers are views of, if any."""
         self.memory: torch.Tensor | None = None
-        """The flat tensor ``stacked`` is carved from the start of, whole, which :meth:`CacheMemory.give_back` takes
-        back."""
+        """The flat tensor ``stacked`` is carved from (from its start; it may be larger), which
+        :meth:`CacheMemory.give_back` takes back whole."""
 
     @classmethod
     def empty(cls, shape: KVShape, capacity: int, batch: int = 1, memory: "CacheMemory | None" = None) -> "KVCache":
