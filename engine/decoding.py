@@ -159,9 +159,10 @@ class _KVBuffer:
         self.length = end
 
     def write(self, at: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self._check_room(at + keys.shape[2])
-        self._keys[:, :, at:at + keys.shape[2]] = keys
-        self._values[:, :, at:at + keys.shape[2]] = values
+        end = at + keys.shape[2]
+        self._check_room(end)
+        self._keys[:, :, at:end] = keys
+        self._values[:, :, at:end] = values
 
     def select(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Hold only the keys and values ``[1, kv_heads, slots, head_dim]`` at each head's ``positions``
