@@ -7,8 +7,12 @@ row, every weight is ``scale * q + minimum`` with ``q`` in 0..15. Such a group r
 quarter of the bytes of bf16 ones. Its embedding matrix, which is also its LM head, is Q8_0: ``scale * q``
 with ``q`` in -127..127. Such a weight is held as two four-bit halves side by side, its high and low
 nibbles, read by one product of the same kernel over the input taken twice: half the bytes of bf16.
+The kernel is vectorized for bf16 activations only (in fp32 and fp16 it runs a scalar loop, slower than
+the dense product), so a copy always reads its input rounded to bf16, whatever the model's dtype, with
+its scales in bf16, and hands its output back in the input's dtype: in an fp32 model, the precision of a
+bf16 model's products, at a quarter of the bytes of its fp32 weights.
 The dense weights stay for passes of many tokens, where a weight read serves every token and the
-matrix units pay, and for one-token passes of models in any dtype but :data:`KERNEL_DTYPE`.
+matrix units pay.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ GROUP = 32
 """Inputs per quantization group: Q4_0's and Q4_1's block size."""
 
 KERNEL_DTYPE = torch.bfloat16
-"""The one activation dtype for which torch's CPU four-bit kernel is vectorized. In fp32 and fp16 it runs a
-scalar loop, slower than the dense product, so ``auto`` makes copies for bf16 models only."""
+"""The one activation dtype for which torch's CPU four-bit kernel is vectorized: copies hold their scales in it and
+read their input rounded to it."""
 
 DecodeWeights = Literal["auto", "dense", "4bit"]
 DECODE_WEIGHTS: tuple[str, ...] = get_args(DecodeWeights)
-"""What one-token passes read: ``auto``, for a bf16 model on CPU (:data:`KERNEL_DTYPE`), four-bit copies of the
-weights that are four- or eight-bit already (exact to the scales' rounding), and elsewhere the model's own;
-``dense``, the model's own; ``4bit``, four-bit copies of every weight that fits the kernel, in any dtype (lossy
-where a checkpoint is neither, and slower than dense outside :data:`KERNEL_DTYPE`)."""
+"""What one-token passes read: ``auto``, for a model on CPU, four-bit copies of the weights that are four- or
+eight-bit already (the same weights, to the bf16 rounding of their scales; products over bf16-rounded inputs), and
+elsewhere the model's own; ``dense``, the model's own; ``4bit``, four-bit copies of every weight that fits the
+kernel (lossy where a checkpoint is neither)."""
 
 
 def check_decode_weights(value: str) -> None:
@@ -47,7 +51,7 @@ class FourBitWeights:
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
-    """``[inputs / GROUP, out, 2]`` in the activations' dtype: a weight is ``(q - 8) * scale + zero``."""
+    """``[inputs / GROUP, out, 2]`` in :data:`KERNEL_DTYPE`: a weight is ``(q - 8) * scale + zero``."""
     eight_bit: bool = False
     """Whether the packed weight is an eight-bit one's high and low halves side by side (:func:`eight_bit_weights`),
     whose product takes the input twice."""
@@ -57,10 +61,12 @@ class FourBitWeights:
         return self.scales_and_zeros.shape[1]
 
     def matvec(self, row: torch.Tensor) -> torch.Tensor:
-        """The weight times the vector ``row`` ``[in]``, as ``[out]``."""
-        row = torch.cat((row, row)) if self.eight_bit else row
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(row.view(1, -1), self.packed, GROUP,
-                                                          self.scales_and_zeros).view(-1)
+        """The weight times the vector ``row`` ``[in]``, as ``[out]`` in ``row``'s dtype (computed over ``row``
+        rounded to :data:`KERNEL_DTYPE`)."""
+        x = row.to(KERNEL_DTYPE)
+        x = torch.cat((x, x)) if self.eight_bit else x
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), self.packed, GROUP, self.scales_and_zeros)
+        return out.view(-1).to(row.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,16 +148,16 @@ def is_eight_bit(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     return bool(((dequantize_eight_bit(q, scale) - weight).abs() <= 2 * eps * weight.abs()).all())
 
 
-def eight_bit_weights(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> FourBitWeights:
+def eight_bit_weights(q: torch.Tensor, scale: torch.Tensor) -> FourBitWeights:
     """The weights ``scale * q`` (:func:`quantize_eight_bit`) as two four-bit halves: with ``q + 128 = 16 * high +
     low``, a weight is ``16 * scale * (high - 8) + scale * low``, the high half's scale ``16 * scale`` with zero
     0 and the low half's ``scale`` with zero ``8 * scale``. Both are the scale times a power of two, as exact in
-    ``dtype`` as the scale is."""
+    :data:`KERNEL_DTYPE` as the scale is."""
     biased = q + 128
     halves = torch.cat((biased // 16, biased % 16), dim=1).to(torch.int32)
     high = torch.stack([16 * scale, torch.zeros_like(scale)], dim=-1)
     low = torch.stack([scale, 8 * scale], dim=-1)
-    scales_and_zeros = torch.cat((high, low), dim=1).transpose(0, 1).contiguous().to(dtype)
+    scales_and_zeros = torch.cat((high, low), dim=1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
     return FourBitWeights(torch.ops.aten._convert_weight_to_int4pack_for_cpu(halves, 2), scales_and_zeros, True)
 
 
@@ -165,9 +171,9 @@ def four_bit_weights(weight: torch.Tensor, *, exact_only: bool) -> FourBitWeight
     if not is_four_bit(weight, q, scale, minimum):
         q8, scale8 = quantize_eight_bit(weight)
         if is_eight_bit(weight, q8, scale8):
-            return eight_bit_weights(q8, scale8, weight.dtype)
+            return eight_bit_weights(q8, scale8)
         if exact_only:
             return None
     scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    return FourBitWeights(packed, scales_and_zeros.to(weight.dtype))
+    return FourBitWeights(packed, scales_and_zeros.to(KERNEL_DTYPE))

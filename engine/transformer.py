@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockrag.errors import InvalidArgumentError, UnsupportedModelError
-from .fourbit import KERNEL_DTYPE, DecodeWeights, FourBitRows, check_decode_weights, four_bit_weights
+from .fourbit import DecodeWeights, FourBitRows, check_decode_weights, four_bit_weights
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
@@ -465,7 +465,7 @@ def use_four_bit(model: PreTrainedModel, decode_weights: DecodeWeights) -> int:
                                    "use 'auto' or 'dense'.")
     for projection in decode_projections(model):
         setattr(projection, FOUR_BIT, None)
-    if decode_weights == "dense" or (decode_weights == "auto" and param.dtype != KERNEL_DTYPE):
+    if decode_weights == "dense" or (decode_weights == "auto" and param.device.type != "cpu"):
         return 0
     for group in projection_groups(model):
         plain = [p for p in group if type(p) is nn.Linear]

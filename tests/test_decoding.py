@@ -306,8 +306,7 @@ def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weigh
             if isinstance(module, torch.nn.Linear) and module.bias is not None:  # Qwen2's start at zero
                 module.bias.normal_(0, 0.5)
     model = (on_grid(model) if weights == "four_bit" else model).to(dtype)
-    four_bit = weights == "four_bit"  # '4bit': in fp32, 'auto' keeps the dense weights; on the grid both copy alike
-    assert use_four_bit(model, "4bit" if four_bit else "auto") == (15 if four_bit else 0)
+    assert use_four_bit(model, "auto") == (15 if weights == "four_bit" else 0)
     assert DecodeStep.of(model) is not None
     prompt, answer = random_ids(PROMPT, 5), random_ids(6, 6)
     decoding, stepped = teacher_forced(model, DecodeOptions("full"), prompt, answer)
