@@ -190,8 +190,8 @@ class _Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         o = self.options
-        if o.temperature == 0:
-            return int(torch.argmax(logits))
+        if o.temperature == 0:  # widened to fp32 at least (exactly): CPU's argmax is slower over bf16 than the cast
+            return int(torch.argmax(logits.to(torch.promote_types(logits.dtype, torch.float32))))
         logits = logits.float() / o.temperature
         if o.top_k:
             kth = torch.topk(logits, min(o.top_k, logits.shape[-1])).values[-1]
