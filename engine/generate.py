@@ -22,7 +22,7 @@ import torch
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, PassageContext, StoredPassage, assemble, block_key,
                      encode_blocks, prefill_over_blocks)
 from .constrain import Constraint, closing_reserve, compile_constraint
-from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, start_decoding
+from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, auto_recycle_from, start_decoding
 from .fourbit import DecodeWeights
 from blockrag.errors import UnknownOptionError, InvalidArgumentError, BlockMismatchError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
@@ -60,7 +60,7 @@ class GenerationOptions:
     ``mode`` is how the prompt is prefilled (blocks, or every token); ``block_mode`` what passage
     blocks are encoded after (``generate`` and ``stream`` only: segment prompts carry their blocks).
     ``decode`` picks what new tokens attend to: ``"auto"`` (Recycled Attention where the prompt is
-    long enough for it to pay, :data:`~.decoding.AUTO_RECYCLE_FROM` tokens, full decoding below),
+    long enough for it to pay, :func:`~.decoding.auto_recycle_from` tokens, full decoding below),
     ``"full"``, ``"recycled"`` or ``"streaming"``, with ``recycle_k``, ``stride`` and
     ``dynamic_threshold`` as :class:`DecodeOptions` describes. In block mode, ``recovery``
     recomputes some passage tokens in context (see :class:`Recovery`). ``ignore_eos`` generates on past
@@ -111,11 +111,12 @@ class GenerationOptions:
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(self.temperature, self.top_p, self.top_k, self.seed)
 
-    def decoding(self, prompt_tokens: int) -> DecodeOptions:
-        """The decoding of a prompt of ``prompt_tokens`` tokens (``"auto"`` resolved by its length)."""
+    def decoding(self, prompt_tokens: int, recycle_from: int = AUTO_RECYCLE_FROM) -> DecodeOptions:
+        """The decoding of a prompt of ``prompt_tokens`` tokens (``"auto"`` resolved by its length: recycled from
+        ``recycle_from`` tokens, the model's :func:`~.decoding.auto_recycle_from`)."""
         mode = self.decode
         if mode == "auto":
-            mode = "recycled" if prompt_tokens >= AUTO_RECYCLE_FROM else "full"
+            mode = "recycled" if prompt_tokens >= recycle_from else "full"
         threshold = None if self.decode == "auto" and mode != "recycled" else self.dynamic_threshold
         return DecodeOptions(mode, self.recycle_k, self.stride, threshold)
 
@@ -538,7 +539,7 @@ class BlockEngine:
 
         token = sample(logits)
         ttft = time.perf_counter() - started
-        decoding = options.decoding(cache.length)
+        decoding = options.decoding(cache.length, auto_recycle_from(self.model))
         decoder = start_decoding(self.model, cache, decoding, min(max_new_tokens, cache.capacity - cache.length))
         del cache, done
         try:

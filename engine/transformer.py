@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockrag.errors import InvalidArgumentError, UnsupportedModelError
+from . import cpu_attention
+from .cpu_attention import decode_attention
 from .fourbit import DecodeWeights, FourBitRows, check_decode_weights, four_bit_weights
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
@@ -112,6 +114,12 @@ class KVShape:
         param = next(model.parameters())
         return cls(config.num_hidden_layers, kv_heads, attention.head_dim, heads // kv_heads, param.dtype,
                    param.device)
+
+
+def decodes_with_cpu_kernel(model: PreTrainedModel) -> bool:
+    """Whether ``model``'s decode steps attend with the engine's CPU kernel (:mod:`.cpu_attention`)."""
+    shape = KVShape.of(model)
+    return cpu_attention.applies(shape.dtype, shape.device, shape.head_dim, shape.group)
 
 
 class KVCache:
@@ -281,8 +289,11 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scalin
     Unless causal, the query heads of a group are folded into the query length, so every KV head is read
     once and no repeated copy is made: the kernel's grouped-query path reads a KV head once per query head,
     which makes a decode step's attention several times slower on CPU. ``mask`` is boolean (True:
-    attended), ``[group x n, s]`` as :meth:`Positions.masks` makes it.
+    attended), ``[group x n, s]`` as :meth:`Positions.masks` makes it. One token's unmasked attention in bf16 on
+    CPU runs :func:`~.cpu_attention.decode_attention` where it applies.
     """
+    if mask is None and not causal and (kernel := decode_attention(query, keys, values, scaling)) is not None:
+        return kernel[0]
     b, heads, n, d = query.shape
     kv_heads = keys.shape[1]
     if causal:  # a long run of queries, whose blocks share each KV block the kernel reads
@@ -329,6 +340,8 @@ def attend_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     kernel call it makes, so the same output), and the log-sum-exp of each query head's scaled scores
     ``[b, kv_heads, group]``. CPU only, without autograd (:func:`flash_returns_lse`).
     """
+    if (kernel := decode_attention(query, keys, values, scaling, with_lse=True)) is not None:
+        return kernel
     b, heads, _, d = query.shape
     kv_heads = keys.shape[1]
     folded = query.reshape(b, kv_heads, heads // kv_heads, d)

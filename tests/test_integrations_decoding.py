@@ -25,7 +25,7 @@ RECYCLED = dict(decode="recycled", recycle_k=4, stride=3)
 @pytest.fixture
 def long_prompts_from(monkeypatch):
     """Make ``decode="auto"`` count every prompt here as long (the tiny model's context is short)."""
-    monkeypatch.setattr(generate, "AUTO_RECYCLE_FROM", 8)
+    monkeypatch.setattr(generate, "auto_recycle_from", lambda model: 8)
 
 
 def test_llamaindex_llm_decodes_as_its_fields_and_call_arguments_say(tiny_engine):

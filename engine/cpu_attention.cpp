@@ -1,0 +1,147 @@
+// One new token's attention over a bf16 KV cache, in fp32, for CPUs with AVX512-BF16 (engine/cpu_attention.py).
+//
+// For each KV head, the query heads of its group score every cached key with bf16 dot products accumulated in
+// fp32, take an exact softmax in fp32 and sum the values in fp32; the output is rounded to bf16 once. Keys are
+// split in chunks spread over the threads (each chunk's softmax is merged by its max and sum), so two threads
+// stay busy whatever the number of KV heads: the reason for this kernel, with reading each key once.
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <stdint.h>
+#include <math.h>
+#include <omp.h>
+#include <algorithm>
+
+static inline __m512 exp512(__m512 x) {
+  // exp(x) = 2^n * p(f), x*log2e = n + f, f in [-0.5, 0.5]
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);
+  // 2^f on [-0.5,0.5], degree-6 minimax-ish (Taylor of e^(f ln2))
+  __m512 p = _mm512_set1_ps(1.5403530393381609954437e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443423412e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284771619790e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821579953142e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071233355e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994530941723e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 bf16_to_f32(__m256i x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+static inline __m512bh load_bf16(const uint16_t* p, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+enum { CHUNK = 256 };
+
+template <int G, int D>
+static void chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t row, int64_t n,
+                  float scale, float* m_out, float* l_out, float* acc_out) {
+  constexpr int DV = (D + 31) / 32;  // 32 bf16 per register; a last half register read under a mask
+  constexpr __mmask32 TAIL = D % 32 ? 0xFFFF : 0xFFFFFFFF;
+  __m512bh qv[G][DV];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DV; ++c) qv[g][c] = load_bf16(q + g * D + c * 32, c == DV - 1 ? TAIL : 0xFFFFFFFF);
+  alignas(64) float s[G][CHUNK];
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* kj = k + j * row;
+    __m512bh kv[DV];
+    for (int c = 0; c < DV; ++c) kv[c] = load_bf16(kj + c * 32, c == DV - 1 ? TAIL : 0xFFFFFFFF);
+    for (int g = 0; g < G; ++g) {
+      __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], kv[0]);
+      for (int c = 1; c < DV; ++c) a = _mm512_dpbf16_ps(a, qv[g][c], kv[c]);
+      s[g][j] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+  int64_t padded = (n + 15) & ~15;
+  float m[G];
+  for (int g = 0; g < G; ++g) {
+    for (int64_t j = n; j < padded; ++j) s[g][j] = -INFINITY;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < padded; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(&s[g][j]));
+    m[g] = _mm512_reduce_max_ps(mx);
+    __m512 mv = _mm512_set1_ps(m[g]), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+      __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(&s[g][j]), mv));
+      p = _mm512_mask_blend_ps(j + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1), _mm512_setzero_ps(), p);
+      _mm512_store_ps(&s[g][j], p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    l_out[g] = _mm512_reduce_add_ps(sum);
+    m_out[g] = m[g];
+  }
+  constexpr int DF = D / 16;
+  __m512 acc[G][DF];
+  for (int g = 0; g < G; ++g) for (int c = 0; c < DF; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* vj = v + j * row;
+    __m512 vf[DF];
+    for (int c = 0; c < DF; ++c) vf[c] = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(vj + c * 16)));
+    for (int g = 0; g < G; ++g) {
+      __m512 p = _mm512_set1_ps(s[g][j]);
+      for (int c = 0; c < DF; ++c) acc[g][c] = _mm512_fmadd_ps(p, vf[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g) for (int c = 0; c < DF; ++c) _mm512_storeu_ps(acc_out + g * D + c * 16, acc[g][c]);
+}
+
+template <int G, int D>
+static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride, int64_t row,
+                   int64_t length, int kv_heads, float scale, uint16_t* out, float* lse, float* scratch, int threads) {
+  int64_t chunks = (length + CHUNK - 1) / CHUNK, tasks = kv_heads * chunks;
+  float* ms = scratch;                 // [tasks, G]
+  float* ls = ms + tasks * G;          // [tasks, G]
+  float* accs = ls + tasks * G;        // [tasks, G, D]
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    int64_t h = t / chunks, c = t % chunks, first = c * CHUNK;
+    chunk<G, D>(q + h * G * D, k + h * head_stride + first * row, v + h * head_stride + first * row, row,
+                std::min<int64_t>(CHUNK, length - first), scale, ms + t * G, ls + t * G, accs + t * G * D);
+  }
+  for (int h = 0; h < kv_heads; ++h)
+    for (int g = 0; g < G; ++g) {
+      float m = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, ms[(h * chunks + c) * G + g]);
+      float l = 0, o[D] = {0};
+      for (int64_t c = 0; c < chunks; ++c) {
+        int64_t t = h * chunks + c;
+        float w = expf(ms[t * G + g] - m);
+        l += w * ls[t * G + g];
+        for (int d = 0; d < D; ++d) o[d] += w * accs[(t * G + g) * D + d];
+      }
+      if (lse) lse[h * G + g] = m + logf(l);
+      uint16_t* dst = out + (h * G + g) * D;
+      for (int d = 0; d < D; ++d) {  // round to nearest even
+        float x = o[d] / l; uint32_t b; __builtin_memcpy(&b, &x, 4);
+        b += 0x7FFF + ((b >> 16) & 1); dst[d] = (uint16_t)(b >> 16);
+      }
+    }
+}
+
+extern "C" int blockrag_supported() { return 1; }
+
+extern "C" int64_t blockrag_scratch_floats(int64_t length, int kv_heads, int group, int dim) {
+  int64_t tasks = kv_heads * ((length + CHUNK - 1) / CHUNK);
+  return tasks * group * (dim + 2);
+}
+
+// q [kv_heads, group, dim]; k, v: kv_heads rows of `length` keys, `head_stride` and `row` elements apart;
+// out [kv_heads, group, dim]; lse [kv_heads, group] or null. Returns 0, or 1 for an unsupported shape.
+extern "C" int blockrag_decode_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride,
+                                         int64_t row, int64_t length, int kv_heads, int group, int dim, float scale,
+                                         uint16_t* out, float* lse, float* scratch, int threads) {
+#define CASE(G) \
+  if (group == G && dim == 16) return attend<G, 16>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, scratch, threads), 0; \
+  if (group == G && dim == 32) return attend<G, 32>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, scratch, threads), 0; \
+  if (group == G && dim == 64) return attend<G, 64>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, scratch, threads), 0; \
+  if (group == G && dim == 128) return attend<G, 128>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, scratch, threads), 0;
+  CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+  return 1;
+}
+#else
+extern "C" int blockrag_supported() { return 0; }  // built for a CPU without AVX512-BF16: nothing to run
+#endif

@@ -1,0 +1,127 @@
+"""A decode step's attention on CPUs that compute bf16 natively: one new token over a bf16 KV cache.
+
+torch's CPU flash kernel gives a one-token query one task per KV head, so on a few cores some sit idle, and it
+reads the cache well below memory speed. ``cpu_attention.cpp`` splits the keys in chunks over the threads and
+reads each key once, with bf16 dot products accumulated in fp32 (AVX512-BF16), an fp32 softmax and fp32 sums
+of the values, rounded to bf16 once: what the flash kernel computes, to the rounding of the order of its sums.
+
+The source is compiled on first use for this machine (``-march=native``) with the C++ compiler torch would use
+(``$CXX``, else ``c++``), into ``kernels/`` of :func:`~.model.blockrag_home`, and loaded with ``ctypes``; torch's
+own OpenMP runtime runs its threads. :func:`~.model.load_model` builds it when it loads a bf16 model on CPU, so
+the few seconds this takes once per machine stay out of the first answer's time. Where there is no compiler, the CPU lacks AVX512-BF16
+or ``BLOCKRAG_CPU_KERNELS=0`` is set, :func:`decode_attention` returns ``None`` and callers use torch's kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_library: ctypes.CDLL | None = None
+_loaded = False
+_enabled = os.environ.get("BLOCKRAG_CPU_KERNELS", "1") != "0"
+
+
+def _cpu_description() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def _build() -> ctypes.CDLL | None:
+    """The kernel library, compiled once per source, compiler and CPU; ``None`` where it cannot be built or run."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode() + _cpu_description().encode())
+    from .model import blockrag_home  # the model module imports this one through the transformer module
+
+    folder = blockrag_home() / "kernels"
+    target = folder / f"cpu_attention-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as scratch:
+                built = Path(scratch) / target.name
+                subprocess.run([compiler, *_FLAGS, "-o", str(built), str(_SOURCE)], check=True,
+                               capture_output=True, timeout=300)
+                os.replace(built, target)  # atomic: processes building at once each leave a whole library
+        except (OSError, subprocess.SubprocessError):
+            return None
+    library = ctypes.CDLL(str(target))
+    if not library.blockrag_supported():
+        return None
+    library.blockrag_scratch_floats.restype = ctypes.c_int64
+    library.blockrag_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    library.blockrag_decode_attention.argtypes = (
+        [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+        + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
+    return library
+
+
+def available() -> bool:
+    """Whether :func:`decode_attention` runs here (compiling the kernel on the first call)."""
+    global _library, _loaded
+    if not _loaded:
+        _library, _loaded = _build(), True
+    return _enabled and _library is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Decode with torch's own attention kernel inside the block (benchmarks compare the two)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def applies(dtype: torch.dtype, device: torch.device, head_dim: int, group: int) -> bool:
+    """Whether a model's decode steps, of this dtype, device, head size and query heads per KV head, run the kernel."""
+    return (dtype == torch.bfloat16 and device.type == "cpu" and head_dim in (16, 32, 64, 128) and 1 <= group <= 8
+            and available())
+
+
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                     with_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Attention of one token's ``query`` ``[1, heads, 1, d]`` over all of ``keys``/``values`` ``[1, kv_heads, s,
+    d]``, and with ``with_lse`` the log-sum-exp of each query head's scaled scores ``[1, kv_heads, group]``.
+
+    ``None`` where the kernel does not apply: not bf16 on CPU, under autograd, a batch, an unsupported head size
+    or group, keys or values whose rows are not contiguous or laid out differently, or no kernel here.
+    """
+    b, heads, n, d = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    if not (b == 1 and n == 1 and length > 0 and query.dtype == keys.dtype == values.dtype
+            and not torch.is_grad_enabled() and keys.stride() == values.stride() and keys.stride(3) == 1
+            and keys.stride(2) >= d and applies(query.dtype, query.device, d, group)):
+        return None
+    query = query.contiguous()
+    out = torch.empty_like(query)
+    lse = torch.empty(1, kv_heads, group) if with_lse else None
+    scratch = torch.empty(_library.blockrag_scratch_floats(length, kv_heads, group, d))
+    status = _library.blockrag_decode_attention(
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), keys.stride(2), length, kv_heads, group,
+        d, scaling, out.data_ptr(), lse.data_ptr() if lse is not None else None, scratch.data_ptr(),
+        torch.get_num_threads())
+    if status:
+        return None
+    return out, lse

@@ -1,0 +1,87 @@
+"""The one-token bf16 attention kernel (engine/cpu_attention.py) against exact attention, and in the decode path."""
+
+import pytest
+import torch
+
+from blockrag.engine import cpu_attention, transformer
+from blockrag.engine.decoding import AUTO_RECYCLE_FROM, AUTO_RECYCLE_FROM_CPU_KERNEL, DecodeOptions, auto_recycle_from
+
+from test_decoding import random_ids, teacher_forced, tiny_model
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(),
+                                reason="the kernel needs a C++ compiler and a CPU with AVX512-BF16")
+
+
+def exact(query, keys, values, scaling):
+    """Attention in fp64 of bf16 inputs (exact in fp64), and the log-sum-exp of the scaled scores."""
+    q, k, v = (t.double() for t in (query, keys, values))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) * scaling
+    return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 255, 256, 257, 1000])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (8, 1, 128), (2, 2, 32)])
+def test_one_token_attention_is_exact_attention_rounded_once_to_bf16(length, heads, kv_heads, dim):
+    generator = torch.Generator().manual_seed(length * dim + heads)
+    capacity = length + 7  # the cache has room past the keys read: rows of a head are not contiguous
+    cache_k, cache_v = (torch.randn(1, kv_heads, capacity, dim, generator=generator).mul(3).bfloat16() for _ in range(2))
+    query = torch.randn(1, heads, 1, dim, generator=generator).mul(3).bfloat16()
+    keys, values, scaling = cache_k[:, :, :length], cache_v[:, :, :length], dim ** -0.5
+    with torch.inference_mode():
+        out, lse = cpu_attention.decode_attention(query, keys, values, scaling, with_lse=True)
+    reference, reference_lse = exact(query, keys, values, scaling)
+    assert out.dtype == torch.bfloat16 and out.shape == query.shape
+    # Rounding to bf16 once costs at most half an ulp, at most 2^-8 of the value; the fp32 sums before it
+    # add error of order 2^-24 per term, far below 2^-16 of the largest value.
+    bound = reference.abs() * 2 ** -8 + reference.abs().max() * 2 ** -16
+    assert bool(((out.double() - reference).abs() <= bound).all())
+    assert lse.shape == (1, kv_heads, heads // kv_heads)
+    assert torch.allclose(lse.double().view(-1), reference_lse.view(-1), rtol=0, atol=1e-4)
+
+
+def test_it_declines_what_it_does_not_compute():
+    query, keys = torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert cpu_attention.decode_attention(query.float(), keys.float(), keys.float(), 0.25) is None  # fp32
+        assert cpu_attention.decode_attention(query.expand(2, -1, -1, -1), keys.expand(2, -1, -1, -1),
+                                              keys.expand(2, -1, -1, -1), 0.25) is None  # a batch
+        assert cpu_attention.decode_attention(query[..., :8], keys[..., :8], keys[..., :8], 0.25) is None  # head size
+        with cpu_attention.disabled():
+            assert cpu_attention.decode_attention(query, keys, keys, 0.25) is None
+        assert cpu_attention.decode_attention(query, keys, keys, 0.25) is not None
+    assert cpu_attention.decode_attention(query, keys, keys, 0.25) is None  # autograd
+
+
+@pytest.mark.parametrize("options", [DecodeOptions("full"), DecodeOptions("recycled", recycle_k=8, stride=3)],
+                         ids=["full", "recycled"])
+def test_bf16_decoding_runs_the_kernel_and_stays_within_bf16_rounding_of_torchs_kernel(options, monkeypatch):
+    model = tiny_model("llama").to(torch.bfloat16)
+    prompt, answer = random_ids(40, 3), random_ids(8, 4)
+    with cpu_attention.disabled():
+        _, stock = teacher_forced(model, options, prompt, answer)
+    calls = []
+    real = transformer.decode_attention
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(transformer, "decode_attention", counted)
+    _, got = teacher_forced(model, options, prompt, answer)
+    assert calls and all(calls)  # every layer of every step
+    for step, (a, b) in enumerate(zip(got, stock)):
+        # The two kernels sum in different orders, so their bf16 outputs may differ by an ulp, and the layers after
+        # carry that on: a few ulps of bf16 at the logits' scale.
+        assert float((a.float() - b.float()).abs().max()) <= 2 ** -5 * float(b.float().abs().max()), step
+
+
+def test_auto_recycles_from_the_threshold_of_the_kernel_that_decodes():
+    model = tiny_model("llama")
+    assert not transformer.decodes_with_cpu_kernel(model) and auto_recycle_from(model) == AUTO_RECYCLE_FROM  # fp32
+    model = model.to(torch.bfloat16)
+    assert transformer.decodes_with_cpu_kernel(model) and auto_recycle_from(model) == AUTO_RECYCLE_FROM_CPU_KERNEL
+    with cpu_attention.disabled():
+        assert auto_recycle_from(model) == AUTO_RECYCLE_FROM
