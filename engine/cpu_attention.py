@@ -8,8 +8,9 @@ of the values, rounded to bf16 once: what the flash kernel computes, to the roun
 The source is compiled on first use for this machine (``-march=native``) with the C++ compiler torch would use
 (``$CXX``, else ``c++``), into ``kernels/`` of :func:`~.model.blockrag_home`, and loaded with ``ctypes``; torch's
 own OpenMP runtime runs its threads. :func:`~.model.load_model` builds it when it loads a bf16 model on CPU, so
-the few seconds this takes once per machine stay out of the first answer's time. Where there is no compiler, the CPU lacks AVX512-BF16
-or ``BLOCKRAG_CPU_KERNELS=0`` is set, :func:`decode_attention` returns ``None`` and callers use torch's kernel.
+the few seconds this takes once per machine stay out of the first answer's time. Where there is no compiler, the
+CPU lacks AVX512-BF16 or ``BLOCKRAG_CPU_KERNELS=0`` is set, :func:`decode_attention` returns ``None`` and callers
+use torch's kernel.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def _build() -> ctypes.CDLL | None:
                 os.replace(built, target)  # atomic: processes building at once each leave a whole library
         except (OSError, subprocess.SubprocessError):
             return None
-    library = ctypes.CDLL(str(target))
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError:  # not loadable here (a library from another system in a shared home, say)
+        return None
     if not library.blockrag_supported():
         return None
     library.blockrag_scratch_floats.restype = ctypes.c_int64
@@ -110,14 +114,14 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     b, heads, n, d = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    if not (b == 1 and n == 1 and length > 0 and query.dtype == keys.dtype == values.dtype
+    if not (query.dtype == keys.dtype == values.dtype == torch.bfloat16 and b == 1 and n == 1 and length > 0
             and not torch.is_grad_enabled() and keys.stride() == values.stride() and keys.stride(3) == 1
             and keys.stride(2) >= d and applies(query.dtype, query.device, d, group)):
         return None
     query = query.contiguous()
     out = torch.empty_like(query)
-    lse = torch.empty(1, kv_heads, group) if with_lse else None
-    scratch = torch.empty(_library.blockrag_scratch_floats(length, kv_heads, group, d))
+    lse = torch.empty(1, kv_heads, group, dtype=torch.float32) if with_lse else None
+    scratch = torch.empty(_library.blockrag_scratch_floats(length, kv_heads, group, d), dtype=torch.float32)
     status = _library.blockrag_decode_attention(
         query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), keys.stride(2), length, kv_heads, group,
         d, scaling, out.data_ptr(), lse.data_ptr() if lse is not None else None, scratch.data_ptr(),

@@ -37,7 +37,6 @@ from torch import nn
 
 from blockrag.errors import InvalidArgumentError, UnsupportedModelError
 from . import cpu_attention
-from .cpu_attention import decode_attention
 from .fourbit import DecodeWeights, FourBitRows, check_decode_weights, four_bit_weights
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
@@ -292,7 +291,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scalin
     attended), ``[group x n, s]`` as :meth:`Positions.masks` makes it. One token's unmasked attention in bf16 on
     CPU runs :func:`~.cpu_attention.decode_attention` where it applies.
     """
-    if mask is None and not causal and (kernel := decode_attention(query, keys, values, scaling)) is not None:
+    if mask is None and not causal and (kernel := cpu_attention.decode_attention(query, keys, values, scaling)) is not None:
         return kernel[0]
     b, heads, n, d = query.shape
     kv_heads = keys.shape[1]
@@ -340,7 +339,7 @@ def attend_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     kernel call it makes, so the same output), and the log-sum-exp of each query head's scaled scores
     ``[b, kv_heads, group]``. CPU only, without autograd (:func:`flash_returns_lse`).
     """
-    if (kernel := decode_attention(query, keys, values, scaling, with_lse=True)) is not None:
+    if (kernel := cpu_attention.decode_attention(query, keys, values, scaling, with_lse=True)) is not None:
         return kernel
     b, heads, _, d = query.shape
     kv_heads = keys.shape[1]

@@ -62,14 +62,14 @@ def test_bf16_decoding_runs_the_kernel_and_stays_within_bf16_rounding_of_torchs_
     with cpu_attention.disabled():
         _, stock = teacher_forced(model, options, prompt, answer)
     calls = []
-    real = transformer.decode_attention
+    real = cpu_attention.decode_attention
 
     def counted(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append(result is not None)
         return result
 
-    monkeypatch.setattr(transformer, "decode_attention", counted)
+    monkeypatch.setattr(cpu_attention, "decode_attention", counted)
     _, got = teacher_forced(model, options, prompt, answer)
     assert calls and all(calls)  # every layer of every step
     for step, (a, b) in enumerate(zip(got, stock)):
