@@ -10,6 +10,7 @@
 #include <math.h>
 #include <omp.h>
 #include <algorithm>
+#include <functional>
 
 static inline __m512 exp512(__m512 x) {
   // exp(x) = 2^n * p(f), x*log2e = n + f, f in [-0.5, 0.5]
@@ -40,7 +41,7 @@ enum { CHUNK = 256 };
 
 template <int G, int D>
 static void chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t row, int64_t n,
-                  float scale, float* m_out, float* l_out, float* acc_out) {
+                  float scale, float* m_out, float* l_out, float* acc_out, float* logits, int64_t length) {
   constexpr int DV = (D + 31) / 32;  // 32 bf16 per register; a last half register read under a mask
   constexpr __mmask32 TAIL = D % 32 ? 0xFFFF : 0xFFFFFFFF;
   __m512bh qv[G][DV];
@@ -57,6 +58,8 @@ static void chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64
       s[g][j] = _mm512_reduce_add_ps(a) * scale;
     }
   }
+  if (logits)  // the scaled scores, for the recycle set: [group, length], this chunk's part
+    for (int g = 0; g < G; ++g) std::copy(s[g], s[g] + n, logits + g * length);
   int64_t padded = (n + 15) & ~15;
   for (int g = 0; g < G; ++g) {
     for (int64_t j = n; j < padded; ++j) s[g][j] = -INFINITY;
@@ -89,7 +92,8 @@ static void chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64
 
 template <int G, int D>
 static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride, int64_t row,
-                   int64_t length, int kv_heads, float scale, uint16_t* out, float* lse, float* scratch, int threads) {
+                   int64_t length, int kv_heads, float scale, uint16_t* out, float* lse, float* logits, float* scratch,
+                   int threads) {
   int64_t chunks = (length + CHUNK - 1) / CHUNK, tasks = kv_heads * chunks;
   float* ms = scratch;                 // [tasks, G]
   float* ls = ms + tasks * G;          // [tasks, G]
@@ -98,7 +102,8 @@ static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int6
   for (int64_t t = 0; t < tasks; ++t) {
     int64_t h = t / chunks, c = t % chunks, first = c * CHUNK;
     chunk<G, D>(q + h * G * D, k + h * head_stride + first * row, v + h * head_stride + first * row, row,
-                std::min<int64_t>(CHUNK, length - first), scale, ms + t * G, ls + t * G, accs + t * G * D);
+                std::min<int64_t>(CHUNK, length - first), scale, ms + t * G, ls + t * G, accs + t * G * D,
+                logits ? logits + h * G * length + first : nullptr, length);
   }
   for (int h = 0; h < kv_heads; ++h)
     for (int g = 0; g < G; ++g) {
@@ -128,17 +133,55 @@ extern "C" int64_t blockrag_scratch_floats(int64_t length, int kv_heads, int gro
 }
 
 // q [kv_heads, group, dim]; k, v: kv_heads rows of `length` keys, `head_stride` and `row` elements apart;
-// out [kv_heads, group, dim]; lse [kv_heads, group] or null. Returns 0, or 1 for an unsupported shape.
+// out [kv_heads, group, dim]; lse [kv_heads, group] or null; logits [kv_heads, group, length] (the scaled scores)
+// or null. Returns 0, or 1 for an unsupported shape.
 extern "C" int blockrag_decode_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride,
                                          int64_t row, int64_t length, int kv_heads, int group, int dim, float scale,
-                                         uint16_t* out, float* lse, float* scratch, int threads) {
+                                         uint16_t* out, float* lse, float* logits, float* scratch, int threads) {
 #define CASE(G) \
-  if (group == G && dim == 16) return attend<G, 16>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, scratch, threads), 0; \
-  if (group == G && dim == 32) return attend<G, 32>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, scratch, threads), 0; \
-  if (group == G && dim == 64) return attend<G, 64>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, scratch, threads), 0; \
-  if (group == G && dim == 128) return attend<G, 128>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, scratch, threads), 0;
+  if (group == G && dim == 16) return attend<G, 16>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, logits, scratch, threads), 0; \
+  if (group == G && dim == 32) return attend<G, 32>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, logits, scratch, threads), 0; \
+  if (group == G && dim == 64) return attend<G, 64>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, logits, scratch, threads), 0; \
+  if (group == G && dim == 128) return attend<G, 128>(q, k, v, head_stride, row, length, kv_heads, scale, out, lse, logits, scratch, threads), 0;
   CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
   return 1;
+}
+// The recycle set of each KV head from a full step's `logits` [kv_heads, group, length] and `lse` [kv_heads, group]:
+// a position scores the largest log-probability of its group's query heads, max-pooled over the `pool` positions
+// centred on it; positions [0, sinks) and [tail_first, tail_end) are kept whatever they score; of the rest, the
+// highest scores fill `k` places, the earliest first among equal scores. Writes each head's k positions ascending
+// into `positions` [kv_heads, k]; `scratch` holds 3 * length floats per KV head.
+extern "C" void blockrag_recycle_set(const float* logits, const float* lse, int kv_heads, int group, int64_t length,
+                                     int pool, int64_t k, int64_t sinks, int64_t tail_first, int64_t tail_end,
+                                     float* scratch, int64_t* positions, int threads) {
+  int64_t r = pool / 2;
+#pragma omp parallel for num_threads(std::min(threads, kv_heads)) schedule(static)
+  for (int h = 0; h < kv_heads; ++h) {
+    float* best = scratch + 3 * h * length;  // [length] each
+    float* pooled = best + length;
+    float* sorted = pooled + length;
+    for (int64_t j = 0; j < length; ++j) best[j] = logits[h * group * length + j] - lse[h * group];
+    for (int g = 1; g < group; ++g)
+      for (int64_t j = 0; j < length; ++j)
+        best[j] = std::max(best[j], logits[(h * group + g) * length + j] - lse[h * group + g]);
+    for (int64_t j = 0; j < length; ++j) {
+      float m = -INFINITY;
+      for (int64_t i = std::max<int64_t>(0, j - r), end = std::min(length - 1, j + r); i <= end; ++i)
+        m = std::max(m, best[i]);
+      pooled[j] = m;
+    }
+    for (int64_t j = 0; j < std::min(sinks, length); ++j) pooled[j] = INFINITY;
+    for (int64_t j = std::max<int64_t>(tail_first, 0); j < std::min(tail_end, length); ++j) pooled[j] = INFINITY;
+    std::copy(pooled, pooled + length, sorted);  // the k-th highest score: above it all are in, at it the earliest
+    std::nth_element(sorted, sorted + (k - 1), sorted + length, std::greater<float>());
+    float kth = sorted[k - 1];
+    int64_t above = 0;
+    for (int64_t j = 0; j < length; ++j) above += pooled[j] > kth;
+    int64_t* chosen = positions + h * k;
+    int64_t count = 0, at_kth = k - above;
+    for (int64_t j = 0; j < length && count < k; ++j)
+      if (pooled[j] > kth || (pooled[j] == kth && at_kth-- > 0)) chosen[count++] = j;
+  }
 }
 #else
 extern "C" int blockrag_supported() { return 0; }  // built for a CPU without AVX512-BF16: nothing to run

@@ -4,6 +4,8 @@ torch's CPU flash kernel gives a one-token query one task per KV head, so on a f
 reads the cache well below memory speed. ``cpu_attention.cpp`` splits the keys in chunks over the threads and
 reads each key once, with bf16 dot products accumulated in fp32 (AVX512-BF16), an fp32 softmax and fp32 sums
 of the values, rounded to bf16 once: what the flash kernel computes, to the rounding of the order of its sums.
+A full step of Recycled Attention (:func:`attend_and_recycle`) also keeps the scores it computes and chooses the
+recycle set from them in the same library, where torch would score every key a second time to rank them.
 
 The source is compiled on first use for this machine (``-march=native``) with the C++ compiler torch would use
 (``$CXX``, else ``c++``), into ``kernels/`` of :func:`~.model.blockrag_home`, and loaded with ``ctypes``; torch's
@@ -26,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from blockrag.errors import InvalidArgumentError
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -74,7 +78,11 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     library.blockrag_decode_attention.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
-        + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
+        + [ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
+    library.blockrag_recycle_set.restype = None
+    library.blockrag_recycle_set.argtypes = (
+        [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int] + [ctypes.c_int64] * 4
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int])
     return library
 
 
@@ -111,6 +119,39 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     ``None`` where the kernel does not apply: not bf16 on CPU, under autograd, a batch, an unsupported head size
     or group, keys or values whose rows are not contiguous or laid out differently, or no kernel here.
     """
+    done = _attend(query, keys, values, scaling, with_lse, with_logits=False)
+    return None if done is None else done[:2]
+
+
+def attend_and_recycle(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, k: int,
+                       pool_kernel: int, sinks: int, kept: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A full step of Recycled Attention: :func:`decode_attention` of ``query``, and each KV head's recycle set
+    ``[kv_heads, k]``, ascending positions, chosen from the scores the kernel computed on the way.
+
+    A position scores the largest log-probability its group's query heads give it, max-pooled over the
+    ``pool_kernel`` positions centred on it; the first ``sinks`` positions and those in ``kept`` (``[first,
+    end)``) are chosen whatever they score, and the highest-scoring of the rest fill the ``k`` places (among equal
+    scores, the earliest). ``None`` where :func:`decode_attention` would be.
+    """
+    length = keys.shape[2]
+    if not 0 < k <= length:
+        raise InvalidArgumentError(f"a recycle set of {k} positions out of {length}")
+    done = _attend(query, keys, values, scaling, with_lse=True, with_logits=True)
+    if done is None:
+        return None
+    out, lse, logits = done
+    kv_heads, group = logits.shape[:2]
+    positions = torch.empty(kv_heads, k, dtype=torch.int64)
+    scratch = torch.empty(3 * kv_heads * length, dtype=torch.float32)
+    _library.blockrag_recycle_set(logits.data_ptr(), lse.data_ptr(), kv_heads, group, length, pool_kernel, k, sinks,
+                                  kept[0], kept[1], scratch.data_ptr(), positions.data_ptr(), torch.get_num_threads())
+    return out, positions
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, with_lse: bool,
+            with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """The kernel's output, log-sum-exps ``[1, kv_heads, group]`` and scaled scores ``[kv_heads, group, s]`` (each
+    where asked for), or ``None`` where it does not apply (:func:`decode_attention`)."""
     b, heads, n, d = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
@@ -121,11 +162,12 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     query = query.contiguous()
     out = torch.empty_like(query)
     lse = torch.empty(1, kv_heads, group, dtype=torch.float32) if with_lse else None
+    logits = torch.empty(kv_heads, group, length, dtype=torch.float32) if with_logits else None
     scratch = torch.empty(_library.blockrag_scratch_floats(length, kv_heads, group, d), dtype=torch.float32)
     status = _library.blockrag_decode_attention(
         query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), keys.stride(2), length, kv_heads, group,
-        d, scaling, out.data_ptr(), lse.data_ptr() if lse is not None else None, scratch.data_ptr(),
-        torch.get_num_threads())
+        d, scaling, out.data_ptr(), lse.data_ptr() if lse is not None else None,
+        logits.data_ptr() if logits is not None else None, scratch.data_ptr(), torch.get_num_threads())
     if status:
         return None
-    return out, lse
+    return out, lse, logits

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from blockrag.errors import CacheFullError, InvalidArgumentError
+from . import cpu_attention
 from .transformer import (CacheAttention, DecodeStep, KVCache, Positions, attend, attend_with_lse,
                           decodes_with_cpu_kernel, flash_returns_lse, forward)
 
@@ -273,7 +274,8 @@ class _RecycledLayer:
         """``[kv_heads, positions]``: how much ``query`` attends to each position, max over each KV head's query
         heads, then max-pooled over neighbouring positions.
 
-        Computed again beside the attention itself, which fused kernels run without returning them: as
+        Where the engine's kernel does not run (:func:`~.cpu_attention.attend_and_recycle` scores on the way),
+        computed again beside the attention itself, which torch's fused kernels run without returning them: as
         log-probabilities where the kernel gave the log-sum-exps ``lse`` ``[kv_heads, group]`` of the scores
         (no softmax over them then), else as probabilities. Both rank positions alike.
         """
@@ -291,18 +293,23 @@ class _RecycledLayer:
                value: torch.Tensor, full_step: bool, scaling: float) -> torch.Tensor:
         keys, values = cache_layer
         if full_step:
-            if flash_returns_lse(query):  # CPU: the flash kernel's log-sum-exps save a softmax over the scores
-                out, lse = attend_with_lse(query, keys, values, scaling)
-                scores = self.scores(query, keys, scaling, lse[0])
-            else:
-                out, scores = attend(query, keys, values, scaling), self.scores(query, keys, scaling)
-            n = scores.shape[1]
+            n = keys.shape[2]
             k = min(recycle_budget(self.recycle_k, n), n)
             sinks = min(self.sinks, k)
             tail = min(self.prompt_tail, k - sinks)
-            scores[:, :sinks] = math.inf  # kept whatever they score, as many as K holds
-            scores[:, self.prompt - tail:self.prompt] = math.inf
-            self.selected = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+            kept = (self.prompt - tail, self.prompt)
+            chosen = cpu_attention.attend_and_recycle(query, keys, values, scaling, k, self.pool_kernel, sinks, kept)
+            if chosen is not None:  # the kernel scores and chooses on the way
+                out, self.selected = chosen
+            else:
+                if flash_returns_lse(query):  # CPU: the flash kernel's log-sum-exps save a softmax over the scores
+                    out, lse = attend_with_lse(query, keys, values, scaling)
+                    scores = self.scores(query, keys, scaling, lse[0])
+                else:
+                    out, scores = attend(query, keys, values, scaling), self.scores(query, keys, scaling)
+                scores[:, :sinks] = math.inf  # kept whatever they score, as many as K holds
+                scores[:, kept[0]:kept[1]] = math.inf
+                self.selected = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
             self.recycled.select(keys, values, self.selected)
             return out
         self.recycled.append(key, value)

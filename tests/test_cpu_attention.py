@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from blockrag.engine import cpu_attention, transformer
+from blockrag.errors import InvalidArgumentError
 from blockrag.engine.decoding import AUTO_RECYCLE_FROM, AUTO_RECYCLE_FROM_CPU_KERNEL, DecodeOptions, auto_recycle_from
 
 from test_decoding import random_ids, teacher_forced, tiny_model
@@ -39,6 +40,35 @@ def test_one_token_attention_is_exact_attention_rounded_once_to_bf16(length, hea
     assert bool(((out.double() - reference).abs() <= bound).all())
     assert lse.shape == (1, kv_heads, heads // kv_heads)
     assert torch.allclose(lse.double().view(-1), reference_lse.view(-1), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("length", "k", "pool", "sinks", "kept"),
+                         [(1000, 100, 7, 4, (900, 910)), (300, 30, 1, 0, (300, 300)), (40, 40, 3, 2, (30, 40)),
+                          (257, 20, 5, 4, (250, 257))])
+def test_a_full_recycled_step_chooses_the_top_k_of_exact_scores_beside_the_same_attention(length, k, pool, sinks,
+                                                                                          kept):
+    generator = torch.Generator().manual_seed(length + k)
+    heads, kv_heads, dim = 9, 3, 64
+    keys, values = (torch.randn(1, kv_heads, length, dim, generator=generator).mul(2).bfloat16() for _ in range(2))
+    query = torch.randn(1, heads, 1, dim, generator=generator).mul(2).bfloat16()
+    with torch.inference_mode():
+        out, positions = cpu_attention.attend_and_recycle(query, keys, values, 0.125, k, pool, sinks, kept)
+        assert torch.equal(out, cpu_attention.decode_attention(query, keys, values, 0.125)[0])
+    scores = (query.double().view(kv_heads, heads // kv_heads, dim) @ keys[0].double().transpose(1, 2)) * 0.125
+    scores = (scores - torch.logsumexp(scores, -1, keepdim=True)).amax(1)  # [kv_heads, length] log-probabilities
+    scores = torch.nn.functional.max_pool1d(scores, pool, stride=1, padding=pool // 2)
+    forced = torch.zeros(length, dtype=torch.bool)
+    forced[:sinks] = forced[kept[0]:kept[1]] = True
+    assert positions.shape == (kv_heads, k)
+    for head in range(kv_heads):
+        chosen = torch.zeros(length, dtype=torch.bool)
+        chosen[positions[head]] = True
+        assert torch.equal(positions[head], positions[head].sort().values) and int(chosen.sum()) == k
+        assert chosen[forced].all()
+        if k < length:  # the rest a valid top-K; tolerance: fp32 dot products and log-sum-exp against fp64
+            assert scores[head][chosen & ~forced].min() >= scores[head][~chosen].max() - 1e-4
+    with torch.inference_mode(), pytest.raises(InvalidArgumentError):
+        cpu_attention.attend_and_recycle(query, keys, values, 0.125, length + 1, pool, sinks, kept)
 
 
 def test_it_declines_what_it_does_not_compute():
