@@ -92,16 +92,16 @@ def test_bf16_decoding_runs_the_kernel_and_stays_within_bf16_rounding_of_torchs_
     with cpu_attention.disabled():
         _, stock = teacher_forced(model, options, prompt, answer)
     calls = []
-    real = cpu_attention.decode_attention
+    real = cpu_attention._attend  # what decode_attention and a full recycled step's attend_and_recycle both run
 
     def counted(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append(result is not None)
         return result
 
-    monkeypatch.setattr(cpu_attention, "decode_attention", counted)
+    monkeypatch.setattr(cpu_attention, "_attend", counted)
     _, got = teacher_forced(model, options, prompt, answer)
-    assert calls and all(calls)  # every layer of every step
+    assert len(calls) == model.config.num_hidden_layers * len(answer) and all(calls)  # every layer of every step
     for step, (a, b) in enumerate(zip(got, stock)):
         # The two kernels sum in different orders, so their bf16 outputs may differ by an ulp, and the layers after
         # carry that on: a few ulps of bf16 at the logits' scale.
