@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from blockrag.errors import CacheFullError, InvalidArgumentError
-from . import cpu_attention
+from . import cpu_kernels
 from .transformer import (CacheAttention, DecodeStep, KVCache, Positions, attend, attend_with_lse,
                           decodes_with_cpu_kernel, flash_returns_lse, forward)
 
@@ -274,7 +274,7 @@ class _RecycledLayer:
         """``[kv_heads, positions]``: how much ``query`` attends to each position, max over each KV head's query
         heads, then max-pooled over neighbouring positions.
 
-        Where the engine's kernel does not run (:func:`~.cpu_attention.attend_and_recycle` scores on the way),
+        Where the engine's kernel does not run (:func:`~.cpu_kernels.attend_and_recycle` scores on the way),
         computed again beside the attention itself, which torch's fused kernels run without returning them: as
         log-probabilities where the kernel gave the log-sum-exps ``lse`` ``[kv_heads, group]`` of the scores
         (no softmax over them then), else as probabilities. Both rank positions alike.
@@ -298,7 +298,7 @@ class _RecycledLayer:
             sinks = min(self.sinks, k)
             tail = min(self.prompt_tail, k - sinks)
             kept = (self.prompt - tail, self.prompt)
-            chosen = cpu_attention.attend_and_recycle(query, keys, values, scaling, k, self.pool_kernel, sinks, kept)
+            chosen = cpu_kernels.attend_and_recycle(query, keys, values, scaling, k, self.pool_kernel, sinks, kept)
             if chosen is not None:  # the kernel scores and chooses on the way
                 out, self.selected = chosen
             else:

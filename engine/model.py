@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from blockrag.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedModelError
-from . import cpu_attention
+from . import cpu_kernels
 from .adapter import adapter_passage_order, merge_adapter
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
 from .fourbit import DecodeWeights, check_decode_weights
@@ -213,7 +213,7 @@ def load_model(
         order = adapter_passage_order(adapter)
     use_four_bit(model, decode_weights)
     if torch_dtype == torch.bfloat16 and torch.device(device).type == "cpu":
-        cpu_attention.available()  # builds the decode kernel now, not in the first answer
+        cpu_kernels.available()  # builds the decode kernel now, not in the first answer
     return LoadedModel(model, tokenizer, fingerprint, order)
 
 

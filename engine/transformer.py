@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockrag.errors import InvalidArgumentError, UnsupportedModelError
-from . import cpu_attention
+from . import cpu_kernels
 from .fourbit import DecodeWeights, FourBitRows, check_decode_weights, four_bit_weights
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
@@ -116,9 +116,9 @@ class KVShape:
 
 
 def decodes_with_cpu_kernel(model: PreTrainedModel) -> bool:
-    """Whether ``model``'s decode steps attend with the engine's CPU kernel (:mod:`.cpu_attention`)."""
+    """Whether ``model``'s decode steps attend with the engine's CPU kernel (:mod:`.cpu_kernels`)."""
     shape = KVShape.of(model)
-    return cpu_attention.applies(shape.dtype, shape.device, shape.head_dim, shape.group)
+    return cpu_kernels.applies(shape.dtype, shape.device, shape.head_dim, shape.group)
 
 
 class KVCache:
@@ -289,9 +289,9 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scalin
     once and no repeated copy is made: the kernel's grouped-query path reads a KV head once per query head,
     which makes a decode step's attention several times slower on CPU. ``mask`` is boolean (True:
     attended), ``[group x n, s]`` as :meth:`Positions.masks` makes it. One token's unmasked attention in bf16 on
-    CPU runs :func:`~.cpu_attention.decode_attention` where it applies.
+    CPU runs :func:`~.cpu_kernels.decode_attention` where it applies.
     """
-    if mask is None and not causal and (kernel := cpu_attention.decode_attention(query, keys, values, scaling)) is not None:
+    if mask is None and not causal and (kernel := cpu_kernels.decode_attention(query, keys, values, scaling)) is not None:
         return kernel[0]
     b, heads, n, d = query.shape
     kv_heads = keys.shape[1]
@@ -339,7 +339,7 @@ def attend_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     kernel call it makes, so the same output), and the log-sum-exp of each query head's scaled scores
     ``[b, kv_heads, group]``. CPU only, without autograd (:func:`flash_returns_lse`).
     """
-    if (kernel := cpu_attention.decode_attention(query, keys, values, scaling, with_lse=True)) is not None:
+    if (kernel := cpu_kernels.decode_attention(query, keys, values, scaling, with_lse=True)) is not None:
         return kernel
     b, heads, _, d = query.shape
     kv_heads = keys.shape[1]
@@ -590,66 +590,110 @@ _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 """The supported families' RMSNorm classes, which all compute ``weight * (x * rsqrt(mean(x²) + eps))`` in fp32."""
 
 
-def _rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``norm`` as the fused RMSNorm kernel times its weight: one kernel call instead of the module's six, equal
-    to the module to the bit (a decode step is tested equal to :func:`forward`, which calls the module). Any
-    other norm is the module itself."""
+def _fusable_norm(norm: nn.Module, fused: bool) -> bool:
+    """Whether ``norm`` runs as :func:`~.cpu_kernels.add_rms_norm` in a fused step: a supported RMSNorm whose weight
+    is of the step's dtype."""
+    return fused and type(norm).__name__ in _RMS_NORMS and norm.weight.dtype == torch.bfloat16
+
+
+def _rms_norm(norm: nn.Module, fused: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``norm`` as one call: the kernel library's (:func:`_fusable_norm`), else the fused RMSNorm kernel times its
+    weight, equal to the module to the bit (a decode step is tested equal to :func:`forward`, which calls the
+    module), instead of the module's six. Any other norm is the module itself."""
     if type(norm).__name__ not in _RMS_NORMS:
         return norm
     weight, shape, eps = norm.weight, [norm.weight.shape[0]], norm.variance_epsilon
+    if _fusable_norm(norm, fused):
+        return lambda x: cpu_kernels.add_rms_norm(x, None, weight, eps)
     return lambda x: torch.rms_norm(x, shape, None, eps) * weight
+
+
+def _add_norm(norm: nn.Module, fused: bool) -> Callable[[torch.Tensor, torch.Tensor | None],
+                                                        tuple[torch.Tensor, torch.Tensor]]:
+    """The residual sum ``hidden + delta`` (``hidden`` where ``delta`` is ``None``) and ``norm`` of it: in a fused
+    step one call of the kernel library, which adds in place into ``hidden`` (a step's own tensor)."""
+    if _fusable_norm(norm, fused):
+        weight, eps = norm.weight, norm.variance_epsilon
+        return lambda hidden, delta: (hidden, cpu_kernels.add_rms_norm(hidden, delta, weight, eps))
+    normed = _rms_norm(norm, fused)
+
+    def add_norm(hidden: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = hidden if delta is None else hidden + delta
+        return hidden, normed(hidden)
+    return add_norm
+
+
+def _gated(act: nn.Module, fused: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``act(gate) * up`` of the gate and up products stacked ``[2n]``: one call of the kernel library for SiLU in a
+    fused step."""
+    if fused and type(act).__name__ in ("SiLUActivation", "SiLU"):
+        return cpu_kernels.silu_mul
+
+    def gated(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.view(2, -1)
+        return act(gate) * up
+    return gated
 
 
 @dataclass(frozen=True)
 class _StepLayer:
-    """What a decode step runs in one decoder layer, looked up once: its norms (:func:`_rms_norm`), its projections
-    as matrix-vector products (:func:`_matvec`, :func:`_stacked`), its activation and its attention's scaling."""
+    """What a decode step runs in one decoder layer, looked up once: its norms with the residual sums before them
+    (:func:`_add_norm`), its projections as matrix-vector products (:func:`_matvec`, :func:`_stacked`), its gated
+    activation (:func:`_gated`) and its attention's scaling."""
 
-    input_norm: Callable[[torch.Tensor], torch.Tensor]
+    input_norm: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
     qkv: Callable[[torch.Tensor], torch.Tensor]
     q_norm: Callable[[torch.Tensor], torch.Tensor] | None
     k_norm: Callable[[torch.Tensor], torch.Tensor] | None
     o: Callable[[torch.Tensor], torch.Tensor]
-    post_norm: Callable[[torch.Tensor], torch.Tensor]
+    post_norm: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
     gate_up: Callable[[torch.Tensor], torch.Tensor]
     down: Callable[[torch.Tensor], torch.Tensor]
-    act: Callable[[torch.Tensor], torch.Tensor]
+    gated: Callable[[torch.Tensor], torch.Tensor]
     scaling: float
 
 
 class DecodeStep:
     """A decode step of one model: one new token, batch 1, without autograd, through every layer.
 
-    It computes what :func:`forward` computes for a single token, equal to the bit, with what each layer
-    needs looked up once per model rather than on every step: a step is hundreds of small operations,
-    and on CPU their dispatch is a good part of its time. Get it with :meth:`of`, which builds it again
-    when the model's projections, their weights or their four-bit copies changed.
+    It computes what :func:`forward` computes for a single token, with what each layer needs looked up once per
+    model rather than on every step: a step is hundreds of small operations, and on CPU their dispatch is a good
+    part of its time. In fp32, and wherever the kernel library does not run, it is equal to :func:`forward` to the
+    bit. In bf16 on a CPU where :func:`~.cpu_kernels.fuses` holds, each layer's norms with their residual sums, its
+    rotation and its activation are one call each of the kernel library, which rounds each result as torch does
+    (the exponential inside SiLU aside). Get it with :meth:`of`, which builds it again when the model's projections,
+    their weights or their four-bit copies changed, or the kernel library was turned off or on.
     """
 
     def __init__(self, model: PreTrainedModel):
         # Parts of the model only, not the model: the step is kept in a mapping held weakly by the model.
         self.signature = self._signature(model)
         body = model.model
+        param = next(model.parameters())
+        fused = cpu_kernels.fuses(param.dtype, param.device)
         self.rotary, self.probe, self.embed = rotary_module(model), _probe(model), body.embed_tokens
+        self.rotate = cpu_kernels.rotate if fused else _rotate
         self.heads, self.kv_heads = model.config.num_attention_heads, KVShape.of(model).kv_heads
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            q_norm, k_norm = (_rms_norm(n) if n is not None else None
+            q_norm, k_norm = (_rms_norm(n, fused) if n is not None else None
                               for n in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)))
             self.layers.append(_StepLayer(
-                _rms_norm(layer.input_layernorm), _stacked((attn.q_proj, attn.k_proj, attn.v_proj)),
-                q_norm, k_norm, _matvec(attn.o_proj, True), _rms_norm(layer.post_attention_layernorm),
-                _stacked((mlp.gate_proj, mlp.up_proj)), _matvec(mlp.down_proj, True), mlp.act_fn, attn.scaling))
+                _add_norm(layer.input_layernorm, fused), _stacked((attn.q_proj, attn.k_proj, attn.v_proj)),
+                q_norm, k_norm, _matvec(attn.o_proj, True), _add_norm(layer.post_attention_layernorm, fused),
+                _stacked((mlp.gate_proj, mlp.up_proj)), _matvec(mlp.down_proj, True), _gated(mlp.act_fn, fused),
+                attn.scaling))
         self.head_dim = body.layers[0].self_attn.head_dim
-        self.norm, self.head = _rms_norm(body.norm), _matvec(model.lm_head, True)
+        self.norm, self.head = _add_norm(body.norm, fused), _matvec(model.lm_head, True)
 
     @staticmethod
     def _signature(model: PreTrainedModel) -> tuple:
         """What the step depends on: the model's dtype and device, torch's thread count (:func:`_matvec_in_parts`),
-        every projection, its weight's version (inference tensors have none) and its four-bit copy."""
+        whether the kernel library runs, every projection, its weight's version (inference tensors have none) and
+        its four-bit copy."""
         param = next(model.parameters())
-        return (param.dtype, param.device, torch.get_num_threads(), *(
+        return (param.dtype, param.device, torch.get_num_threads(), cpu_kernels.fuses(param.dtype, param.device), *(
             (id(p), None if p.weight.is_inference() else p.weight._version, id(getattr(p, FOUR_BIT, None)))
             for p in decode_projections(model)))
 
@@ -668,23 +712,23 @@ class DecodeStep:
         """The logits ``[vocab]`` after the token ``token`` ``[1, 1]`` at ``positions`` (one) over ``cache``;
         ``attention`` as in :func:`forward`, which stores the token's KV."""
         cos, sin = rope_angles(self.rotary, self.probe, positions.ids)
-        signed_sin = _signed_sin(sin)
-        hidden = self.embed(token).view(-1)
+        signed_sin, rotate = _signed_sin(sin), self.rotate
+        hidden, delta = self.embed(token).view(-1), None  # a new tensor, the step's own
         heads, qk = self.heads, self.heads + self.kv_heads
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(layer.input_norm(hidden)).view(1, -1, 1, self.head_dim)  # heads by rows, q k v
+            hidden, x = layer.input_norm(hidden, delta)
+            qkv = layer.qkv(x).view(1, -1, 1, self.head_dim)  # heads by rows, q k v
             if layer.q_norm is None:  # query and key rotated as one
-                q, rotated = qkv[:, :heads], _rotate(qkv[:, :qk], cos, signed_sin)
+                q, rotated = qkv[:, :heads], rotate(qkv[:, :qk], cos, signed_sin)
                 rq, rk = rotated[:, :heads], rotated[:, heads:]
             else:
                 q, k = layer.q_norm(qkv[:, :heads]), layer.k_norm(qkv[:, heads:qk])
-                rq, rk = _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
+                rq, rk = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
             out = attention(i, rq, rk, qkv[:, qk:], q, layer.scaling)
-            hidden = hidden + layer.o(out.reshape(-1))
-            gate, up = layer.gate_up(layer.post_norm(hidden)).view(2, -1)
-            hidden = hidden + layer.down(layer.act(gate) * up)
+            hidden, x = layer.post_norm(hidden, layer.o(out.reshape(-1)))
+            delta = layer.down(layer.gated(layer.gate_up(x)))
         cache.length = max(cache.length, positions.end)
-        return self.head(self.norm(hidden))
+        return self.head(self.norm(hidden, delta)[1])
 
 
 _DECODE_STEPS: weakref.WeakKeyDictionary[nn.Module, DecodeStep] = weakref.WeakKeyDictionary()

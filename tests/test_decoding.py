@@ -298,7 +298,10 @@ def test_a_decode_step_by_matrix_vector_products_equals_the_layers_own_products_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weights):
-    """Decoding runs each token through :class:`DecodeStep`; it must compute what forward computes for it."""
+    """Decoding runs each token through :class:`DecodeStep`; it must compute what forward computes for it, with the
+    kernel library's fused operations (in bf16 where they run: their norm sums in another order than torch's, equal
+    on these inputs; test_cpu_kernels bounds them by a rounding in general) and without them."""
+    from blockrag.engine import cpu_kernels
     from tiny_models import on_grid, tiny_model as tiny_of_family
     model = tiny_of_family(family, attn="sdpa")
     with torch.no_grad():
@@ -309,9 +312,12 @@ def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weigh
     assert use_four_bit(model, "auto") == (15 if weights == "four_bit" else 0)
     assert DecodeStep.of(model) is not None
     prompt, answer = random_ids(PROMPT, 5), random_ids(6, 6)
-    decoding, stepped = teacher_forced(model, DecodeOptions("full"), prompt, answer)
-    assert decoding.one_token is DecodeStep.of(model)
-    assert_same_logits(stepped, step_logits(model, prompt, answer))
+    for fused in (cpu_kernels.fuses(dtype, torch.device("cpu")), False):
+        with contextlib.nullcontext() if fused else cpu_kernels.disabled():
+            decoding, stepped = teacher_forced(model, DecodeOptions("full"), prompt, answer)
+            assert decoding.one_token is DecodeStep.of(model)
+            assert (decoding.one_token.rotate is cpu_kernels.rotate) == fused
+            assert_same_logits(stepped, step_logits(model, prompt, answer))
 
 
 def test_the_decode_step_is_rebuilt_when_a_weight_changes_in_place():

@@ -1,15 +1,17 @@
-"""The one-token bf16 attention kernel (engine/cpu_attention.py) against exact attention, and in the decode path."""
+"""The bf16 kernel library (engine/cpu_kernels.py): one-token attention against exact attention, a decode step's
+small operations against torch's, and both in the decode path."""
 
 import pytest
 import torch
 
-from blockrag.engine import cpu_attention, transformer
+from blockrag.engine import cpu_kernels, transformer
+from blockrag.engine.transformer import DecodeStep, _rotate, _signed_sin
 from blockrag.errors import InvalidArgumentError
 from blockrag.engine.decoding import AUTO_RECYCLE_FROM, AUTO_RECYCLE_FROM_CPU_KERNEL, DecodeOptions, auto_recycle_from
 
 from test_decoding import random_ids, teacher_forced, tiny_model
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(),
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason="the kernel needs a C++ compiler and a CPU with AVX512-BF16")
 
 
@@ -31,7 +33,7 @@ def test_one_token_attention_is_exact_attention_rounded_once_to_bf16(length, hea
     query = torch.randn(1, heads, 1, dim, generator=generator).mul(3).bfloat16()
     keys, values, scaling = cache_k[:, :, :length], cache_v[:, :, :length], dim ** -0.5
     with torch.inference_mode():
-        out, lse = cpu_attention.decode_attention(query, keys, values, scaling, with_lse=True)
+        out, lse = cpu_kernels.decode_attention(query, keys, values, scaling, with_lse=True)
     reference, reference_lse = exact(query, keys, values, scaling)
     assert out.dtype == torch.bfloat16 and out.shape == query.shape
     # Rounding to bf16 once costs at most half an ulp, at most 2^-8 of the value; the fp32 sums before it
@@ -52,8 +54,8 @@ def test_a_full_recycled_step_chooses_the_top_k_of_exact_scores_beside_the_same_
     keys, values = (torch.randn(1, kv_heads, length, dim, generator=generator).mul(2).bfloat16() for _ in range(2))
     query = torch.randn(1, heads, 1, dim, generator=generator).mul(2).bfloat16()
     with torch.inference_mode():
-        out, positions = cpu_attention.attend_and_recycle(query, keys, values, 0.125, k, pool, sinks, kept)
-        assert torch.equal(out, cpu_attention.decode_attention(query, keys, values, 0.125)[0])
+        out, positions = cpu_kernels.attend_and_recycle(query, keys, values, 0.125, k, pool, sinks, kept)
+        assert torch.equal(out, cpu_kernels.decode_attention(query, keys, values, 0.125)[0])
     scores = (query.double().view(kv_heads, heads // kv_heads, dim) @ keys[0].double().transpose(1, 2)) * 0.125
     scores = (scores - torch.logsumexp(scores, -1, keepdim=True)).amax(1)  # [kv_heads, length] log-probabilities
     scores = torch.nn.functional.max_pool1d(scores, pool, stride=1, padding=pool // 2)
@@ -68,20 +70,57 @@ def test_a_full_recycled_step_chooses_the_top_k_of_exact_scores_beside_the_same_
         if k < length:  # the rest a valid top-K; tolerance: fp32 dot products and log-sum-exp against fp64
             assert scores[head][chosen & ~forced].min() >= scores[head][~chosen].max() - 1e-4
     with torch.inference_mode(), pytest.raises(InvalidArgumentError):
-        cpu_attention.attend_and_recycle(query, keys, values, 0.125, length + 1, pool, sinks, kept)
+        cpu_kernels.attend_and_recycle(query, keys, values, 0.125, length + 1, pool, sinks, kept)
 
 
 def test_it_declines_what_it_does_not_compute():
     query, keys = torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     with torch.inference_mode():
-        assert cpu_attention.decode_attention(query.float(), keys.float(), keys.float(), 0.25) is None  # fp32
-        assert cpu_attention.decode_attention(query.expand(2, -1, -1, -1), keys.expand(2, -1, -1, -1),
+        assert cpu_kernels.decode_attention(query.float(), keys.float(), keys.float(), 0.25) is None  # fp32
+        assert cpu_kernels.decode_attention(query.expand(2, -1, -1, -1), keys.expand(2, -1, -1, -1),
                                               keys.expand(2, -1, -1, -1), 0.25) is None  # a batch
-        assert cpu_attention.decode_attention(query[..., :8], keys[..., :8], keys[..., :8], 0.25) is None  # head size
-        with cpu_attention.disabled():
-            assert cpu_attention.decode_attention(query, keys, keys, 0.25) is None
-        assert cpu_attention.decode_attention(query, keys, keys, 0.25) is not None
-    assert cpu_attention.decode_attention(query, keys, keys, 0.25) is None  # autograd
+        assert cpu_kernels.decode_attention(query[..., :8], keys[..., :8], keys[..., :8], 0.25) is None  # head size
+        with cpu_kernels.disabled():
+            assert cpu_kernels.decode_attention(query, keys, keys, 0.25) is None
+        assert cpu_kernels.decode_attention(query, keys, keys, 0.25) is not None
+    assert cpu_kernels.decode_attention(query, keys, keys, 0.25) is None  # autograd
+
+
+@pytest.mark.parametrize(("rows", "size"), [(1, 576), (9, 64), (3, 40), (2, 16)])
+def test_the_residual_sum_and_the_rotation_are_torchs_to_the_bit(rows, size):
+    # Each result is one product or sum of bf16 values, computed in fp32 and rounded to bf16: the same arithmetic
+    # as torch's, so the same bits (a size of 40 leaves a part register at the end of each half).
+    generator = torch.Generator().manual_seed(rows * size)
+    hidden, delta, weight = (torch.randn(rows, size, generator=generator).mul(3).bfloat16() for _ in range(3))
+    summed = hidden.clone()
+    cpu_kernels.add_rms_norm(summed, delta, weight[0], 1e-5)
+    assert torch.equal(summed, hidden + delta)
+    untouched = hidden.clone()
+    cpu_kernels.add_rms_norm(untouched, None, weight[0], 1e-5)
+    assert torch.equal(untouched, hidden)
+    x = hidden.view(1, rows, 1, size)
+    angles = torch.randn(1, size, generator=generator) * 100
+    cos, signed_sin = angles.cos().bfloat16(), _signed_sin(angles.sin().bfloat16())
+    assert torch.equal(cpu_kernels.rotate(x, cos, signed_sin), _rotate(x, cos, signed_sin))
+
+
+@pytest.mark.parametrize(("rows", "size"), [(1, 576), (9, 64), (3, 40), (1, 1536)])
+def test_the_norm_and_the_activation_are_within_a_rounding_of_torchs(rows, size):
+    generator = torch.Generator().manual_seed(rows + size)
+    hidden, delta, weight = (torch.randn(rows, size, generator=generator).mul(3).bfloat16() for _ in range(3))
+    gate_up = torch.randn(2 * size, generator=generator).mul(4).bfloat16()
+    norm = cpu_kernels.add_rms_norm(hidden.clone(), delta, weight[0], 1e-5)
+    reference_norm = torch.rms_norm(hidden + delta, [size], None, 1e-5) * weight[0]
+    gate, up = gate_up.view(2, -1)
+    pairs = [(norm, reference_norm), (cpu_kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)]
+    for got, reference in pairs:
+        # The kernel sums the squares in another order than torch, and its exponential differs from torch's by
+        # about 1e-7: each moves the fp32 value before a rounding by a few 2^-24 of it, so a bf16 result is
+        # torch's, or where that value sat that close to a rounding boundary, its neighbour: one ulp, at most
+        # 2^-7 of the value, in a few cases out of 2^16.
+        difference = (got.float() - reference.float()).abs()
+        assert bool((difference <= reference.float().abs() * 2 ** -7).all())
+        assert int((difference > 0).sum()) <= max(1, got.numel() // 100)
 
 
 @pytest.mark.parametrize("options", [DecodeOptions("full"), DecodeOptions("recycled", recycle_k=8, stride=3)],
@@ -89,17 +128,17 @@ def test_it_declines_what_it_does_not_compute():
 def test_bf16_decoding_runs_the_kernel_and_stays_within_bf16_rounding_of_torchs_kernel(options, monkeypatch):
     model = tiny_model("llama").to(torch.bfloat16)
     prompt, answer = random_ids(40, 3), random_ids(8, 4)
-    with cpu_attention.disabled():
+    with cpu_kernels.disabled():
         _, stock = teacher_forced(model, options, prompt, answer)
     calls = []
-    real = cpu_attention._attend  # what decode_attention and a full recycled step's attend_and_recycle both run
+    real = cpu_kernels._attend  # what decode_attention and a full recycled step's attend_and_recycle both run
 
     def counted(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append(result is not None)
         return result
 
-    monkeypatch.setattr(cpu_attention, "_attend", counted)
+    monkeypatch.setattr(cpu_kernels, "_attend", counted)
     _, got = teacher_forced(model, options, prompt, answer)
     assert len(calls) == model.config.num_hidden_layers * len(answer) and all(calls)  # every layer of every step
     for step, (a, b) in enumerate(zip(got, stock)):
@@ -113,5 +152,5 @@ def test_auto_recycles_from_the_threshold_of_the_kernel_that_decodes():
     assert not transformer.decodes_with_cpu_kernel(model) and auto_recycle_from(model) == AUTO_RECYCLE_FROM  # fp32
     model = model.to(torch.bfloat16)
     assert transformer.decodes_with_cpu_kernel(model) and auto_recycle_from(model) == AUTO_RECYCLE_FROM_CPU_KERNEL
-    with cpu_attention.disabled():
+    with cpu_kernels.disabled():
         assert auto_recycle_from(model) == AUTO_RECYCLE_FROM

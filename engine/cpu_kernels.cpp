@@ -1,4 +1,5 @@
-// One new token's attention over a bf16 KV cache, in fp32, for CPUs with AVX512-BF16 (engine/cpu_attention.py).
+// bf16 decode steps on CPUs with AVX512-BF16 (engine/cpu_kernels.py): one new token's attention over a bf16 KV
+// cache in fp32, its recycle set, and the small operations of a layer.
 //
 // For each KV head, the query heads of its group score every cached key with bf16 dot products accumulated in
 // fp32, take an exact softmax in fp32 and sum the values in fp32; the output is rounded to bf16 once. Keys are
@@ -181,6 +182,74 @@ extern "C" void blockrag_recycle_set(const float* logits, const float* lse, int 
     int64_t count = 0, at_kth = k - above;
     for (int64_t j = 0; j < length && count < k; ++j)
       if (pooled[j] > kth || (pooled[j] == kth && at_kth-- > 0)) chosen[count++] = j;
+  }
+}
+
+// The small operations of a decode step's layer, each what torch computes in bf16 (every operation's result
+// rounded to bf16 to nearest even; results below bf16's normal range flush to zero, where torch keeps them, far
+// below any activation's scale), fused so that a step makes a few calls instead of dozens.
+static inline __m512 load_part(const uint16_t* p, __mmask16 m) {
+  return bf16_to_f32(_mm256_maskz_loadu_epi16(m, p));
+}
+static inline __m512 rounded(__m512 x) { return bf16_to_f32((__m256i)_mm512_cvtneps_pbh(x)); }
+static inline void store_part(uint16_t* p, __m512 x, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+static inline __mmask16 part(int64_t i, int64_t n) { return n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1); }
+
+// Each of `rows` rows of `hidden` [rows, n]: where `delta` is given, hidden += delta first (in place); then
+// out = (hidden * rsqrt(mean(hidden^2) + eps)) * weight, the normalised row rounded before the weight's product as
+// torch.rms_norm followed by the product rounds it.
+extern "C" void blockrag_add_rms_norm(uint16_t* hidden, const uint16_t* delta, const uint16_t* weight, int64_t rows,
+                                      int64_t n, float eps, uint16_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* h = hidden + r * n;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      __mmask16 m = part(i, n);
+      __m512 x = load_part(h + i, m);
+      if (delta) {
+        x = rounded(_mm512_add_ps(x, load_part(delta + r * n + i, m)));
+        store_part(h + i, x, m);
+      }
+      squares = _mm512_fmadd_ps(x, x, squares);
+    }
+    __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)n + eps));
+    for (int64_t i = 0; i < n; i += 16) {
+      __mmask16 m = part(i, n);
+      __m512 x = rounded(_mm512_mul_ps(load_part(h + i, m), scale));
+      store_part(out + r * n + i, _mm512_mul_ps(x, load_part(weight + i, m)), m);
+    }
+  }
+}
+
+// Each of `rows` rows of `x` [rows, d] rotated to its position: out = x * cos + roll(x, d / 2) * signed_sin, the
+// two products rounded before their sum (engine/transformer.py's _rotate, operation by operation).
+extern "C" void blockrag_rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* signed_sin, int64_t rows,
+                                int64_t d, uint16_t* out) {
+  int64_t half = d / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* a = x + r * d;
+    uint16_t* o = out + r * d;
+    for (int64_t i = 0; i < half; i += 16) {
+      __mmask16 m = part(i, half);
+      __m512 lo = load_part(a + i, m), hi = load_part(a + half + i, m);
+      store_part(o + i, _mm512_add_ps(rounded(_mm512_mul_ps(lo, load_part(cos + i, m))),
+                                      rounded(_mm512_mul_ps(hi, load_part(signed_sin + i, m)))), m);
+      store_part(o + half + i, _mm512_add_ps(rounded(_mm512_mul_ps(hi, load_part(cos + half + i, m))),
+                                             rounded(_mm512_mul_ps(lo, load_part(signed_sin + half + i, m)))), m);
+    }
+  }
+}
+
+// The gated activation of a SiLU MLP: out = silu(gate) * up for gate_up = [gate (n), up (n)], silu(x) = x / (1 +
+// exp(-x)) in fp32 and rounded before the product.
+extern "C" void blockrag_silu_mul(const uint16_t* gate_up, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = part(i, n);
+    __m512 g = load_part(gate_up + i, m);
+    __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store_part(out + i, _mm512_mul_ps(rounded(silu), load_part(gate_up + n + i, m)), m);
   }
 }
 #else

@@ -1,11 +1,15 @@
-"""A decode step's attention on CPUs that compute bf16 natively: one new token over a bf16 KV cache.
+"""The kernel library for bf16 decode steps on CPUs that compute bf16 natively: one new token's attention over a
+bf16 KV cache, and the small operations of each layer around its products.
 
 torch's CPU flash kernel gives a one-token query one task per KV head, so on a few cores some sit idle, and it
-reads the cache well below memory speed. ``cpu_attention.cpp`` splits the keys in chunks over the threads and
+reads the cache well below memory speed. ``cpu_kernels.cpp`` splits the keys in chunks over the threads and
 reads each key once, with bf16 dot products accumulated in fp32 (AVX512-BF16), an fp32 softmax and fp32 sums
 of the values, rounded to bf16 once: what the flash kernel computes, to the rounding of the order of its sums.
 A full step of Recycled Attention (:func:`attend_and_recycle`) also keeps the scores it computes and chooses the
 recycle set from them in the same library, where torch would score every key a second time to rank them.
+A layer's norms with the residual sums before them, its rotation and its SiLU activation (:func:`add_rms_norm`,
+:func:`rotate`, :func:`silu_mul`) are one call each, where torch dispatches a dozen small operations: on CPU a
+good part of a step's time.
 
 The source is compiled on first use for this machine (``-march=native``) with the C++ compiler torch would use
 (``$CXX``, else ``c++``), into ``kernels/`` of :func:`~.model.blockrag_home`, and loaded with ``ctypes``; torch's
@@ -31,7 +35,7 @@ import torch
 
 from blockrag.errors import InvalidArgumentError
 
-_SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _library: ctypes.CDLL | None = None
 _loaded = False
@@ -57,7 +61,7 @@ def _build() -> ctypes.CDLL | None:
     from .model import blockrag_home  # the model module imports this one through the transformer module
 
     folder = blockrag_home() / "kernels"
-    target = folder / f"cpu_attention-{key.hexdigest()[:16]}.so"
+    target = folder / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -79,6 +83,11 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_decode_attention.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
         + [ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
+    pointer, count = ctypes.c_void_p, ctypes.c_int64
+    library.blockrag_add_rms_norm.restype = library.blockrag_rotate.restype = library.blockrag_silu_mul.restype = None
+    library.blockrag_add_rms_norm.argtypes = [pointer] * 3 + [count] * 2 + [ctypes.c_float, pointer]
+    library.blockrag_rotate.argtypes = [pointer] * 3 + [count] * 2 + [pointer]
+    library.blockrag_silu_mul.argtypes = [pointer, count, pointer]
     library.blockrag_recycle_set.restype = None
     library.blockrag_recycle_set.argtypes = (
         [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int] + [ctypes.c_int64] * 4
@@ -171,3 +180,41 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scali
     if status:
         return None
     return out, lse, logits
+
+
+def fuses(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a decode step of this dtype and device runs its small operations here: :func:`add_rms_norm`,
+    :func:`rotate` and :func:`silu_mul`, each one call in place of several of torch's."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and available()
+
+
+# The three functions below take contiguous bf16 CPU tensors (where fuses() holds) and check nothing: they run
+# in every layer of every decode step, whose caller made sure of that once per model.
+
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row of ``hidden`` (rows of ``weight``'s size) RMS-normalised and times ``weight``, after ``hidden +=
+    delta`` in place where ``delta`` is given: torch's ``hidden + delta``, then ``torch.rms_norm(hidden, ...) *
+    weight``, in one pass, each result rounded to bf16 as torch rounds it."""
+    out = torch.empty_like(hidden)
+    n = weight.shape[0]
+    _library.blockrag_add_rms_norm(hidden.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                                   hidden.numel() // n, n, eps, out.data_ptr())
+    return out
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` ``[..., d]`` rotated by one position's ``cos`` and ``signed_sin`` ``[d]``: what
+    :func:`~.transformer._rotate` computes, operation by operation."""
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    _library.blockrag_rotate(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), x.numel() // d, d, out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up`` ``[2n]``, gate then up: silu in fp32, rounded to bf16 before the product
+    as torch rounds it (its exponential within about 1e-7 of torch's, so the two differ where that moves a rounding)."""
+    n = gate_up.shape[0] // 2
+    out = torch.empty(n, dtype=gate_up.dtype)
+    _library.blockrag_silu_mul(gate_up.data_ptr(), n, out.data_ptr())
+    return out
