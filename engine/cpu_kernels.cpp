@@ -147,42 +147,91 @@ extern "C" int blockrag_decode_attention(const uint16_t* q, const uint16_t* k, c
   CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
   return 1;
 }
+// A float's bits as an unsigned key that orders as the floats do (-0 taken as +0, so that they tie as equals).
+static inline uint32_t order_key(float x) {
+  uint32_t b;
+  x = x == 0.0f ? 0.0f : x;
+  __builtin_memcpy(&b, &x, 4);
+  return b & 0x80000000u ? ~b : b | 0x80000000u;
+}
+
+// The k-th largest of `keys` [n] (1 <= k <= n): a histogram of their top 11 bits finds the bin it lies in, and a
+// partial sort of that bin's keys (`candidates`, room for n) the key itself.
+static uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k, uint32_t* candidates) {
+  enum { BITS = 11, BINS = 1 << BITS };
+  int32_t histogram[BINS] = {0};
+  for (int64_t j = 0; j < n; ++j) ++histogram[keys[j] >> (32 - BITS)];
+  int64_t bin = BINS - 1, remaining = k;
+  while (histogram[bin] < remaining) remaining -= histogram[bin--];
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j)
+    if ((int64_t)(keys[j] >> (32 - BITS)) == bin) candidates[count++] = keys[j];
+  std::nth_element(candidates, candidates + (remaining - 1), candidates + count, std::greater<uint32_t>());
+  return candidates[remaining - 1];
+}
+
+extern "C" int64_t blockrag_recycle_scratch(int64_t length, int kv_heads, int pool) {
+  return kv_heads * (4 * length + pool);
+}
+
 // The recycle set of each KV head from a full step's `logits` [kv_heads, group, length] and `lse` [kv_heads, group]:
 // a position scores the largest log-probability of its group's query heads, max-pooled over the `pool` positions
 // centred on it; positions [0, sinks) and [tail_first, tail_end) are kept whatever they score; of the rest, the
 // highest scores fill `k` places, the earliest first among equal scores. Writes each head's k positions ascending
-// into `positions` [kv_heads, k]; `scratch` holds 3 * length floats per KV head.
+// into `positions` [kv_heads, k]; `scratch` holds blockrag_recycle_scratch() 4-byte words.
 extern "C" void blockrag_recycle_set(const float* logits, const float* lse, int kv_heads, int group, int64_t length,
                                      int pool, int64_t k, int64_t sinks, int64_t tail_first, int64_t tail_end,
                                      float* scratch, int64_t* positions, int threads) {
   int64_t r = pool / 2;
 #pragma omp parallel for num_threads(std::min(threads, kv_heads)) schedule(static)
   for (int h = 0; h < kv_heads; ++h) {
-    float* best = scratch + 3 * h * length;  // [length] each
-    float* pooled = best + length;
-    float* sorted = pooled + length;
-    for (int64_t j = 0; j < length; ++j) best[j] = logits[h * group * length + j] - lse[h * group];
-    for (int g = 1; g < group; ++g)
-      for (int64_t j = 0; j < length; ++j)
-        best[j] = std::max(best[j], logits[(h * group + g) * length + j] - lse[h * group + g]);
-    for (int64_t j = 0; j < length; ++j) {
-      float m = -INFINITY;
-      for (int64_t i = std::max<int64_t>(0, j - r), end = std::min(length - 1, j + r); i <= end; ++i)
-        m = std::max(m, best[i]);
-      pooled[j] = m;
+    float* best = scratch + h * (4 * length + pool);  // [r + length + r]: -inf on either side
+    float* pooled = best + length + pool;             // [length]
+    uint32_t* keys = (uint32_t*)(pooled + length);    // [length], then candidates [length]
+    for (int64_t j = 0; j < r; ++j) best[j] = best[r + length + j] = -INFINITY;
+    for (int64_t j = 0; j < length; j += 16) {
+      __mmask16 m = length - j >= 16 ? 0xFFFF : (__mmask16)((1u << (length - j)) - 1);
+      __m512 b = _mm512_set1_ps(-INFINITY);
+      for (int g = 0; g < group; ++g)
+        b = _mm512_max_ps(b, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, logits + (h * group + g) * length + j),
+                                           _mm512_set1_ps(lse[h * group + g])));
+      _mm512_mask_storeu_ps(best + r + j, m, b);
+    }
+    for (int64_t j = 0; j < length; j += 16) {
+      __mmask16 m = length - j >= 16 ? 0xFFFF : (__mmask16)((1u << (length - j)) - 1);
+      __m512 p = _mm512_maskz_loadu_ps(m, best + j);
+      for (int i = 1; i < pool; ++i) p = _mm512_max_ps(p, _mm512_maskz_loadu_ps(m, best + j + i));
+      _mm512_mask_storeu_ps(pooled + j, m, p);
     }
     for (int64_t j = 0; j < std::min(sinks, length); ++j) pooled[j] = INFINITY;
     for (int64_t j = std::max<int64_t>(tail_first, 0); j < std::min(tail_end, length); ++j) pooled[j] = INFINITY;
-    std::copy(pooled, pooled + length, sorted);  // the k-th highest score: above it all are in, at it the earliest
-    std::nth_element(sorted, sorted + (k - 1), sorted + length, std::greater<float>());
-    float kth = sorted[k - 1];
+    for (int64_t j = 0; j < length; ++j) keys[j] = order_key(pooled[j]);
+    // The k-th highest score: above it all are in; at it, the earliest.
+    uint32_t kth = kth_largest(keys, length, k, keys + length);
     int64_t above = 0;
-    for (int64_t j = 0; j < length; ++j) above += pooled[j] > kth;
+    for (int64_t j = 0; j < length; ++j) above += keys[j] > kth;
     int64_t* chosen = positions + h * k;
     int64_t count = 0, at_kth = k - above;
     for (int64_t j = 0; j < length && count < k; ++j)
-      if (pooled[j] > kth || (pooled[j] == kth && at_kth-- > 0)) chosen[count++] = j;
+      if (keys[j] > kth || (keys[j] == kth && at_kth-- > 0)) chosen[count++] = j;
   }
+}
+
+// Each KV head's rows at `positions` [kv_heads, k] of `keys` and `values` (`head_stride` and `row` elements apart)
+// copied, in that order, into the first k rows of each head of `to_keys` and `to_values` (`to_head_stride` and
+// `to_row` apart).
+extern "C" void blockrag_gather_rows(const uint16_t* keys, const uint16_t* values, int64_t head_stride, int64_t row,
+                                     const int64_t* positions, int kv_heads, int64_t k, int dim, uint16_t* to_keys,
+                                     uint16_t* to_values, int64_t to_head_stride, int64_t to_row,
+                                     int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+  for (int h = 0; h < kv_heads; ++h)
+    for (int which = 0; which < 2; ++which) {
+      const uint16_t* from = (which ? values : keys) + h * head_stride;
+      uint16_t* to = (which ? to_values : to_keys) + h * to_head_stride;
+      for (int64_t i = 0; i < k; ++i)
+        __builtin_memcpy(to + i * to_row, from + positions[h * k + i] * row, dim * sizeof(uint16_t));
+    }
 }
 
 // The small operations of a decode step's layer, each what torch computes in bf16 (every operation's result

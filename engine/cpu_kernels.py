@@ -88,6 +88,11 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_add_rms_norm.argtypes = [pointer] * 3 + [count] * 2 + [ctypes.c_float, pointer]
     library.blockrag_rotate.argtypes = [pointer] * 3 + [count] * 2 + [pointer]
     library.blockrag_silu_mul.argtypes = [pointer, count, pointer]
+    library.blockrag_recycle_scratch.restype = count
+    library.blockrag_recycle_scratch.argtypes = [count, ctypes.c_int, ctypes.c_int]
+    library.blockrag_gather_rows.restype = None
+    library.blockrag_gather_rows.argtypes = ([pointer] * 2 + [count] * 2 + [pointer, ctypes.c_int, count, ctypes.c_int]
+                                             + [pointer] * 2 + [count] * 2 + [ctypes.c_int])
     library.blockrag_recycle_set.restype = None
     library.blockrag_recycle_set.argtypes = (
         [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int] + [ctypes.c_int64] * 4
@@ -151,10 +156,29 @@ def attend_and_recycle(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     out, lse, logits = done
     kv_heads, group = logits.shape[:2]
     positions = torch.empty(kv_heads, k, dtype=torch.int64)
-    scratch = torch.empty(3 * kv_heads * length, dtype=torch.float32)
+    scratch = torch.empty(_library.blockrag_recycle_scratch(length, kv_heads, pool_kernel), dtype=torch.float32)
     _library.blockrag_recycle_set(logits.data_ptr(), lse.data_ptr(), kv_heads, group, length, pool_kernel, k, sinks,
                                   kept[0], kept[1], scratch.data_ptr(), positions.data_ptr(), torch.get_num_threads())
     return out, positions
+
+
+def gather_rows(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, to_keys: torch.Tensor,
+                to_values: torch.Tensor) -> bool:
+    """Copy each KV head's rows of ``keys``/``values`` ``[1, kv_heads, s, d]`` at its ``positions`` ``[kv_heads,
+    k]`` (int64), in that order, into its first ``k`` rows of ``to_keys``/``to_values``, on torch's threads: a
+    recycle set into its buffer. ``False``, copying nothing, where that is not bf16 rows laid out alike on a CPU
+    where the library runs (or ``positions`` not contiguous int64), for the caller to copy them itself."""
+    kv_heads, k = positions.shape
+    if not (keys.dtype == values.dtype == to_keys.dtype == to_values.dtype == torch.bfloat16 and keys.shape[0] == 1
+            and keys.device.type == "cpu"
+            and positions.dtype == torch.int64 and positions.is_contiguous() and keys.stride() == values.stride()
+            and to_keys.stride() == to_values.stride() and keys.stride(3) == to_keys.stride(3) == 1
+            and to_keys.shape[2] >= k and available()):
+        return False
+    _library.blockrag_gather_rows(keys.data_ptr(), values.data_ptr(), keys.stride(1), keys.stride(2),
+                                  positions.data_ptr(), kv_heads, k, keys.shape[3], to_keys.data_ptr(),
+                                  to_values.data_ptr(), to_keys.stride(1), to_keys.stride(2), torch.get_num_threads())
+    return True
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, with_lse: bool,

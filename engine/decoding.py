@@ -183,10 +183,12 @@ class _KVBuffer:
         """
         count = positions.shape[1]
         self._check_room(count)
+        self.length = count
+        if cpu_kernels.gather_rows(keys, values, positions, self._keys, self._values):
+            return
         for head in range(positions.shape[0]):
             torch.index_select(keys[0, head], 0, positions[head], out=self._keys[0, head, :count])
             torch.index_select(values[0, head], 0, positions[head], out=self._values[0, head, :count])
-        self.length = count
 
     def _check_room(self, end: int) -> None:
         if end > self._keys.shape[2]:

@@ -73,6 +73,31 @@ def test_a_full_recycled_step_chooses_the_top_k_of_exact_scores_beside_the_same_
         cpu_kernels.attend_and_recycle(query, keys, values, 0.125, length + 1, pool, sinks, kept)
 
 
+@pytest.mark.parametrize(("length", "k", "sinks", "kept"), [(1000, 100, 4, (990, 1000)), (60, 7, 2, (30, 33))])
+def test_among_equal_scores_the_recycle_set_takes_the_earliest(length, k, sinks, kept):
+    # A zero query scores every key alike: the set is the forced positions, then the earliest of the others.
+    keys = torch.randn(1, 3, length, 64, generator=torch.Generator().manual_seed(length)).bfloat16()
+    with torch.inference_mode():
+        _, positions = cpu_kernels.attend_and_recycle(torch.zeros(1, 9, 1, 64, dtype=torch.bfloat16), keys, keys,
+                                                      0.125, k, 7, sinks, kept)
+    forced = list(range(sinks)) + list(range(*kept))
+    earliest = [j for j in range(length) if j not in forced][: k - len(forced)]
+    assert positions.tolist() == [sorted(forced + earliest)] * 3
+
+
+def test_a_recycle_set_is_gathered_into_its_buffer_row_by_row():
+    generator = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(1, 3, 50, 16, generator=generator).bfloat16() for _ in range(2))
+    positions = torch.stack([torch.randperm(50, generator=generator)[:20] for _ in range(3)])
+    to_keys, to_values = (torch.zeros(1, 3, 24, 16, dtype=torch.bfloat16) for _ in range(2))
+    assert cpu_kernels.gather_rows(keys[:, :, :40], values[:, :, :40], positions.clamp(max=39), to_keys, to_values)
+    for head in range(3):
+        assert torch.equal(to_keys[0, head, :20], keys[0, head, positions[head].clamp(max=39)])
+        assert torch.equal(to_values[0, head, :20], values[0, head, positions[head].clamp(max=39)])
+    assert not to_keys[:, :, 20:].any()  # rows past the set untouched
+    assert not cpu_kernels.gather_rows(keys.float(), values.float(), positions, to_keys.float(), to_values.float())
+
+
 def test_it_declines_what_it_does_not_compute():
     query, keys = torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     with torch.inference_mode():
