@@ -27,25 +27,17 @@ import torch.nn.functional as F
 from blockrag.errors import CacheFullError, InvalidArgumentError
 from . import cpu_kernels
 from .transformer import (CacheAttention, DecodeStep, KVCache, Positions, attend, attend_with_lse,
-                          decodes_with_cpu_kernel, flash_returns_lse, forward)
+                          flash_returns_lse, forward)
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
     from transformers import PreTrainedModel
 
 DecodeMode = Literal["full", "recycled", "streaming"]
 DECODE_MODES: tuple[DecodeMode, ...] = ("full", "recycled", "streaming")
-#: Prompt length from which ``decode="auto"`` decodes with Recycled Attention where torch's attention kernel decodes
-#: (fp32, or a CPU without AVX512-BF16): where ``blockrag bench decode`` measured it faster than full decoding at its
-#: default budget and stride (benchmarks/RESULTS.md).
+#: Prompt length from which ``decode="auto"`` decodes with Recycled Attention: where ``blockrag bench decode`` measured
+#: it faster than full decoding at its default budget and stride, with torch's attention kernel (fp32 without
+#: AVX-512) and with the engine's bf16 kernel library alike (benchmarks/RESULTS.md).
 AUTO_RECYCLE_FROM = 4096
-#: The same where the engine's bf16 kernel decodes (:func:`~.transformer.decodes_with_cpu_kernel`): full decoding
-#: is then fast enough that recycled decoding measured slower at 4K and only slightly faster at 8K; this lies between.
-AUTO_RECYCLE_FROM_CPU_KERNEL = 6144
-
-
-def auto_recycle_from(model: PreTrainedModel) -> int:
-    """Prompt length from which ``decode="auto"`` decodes ``model`` with Recycled Attention."""
-    return AUTO_RECYCLE_FROM_CPU_KERNEL if decodes_with_cpu_kernel(model) else AUTO_RECYCLE_FROM
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import torch
 from .blocks import (BLOCK_MODES, Block, BlockMode, BlockStore, PassageContext, StoredPassage, assemble, block_key,
                      encode_blocks, prefill_over_blocks)
 from .constrain import Constraint, closing_reserve, compile_constraint
-from .decoding import AUTO_RECYCLE_FROM, DecodeMode, DecodeOptions, auto_recycle_from, start_decoding
+from . import decoding as _decoding
+from .decoding import DecodeMode, DecodeOptions, start_decoding
 from .fourbit import DecodeWeights
 from blockrag.errors import UnknownOptionError, InvalidArgumentError, BlockMismatchError, PromptTooLongError
 from .model import DEFAULT_MODEL, LoadedModel, load_model
@@ -60,7 +61,7 @@ class GenerationOptions:
     ``mode`` is how the prompt is prefilled (blocks, or every token); ``block_mode`` what passage
     blocks are encoded after (``generate`` and ``stream`` only: segment prompts carry their blocks).
     ``decode`` picks what new tokens attend to: ``"auto"`` (Recycled Attention where the prompt is
-    long enough for it to pay, :func:`~.decoding.auto_recycle_from` tokens, full decoding below),
+    long enough for it to pay, :data:`~.decoding.AUTO_RECYCLE_FROM` tokens, full decoding below),
     ``"full"``, ``"recycled"`` or ``"streaming"``, with ``recycle_k``, ``stride`` and
     ``dynamic_threshold`` as :class:`DecodeOptions` describes. In block mode, ``recovery``
     recomputes some passage tokens in context (see :class:`Recovery`). ``ignore_eos`` generates on past
@@ -96,7 +97,7 @@ class GenerationOptions:
                                        f"Constraint.json_schema(schema)), got {type(self.constraint).__name__}")
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         self.sampling  # noqa: B018 - validates the sampling and decoding fields now, not mid-request
-        self.decoding(AUTO_RECYCLE_FROM)
+        self.decoding(_decoding.AUTO_RECYCLE_FROM)
 
     @classmethod
     def of(cls, options: "GenerationOptions | None", fields: dict) -> "GenerationOptions":
@@ -111,12 +112,12 @@ class GenerationOptions:
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(self.temperature, self.top_p, self.top_k, self.seed)
 
-    def decoding(self, prompt_tokens: int, recycle_from: int = AUTO_RECYCLE_FROM) -> DecodeOptions:
+    def decoding(self, prompt_tokens: int) -> DecodeOptions:
         """The decoding of a prompt of ``prompt_tokens`` tokens (``"auto"`` resolved by its length: recycled from
-        ``recycle_from`` tokens, the model's :func:`~.decoding.auto_recycle_from`)."""
+        :data:`~.decoding.AUTO_RECYCLE_FROM` tokens)."""
         mode = self.decode
         if mode == "auto":
-            mode = "recycled" if prompt_tokens >= recycle_from else "full"
+            mode = "recycled" if prompt_tokens >= _decoding.AUTO_RECYCLE_FROM else "full"
         threshold = None if self.decode == "auto" and mode != "recycled" else self.dynamic_threshold
         return DecodeOptions(mode, self.recycle_k, self.stride, threshold)
 
@@ -539,7 +540,7 @@ class BlockEngine:
 
         token = sample(logits)
         ttft = time.perf_counter() - started
-        decoding = options.decoding(cache.length, auto_recycle_from(self.model))
+        decoding = options.decoding(cache.length)
         decoder = start_decoding(self.model, cache, decoding, min(max_new_tokens, cache.capacity - cache.length))
         del cache, done
         try:

@@ -115,12 +115,6 @@ class KVShape:
                    param.device)
 
 
-def decodes_with_cpu_kernel(model: PreTrainedModel) -> bool:
-    """Whether ``model``'s decode steps attend with the engine's CPU kernel (:mod:`.cpu_kernels`)."""
-    shape = KVShape.of(model)
-    return cpu_kernels.applies(shape.dtype, shape.device, shape.head_dim, shape.group)
-
-
 class KVCache:
     """Keys and values of one prompt and its answer, one slot per position, in every layer.
 

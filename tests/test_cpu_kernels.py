@@ -4,10 +4,10 @@ small operations against torch's, and both in the decode path."""
 import pytest
 import torch
 
-from blockrag.engine import cpu_kernels, transformer
-from blockrag.engine.transformer import DecodeStep, _rotate, _signed_sin
+from blockrag.engine import cpu_kernels
+from blockrag.engine.transformer import _rotate, _signed_sin
 from blockrag.errors import InvalidArgumentError
-from blockrag.engine.decoding import AUTO_RECYCLE_FROM, AUTO_RECYCLE_FROM_CPU_KERNEL, DecodeOptions, auto_recycle_from
+from blockrag.engine.decoding import DecodeOptions
 
 from test_decoding import random_ids, teacher_forced, tiny_model
 
@@ -170,12 +170,3 @@ def test_bf16_decoding_runs_the_kernel_and_stays_within_bf16_rounding_of_torchs_
         # The two kernels sum in different orders, so their bf16 outputs may differ by an ulp, and the layers after
         # carry that on: a few ulps of bf16 at the logits' scale.
         assert float((a.float() - b.float()).abs().max()) <= 2 ** -5 * float(b.float().abs().max()), step
-
-
-def test_auto_recycles_from_the_threshold_of_the_kernel_that_decodes():
-    model = tiny_model("llama")
-    assert not transformer.decodes_with_cpu_kernel(model) and auto_recycle_from(model) == AUTO_RECYCLE_FROM  # fp32
-    model = model.to(torch.bfloat16)
-    assert transformer.decodes_with_cpu_kernel(model) and auto_recycle_from(model) == AUTO_RECYCLE_FROM_CPU_KERNEL
-    with cpu_kernels.disabled():
-        assert auto_recycle_from(model) == AUTO_RECYCLE_FROM

@@ -11,7 +11,7 @@ pytest.importorskip("llama_index.core", reason='needs pip install "blockrag[llam
 
 from langchain_core.messages import HumanMessage  # noqa: E402
 
-import blockrag.engine.generate as generate  # noqa: E402
+import blockrag.engine.decoding as decoding  # noqa: E402
 from blockrag.engine import BlockEngine  # noqa: E402
 from blockrag.integrations import Passage, PassageIndex  # noqa: E402
 from blockrag.integrations.gate import compare_first_token  # noqa: E402
@@ -25,7 +25,7 @@ RECYCLED = dict(decode="recycled", recycle_k=4, stride=3)
 @pytest.fixture
 def long_prompts_from(monkeypatch):
     """Make ``decode="auto"`` count every prompt here as long (the tiny model's context is short)."""
-    monkeypatch.setattr(generate, "auto_recycle_from", lambda model: 8)
+    monkeypatch.setattr(decoding, "AUTO_RECYCLE_FROM", 8)
 
 
 def test_llamaindex_llm_decodes_as_its_fields_and_call_arguments_say(tiny_engine):

@@ -225,14 +225,14 @@ def test_async_calls_leave_the_event_loop_free(engine, loop_gate):
 
 
 def test_a_chain_decodes_long_prompts_with_recycled_attention_under_auto(chat, retriever, monkeypatch):
-    """decode="auto" (the default) in an LCEL chain: over a prompt at least auto_recycle_from(model) tokens long, lowered
+    """decode="auto" (the default) in an LCEL chain: over a prompt at least AUTO_RECYCLE_FROM tokens long, lowered
     here so that the retrieved passages make a long prompt, the chat model decodes with Recycled Attention."""
-    import blockrag.engine.generate as generate
+    import blockrag.engine.decoding as decoding
 
     question = QUESTIONS["velloran-language"].question
     assert rag_chain(retriever, chat).invoke(question)["answer"].response_metadata["blockrag"]["decode"][
         "mode"] == "full"
-    monkeypatch.setattr(generate, "auto_recycle_from", lambda model: 256)
+    monkeypatch.setattr(decoding, "AUTO_RECYCLE_FROM", 256)
     out = rag_chain(retriever, chat).invoke(question)["answer"]
     assert out.usage_metadata["input_tokens"] >= 256
     assert out.response_metadata["blockrag"]["decode"]["mode"] == "recycled"

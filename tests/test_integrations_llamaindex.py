@@ -224,22 +224,22 @@ def test_async_llm_calls_leave_the_event_loop_free(llm, loop_gate):
 
 
 def test_a_query_engine_decodes_long_prompts_with_recycled_attention_under_auto(index, llm, monkeypatch):
-    """decode="auto" (the default) in a LlamaIndex query engine: over a prompt at least auto_recycle_from(model) tokens long,
+    """decode="auto" (the default) in a LlamaIndex query engine: over a prompt at least AUTO_RECYCLE_FROM tokens long,
     lowered here so that three passages make a long prompt, the LLM decodes with Recycled Attention."""
-    import blockrag.engine.generate as generate
+    import blockrag.engine.decoding as decoding
 
     plain = block_query_engine(index, llm, similarity_top_k=3).query(MARROWBRIDGE.question)
     assert plain.metadata["blockrag"].completions[0].decode == "full"
-    monkeypatch.setattr(generate, "auto_recycle_from", lambda model: 256)
+    monkeypatch.setattr(decoding, "AUTO_RECYCLE_FROM", 256)
     long = block_query_engine(index, llm, similarity_top_k=3).query(MARROWBRIDGE.question)
     done = long.metadata["blockrag"].completions[0]
     assert done.usage.prompt_tokens >= 256 and done.decode == "recycled" and done.full_steps >= 1
 
 
 def test_the_llm_decodes_a_long_prompt_with_recycled_attention_by_default(llm):
-    """On the bundled model, an 8K-token prompt (past auto_recycle_from, its real value) decodes with Recycled
+    """On the bundled model, an 8K-token prompt (past AUTO_RECYCLE_FROM, its real value) decodes with Recycled
     Attention."""
-    from blockrag.engine.decoding import auto_recycle_from
+    from blockrag.engine.decoding import AUTO_RECYCLE_FROM
 
     texts = [d.text for d in bundled_corpus()]
     prompt, i = "", 0
@@ -247,5 +247,5 @@ def test_the_llm_decodes_a_long_prompt_with_recycled_attention_by_default(llm):
         prompt += f"Note {i}: {texts[i % len(texts)]}\n\n"
         i += 1
     raw = llm.complete(prompt + "Which note mentions a lighthouse?", max_tokens=6).raw
-    assert raw["usage"]["prompt_tokens"] >= 7900 > auto_recycle_from(llm.engine.model)
+    assert raw["usage"]["prompt_tokens"] >= 7900 > AUTO_RECYCLE_FROM
     assert raw["decode"]["mode"] == "recycled"
