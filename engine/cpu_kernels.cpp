@@ -91,6 +91,27 @@ static void chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64
   for (int g = 0; g < G; ++g) for (int c = 0; c < DF; ++c) _mm512_storeu_ps(acc_out + g * D + c * 16, acc[g][c]);
 }
 
+// One query row's output from its chunks' softmax maxima `ms`, sums `ls` and value sums `accs` (chunk c's at
+// c * stride, its value sums at c * stride * D): merged by their maxima and rounded to bf16 once into `dst`.
+// Returns the row's log-sum-exp.
+template <int D>
+static float merge_chunks(const float* ms, const float* ls, const float* accs, int64_t chunks, int64_t stride,
+                          uint16_t* dst) {
+  float m = -INFINITY;
+  for (int64_t c = 0; c < chunks; ++c) m = std::max(m, ms[c * stride]);
+  float l = 0, o[D] = {0};
+  for (int64_t c = 0; c < chunks; ++c) {
+    float w = expf(ms[c * stride] - m);
+    l += w * ls[c * stride];
+    for (int d = 0; d < D; ++d) o[d] += w * accs[c * stride * D + d];
+  }
+  for (int d = 0; d < D; ++d) {  // round to nearest even
+    float x = o[d] / l; uint32_t b; __builtin_memcpy(&b, &x, 4);
+    b += 0x7FFF + ((b >> 16) & 1); dst[d] = (uint16_t)(b >> 16);
+  }
+  return m + logf(l);
+}
+
 template <int G, int D>
 static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride, int64_t row,
                    int64_t length, int kv_heads, float scale, uint16_t* out, float* lse, float* logits, float* scratch,
@@ -108,21 +129,9 @@ static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int6
   }
   for (int h = 0; h < kv_heads; ++h)
     for (int g = 0; g < G; ++g) {
-      float m = -INFINITY;
-      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, ms[(h * chunks + c) * G + g]);
-      float l = 0, o[D] = {0};
-      for (int64_t c = 0; c < chunks; ++c) {
-        int64_t t = h * chunks + c;
-        float w = expf(ms[t * G + g] - m);
-        l += w * ls[t * G + g];
-        for (int d = 0; d < D; ++d) o[d] += w * accs[(t * G + g) * D + d];
-      }
-      if (lse) lse[h * G + g] = m + logf(l);
-      uint16_t* dst = out + (h * G + g) * D;
-      for (int d = 0; d < D; ++d) {  // round to nearest even
-        float x = o[d] / l; uint32_t b; __builtin_memcpy(&b, &x, 4);
-        b += 0x7FFF + ((b >> 16) & 1); dst[d] = (uint16_t)(b >> 16);
-      }
+      int64_t first = h * chunks * G + g;
+      float l = merge_chunks<D>(ms + first, ls + first, accs + first * D, chunks, G, out + (h * G + g) * D);
+      if (lse) lse[h * G + g] = l;
     }
 }
 
@@ -300,6 +309,154 @@ extern "C" void blockrag_silu_mul(const uint16_t* gate_up, int64_t n, uint16_t* 
     __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
     store_part(out + i, _mm512_mul_ps(rounded(silu), load_part(gate_up + n + i, m)), m);
   }
+}
+
+// Attention of many query rows over a long run of keys, none masked: a question's tokens over the blocks assembled
+// before them (engine/transformer.py's attend_suffix). The keys are split in chunks over the threads; each chunk's
+// keys and values are packed once in the layout of bf16 dot-product pairs and serve every query row of its KV head.
+// Scores are bf16 dot products accumulated in fp32; the softmax is fp32; its probabilities are rounded to bf16 for
+// their products with the values (as torch's flash kernel rounds them), summed in fp32; each chunk's softmax is
+// merged by its max and sum, and the output is rounded to bf16 once.
+enum { PREFIX_CHUNK = 256 };
+
+static inline __m512i pair_of(const uint16_t* p) {  // two bf16 side by side, broadcast to every 32-bit lane
+  int32_t pair;
+  __builtin_memcpy(&pair, p, 4);
+  return _mm512_set1_epi32(pair);
+}
+
+// scores[r][j] = scale * q[r] . k[j] for RT rows and 32 keys from `packed` [D/2][32 keys... of the chunk][2]
+template <int D, int RT>
+static inline void score_tile(const uint16_t* q, const uint16_t* packed, int64_t keys_padded, float scale,
+                              float* scores, int64_t score_row) {
+  __m512 acc[RT][2];
+  for (int r = 0; r < RT; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int p = 0; p < D / 2; ++p) {
+    __m512bh k0 = (__m512bh)_mm512_loadu_si512(packed + (p * keys_padded) * 2);
+    __m512bh k1 = (__m512bh)_mm512_loadu_si512(packed + (p * keys_padded + 16) * 2);
+    for (int r = 0; r < RT; ++r) {
+      __m512bh qp = (__m512bh)pair_of(q + r * D + 2 * p);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k0, qp);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], k1, qp);
+    }
+  }
+  __m512 sv = _mm512_set1_ps(scale);
+  for (int r = 0; r < RT; ++r) {
+    _mm512_storeu_ps(scores + r * score_row, _mm512_mul_ps(acc[r][0], sv));
+    _mm512_storeu_ps(scores + r * score_row + 16, _mm512_mul_ps(acc[r][1], sv));
+  }
+}
+
+// acc[r] += sum_j probs[r][j] v[j] for RT rows, from `packed` values [keys/2][D][2] and probs [RT][keys] bf16
+template <int D, int RT>
+static inline void value_tile(const uint16_t* probs, int64_t prob_row, const uint16_t* packed, int64_t pairs,
+                              float* acc, int64_t acc_row) {
+  constexpr int DV = D / 16;
+  __m512 o[RT][DV];
+  for (int r = 0; r < RT; ++r) for (int c = 0; c < DV; ++c) o[r][c] = _mm512_loadu_ps(acc + r * acc_row + c * 16);
+  for (int64_t jp = 0; jp < pairs; ++jp) {
+    __m512bh v[DV];
+    for (int c = 0; c < DV; ++c) v[c] = (__m512bh)_mm512_loadu_si512(packed + (jp * D + c * 16) * 2);
+    for (int r = 0; r < RT; ++r) {
+      __m512bh pp = (__m512bh)pair_of(probs + r * prob_row + 2 * jp);
+      for (int c = 0; c < DV; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], v[c], pp);
+    }
+  }
+  for (int r = 0; r < RT; ++r) for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + r * acc_row + c * 16, o[r][c]);
+}
+
+template <int D, int RT>
+static void score_rows(const uint16_t* q, int64_t rows, const uint16_t* packed, int64_t keys_padded, float scale,
+                       float* scores) {
+  int64_t r = 0;
+  for (; r + RT <= rows; r += RT)
+    for (int64_t j = 0; j < keys_padded; j += 32)
+      score_tile<D, RT>(q + r * D, packed + j * 2, keys_padded, scale, scores + r * keys_padded + j, keys_padded);
+  for (; r < rows; ++r)
+    for (int64_t j = 0; j < keys_padded; j += 32)
+      score_tile<D, 1>(q + r * D, packed + j * 2, keys_padded, scale, scores + r * keys_padded + j, keys_padded);
+}
+
+template <int D, int RT>
+static void value_rows(const uint16_t* probs, int64_t rows, int64_t keys_padded, const uint16_t* packed, float* acc) {
+  int64_t r = 0;
+  for (; r + RT <= rows; r += RT)
+    value_tile<D, RT>(probs + r * keys_padded, keys_padded, packed, keys_padded / 2, acc + r * D, D);
+  for (; r < rows; ++r) value_tile<D, 1>(probs + r * keys_padded, keys_padded, packed, keys_padded / 2, acc + r * D, D);
+}
+
+template <int D>
+static void prefix_attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride, int64_t row,
+                          int64_t length, int kv_heads, int64_t rows, float scale, uint16_t* out, float* lse,
+                          float* scratch, int threads) {
+  constexpr int SCORE_ROWS = 8, VALUE_ROWS = std::min(8, 384 / D);  // tiles that fit the 32 vector registers
+  int64_t chunks = (length + PREFIX_CHUNK - 1) / PREFIX_CHUNK, tasks = kv_heads * chunks;
+  float* ms = scratch;                  // [tasks, rows]
+  float* ls = ms + tasks * rows;        // [tasks, rows]
+  float* accs = ls + tasks * rows;      // [tasks, rows, D]
+  float* own = accs + tasks * rows * D; // per thread: scores [rows, CHUNK] f32, probs [rows, CHUNK] bf16, K, V
+  int64_t per_thread = rows * PREFIX_CHUNK + rows * PREFIX_CHUNK / 2 + D * PREFIX_CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    int64_t h = t / chunks, first = (t % chunks) * PREFIX_CHUNK, n = std::min<int64_t>(PREFIX_CHUNK, length - first);
+    int64_t padded = (n + 31) & ~31;
+    float* scores = own + omp_get_thread_num() * per_thread;
+    uint16_t* probs = (uint16_t*)(scores + rows * PREFIX_CHUNK);
+    uint16_t* packed_k = probs + rows * PREFIX_CHUNK;
+    uint16_t* packed_v = packed_k + D * PREFIX_CHUNK;
+    const uint16_t* kh = k + h * head_stride + first * row;
+    const uint16_t* vh = v + h * head_stride + first * row;
+    for (int64_t j = 0; j < padded; ++j)  // keys as [D/2][padded][2], values as [padded/2][D][2]; zero past n
+      for (int p = 0; p < D / 2; ++p) {
+        packed_k[(p * padded + j) * 2] = j < n ? kh[j * row + 2 * p] : 0;
+        packed_k[(p * padded + j) * 2 + 1] = j < n ? kh[j * row + 2 * p + 1] : 0;
+      }
+    for (int64_t j = 0; j < padded; ++j)
+      for (int d = 0; d < D; ++d) packed_v[((j / 2) * D + d) * 2 + (j & 1)] = j < n ? vh[j * row + d] : 0;
+    const uint16_t* qh = q + h * rows * D;
+    score_rows<D, SCORE_ROWS>(qh, rows, packed_k, padded, scale, scores);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = scores + r * padded;
+      for (int64_t j = n; j < padded; ++j) s[j] = -INFINITY;
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < padded; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+      float m = _mm512_reduce_max_ps(mx);
+      __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < padded; j += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+        e = _mm512_mask_blend_ps(j < n ? part(j, n) : 0, _mm512_setzero_ps(), e);  // exactly 0 past n
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i*)(probs + r * padded + j), (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      ms[t * rows + r] = m;
+      ls[t * rows + r] = _mm512_reduce_add_ps(sum);
+    }
+    float* acc = accs + t * rows * D;
+    std::fill(acc, acc + rows * D, 0.0f);
+    value_rows<D, VALUE_ROWS>(probs, rows, padded, packed_v, acc);
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t hr = 0; hr < kv_heads * rows; ++hr) {
+    int64_t first = (hr / rows) * chunks * rows + hr % rows;
+    lse[hr] = merge_chunks<D>(ms + first, ls + first, accs + first * D, chunks, rows, out + hr * D);
+  }
+}
+
+extern "C" int64_t blockrag_prefix_scratch(int64_t length, int kv_heads, int64_t rows, int dim, int threads) {
+  int64_t tasks = kv_heads * ((length + PREFIX_CHUNK - 1) / PREFIX_CHUNK);
+  return tasks * rows * (dim + 2) + threads * (rows * PREFIX_CHUNK + rows * PREFIX_CHUNK / 2 + dim * PREFIX_CHUNK);
+}
+
+// q [kv_heads, rows, dim] (a KV head's query rows: its group's heads, each over the tokens); k, v: kv_heads rows of
+// `length` keys, `head_stride` and `row` elements apart; out [kv_heads, rows, dim]; lse [kv_heads, rows]. Returns
+// 0, or 1 for an unsupported head size.
+extern "C" int blockrag_prefix_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride,
+                                         int64_t row, int64_t length, int kv_heads, int64_t rows, int dim,
+                                         float scale, uint16_t* out, float* lse, float* scratch, int threads) {
+  if (dim == 32) return prefix_attend<32>(q, k, v, head_stride, row, length, kv_heads, rows, scale, out, lse, scratch, threads), 0;
+  if (dim == 64) return prefix_attend<64>(q, k, v, head_stride, row, length, kv_heads, rows, scale, out, lse, scratch, threads), 0;
+  if (dim == 128) return prefix_attend<128>(q, k, v, head_stride, row, length, kv_heads, rows, scale, out, lse, scratch, threads), 0;
+  return 1;
 }
 #else
 extern "C" int blockrag_supported() { return 0; }  // built for a CPU without AVX512-BF16: nothing to run

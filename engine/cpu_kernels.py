@@ -1,5 +1,6 @@
-"""The kernel library for bf16 decode steps on CPUs that compute bf16 natively: one new token's attention over a
-bf16 KV cache, and the small operations of each layer around its products.
+"""The kernel library for bf16 on CPUs that compute bf16 natively: one new token's attention over a bf16 KV cache,
+the small operations of a decode step's layers around their products, and a question's attention over the blocks
+assembled before it.
 
 torch's CPU flash kernel gives a one-token query one task per KV head, so on a few cores some sit idle, and it
 reads the cache well below memory speed. ``cpu_kernels.cpp`` splits the keys in chunks over the threads and
@@ -9,7 +10,9 @@ A full step of Recycled Attention (:func:`attend_and_recycle`) also keeps the sc
 recycle set from them in the same library, where torch would score every key a second time to rank them.
 A layer's norms with the residual sums before them, its rotation and its SiLU activation (:func:`add_rms_norm`,
 :func:`rotate`, :func:`silu_mul`) are one call each, where torch dispatches a dozen small operations: on CPU a
-good part of a step's time.
+good part of a step's time. :func:`prefix_attention` runs the many query rows of a block prompt's question over
+the keys before it (the prefill's largest part at long contexts), packing each chunk of keys and values once for
+every row of its head, where torch's flash kernel multiplies small blocks one at a time.
 
 The source is compiled on first use for this machine (``-march=native``) with the C++ compiler torch would use
 (``$CXX``, else ``c++``), into ``kernels/`` of :func:`~.model.blockrag_home`, and loaded with ``ctypes``; torch's
@@ -93,6 +96,10 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_gather_rows.restype = None
     library.blockrag_gather_rows.argtypes = ([pointer] * 2 + [count] * 2 + [pointer, ctypes.c_int, count, ctypes.c_int]
                                              + [pointer] * 2 + [count] * 2 + [ctypes.c_int])
+    library.blockrag_prefix_scratch.restype = count
+    library.blockrag_prefix_scratch.argtypes = [count, ctypes.c_int, count, ctypes.c_int, ctypes.c_int]
+    library.blockrag_prefix_attention.argtypes = ([pointer] * 3 + [count] * 3 + [ctypes.c_int, count, ctypes.c_int]
+                                                  + [ctypes.c_float] + [pointer] * 3 + [ctypes.c_int])
     library.blockrag_recycle_set.restype = None
     library.blockrag_recycle_set.argtypes = (
         [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int] + [ctypes.c_int64] * 4
@@ -160,6 +167,40 @@ def attend_and_recycle(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     _library.blockrag_recycle_set(logits.data_ptr(), lse.data_ptr(), kv_heads, group, length, pool_kernel, k, sinks,
                                   kept[0], kept[1], scratch.data_ptr(), positions.data_ptr(), torch.get_num_threads())
     return out, positions
+
+
+PREFIX_ROWS = 2048
+"""The most query rows per KV head (query heads of a group times tokens) :func:`prefix_attention` takes: its
+per-thread scores grow with them."""
+
+
+def prefix_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention of each KV head's query rows ``query`` ``[1, kv_heads, rows, d]`` over all of ``keys``/``values``
+    ``[1, kv_heads, s, d]``, unmasked, and each row's log-sum-exp of its scaled scores ``[1, kv_heads, rows]``: a
+    question's tokens over the blocks before them, as torch's CPU flash kernel computes it (bf16 dot products
+    summed in fp32, an fp32 softmax whose probabilities are rounded to bf16 for their products with the values),
+    with each chunk of keys packed once for every row of its head.
+
+    ``None`` where it does not apply: not bf16 on CPU, under autograd, a batch, a head size other than 32, 64 or
+    128, more than :data:`PREFIX_ROWS` rows, keys or values laid out differently, or no library here.
+    """
+    b, kv_heads, rows, d = query.shape
+    length = keys.shape[2]
+    if not (query.dtype == keys.dtype == values.dtype == torch.bfloat16 and query.device.type == "cpu" and b == 1
+            and d in (32, 64, 128) and 0 < rows <= PREFIX_ROWS and length > 0 and keys.shape[1] == kv_heads
+            and not torch.is_grad_enabled() and keys.stride() == values.stride() and keys.stride(3) == 1
+            and keys.stride(2) >= d and available()):
+        return None
+    query = query.contiguous()
+    out = torch.empty_like(query)
+    lse = torch.empty(1, kv_heads, rows, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    scratch = torch.empty(_library.blockrag_prefix_scratch(length, kv_heads, rows, d, threads), dtype=torch.float32)
+    _library.blockrag_prefix_attention(query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
+                                       keys.stride(2), length, kv_heads, rows, d, scaling, out.data_ptr(),
+                                       lse.data_ptr(), scratch.data_ptr(), threads)
+    return out, lse
 
 
 def gather_rows(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, to_keys: torch.Tensor,

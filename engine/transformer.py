@@ -308,17 +308,19 @@ def attend_suffix(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Attention of the ``n`` tokens at slots ``[first, first + n)`` over ``keys``/``values`` ``[b, kv_heads,
     first + n, d]``: every slot before them, and causally each other.
 
-    The two parts run unmasked, as two passes of CPU's flash kernel whose softmaxes are merged by their
-    log-sum-exps (in fp32, then rounded once more): the long part with the query heads of a group folded
-    into the query length, so it reads each KV head once under no mask. CPU only, without autograd
-    (:func:`flash_returns_lse`); elsewhere the run attends under its mask like any other.
+    The two parts run unmasked and their softmaxes are merged by their log-sum-exps (in fp32, then rounded once
+    more): the long part with the query heads of a group folded into the query length, so it reads each KV head
+    once under no mask, in the kernel library's :func:`~.cpu_kernels.prefix_attention` where it applies (bf16 on
+    CPUs with AVX512-BF16), else in CPU's flash kernel; the tokens' own part causally in CPU's flash kernel. CPU
+    only, without autograd (:func:`flash_returns_lse`); elsewhere the run attends under its mask like any other.
     """
     b, heads, n, d = query.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    before, lse_before = flash(query.reshape(b, kv_heads, group * n, d), keys[:, :, :first], values[:, :, :first],
-                               scale=scaling)
+    folded, keys_before, values_before = query.reshape(b, kv_heads, group * n, d), keys[:, :, :first], values[:, :, :first]
+    done = cpu_kernels.prefix_attention(folded, keys_before, values_before, scaling) if first > 0 else None
+    before, lse_before = done if done is not None else flash(folded, keys_before, values_before, scale=scaling)[:2]
     own_keys, own_values = (t[:, :, first:].repeat_interleave(group, 1) for t in (keys, values))
     own, lse_own = flash(query, own_keys, own_values, is_causal=True, scale=scaling)
     lse_before = lse_before.reshape(b, heads, n, 1)

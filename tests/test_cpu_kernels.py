@@ -44,6 +44,29 @@ def test_one_token_attention_is_exact_attention_rounded_once_to_bf16(length, hea
     assert torch.allclose(lse.double().view(-1), reference_lse.view(-1), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize(("length", "rows", "dim"), [(8000, 135, 64), (1000, 7, 64), (257, 33, 32), (31, 9, 128),
+                                                    (256, 8, 64), (1, 3, 64)])
+def test_many_query_rows_over_a_prefix_are_exact_attention_within_bf16_probabilities(length, rows, dim):
+    generator = torch.Generator().manual_seed(length + rows)
+    capacity = length + 5  # room past the keys read, as in a request's cache
+    cache_k, cache_v = (torch.randn(1, 3, capacity, dim, generator=generator).mul(2).bfloat16() for _ in range(2))
+    query = torch.randn(1, 3, rows, dim, generator=generator).mul(2).bfloat16()
+    keys, values, scaling = cache_k[:, :, :length], cache_v[:, :, :length], dim ** -0.5
+    with torch.inference_mode():
+        out, lse = cpu_kernels.prefix_attention(query, keys, values, scaling)
+    reference, reference_lse = exact(query, keys, values, scaling)
+    assert out.dtype == torch.bfloat16 and out.shape == query.shape and lse.shape == (1, 3, rows)
+    # The probabilities are rounded to bf16 for their products with the values (as torch's flash kernel does): each
+    # weight off by at most 2^-9 of itself, so the output by at most 2^-9 of the largest value; then the output's
+    # own rounding, half an ulp (2^-9 of it); the fp32 sums add far less. Bounded here at twice each.
+    bound = reference.abs() * 2 ** -8 + values.double().abs().amax(dim=(2, 3), keepdim=True) * 2 ** -8
+    assert bool(((out.double() - reference).abs() <= bound).all())
+    assert torch.allclose(lse.double(), reference_lse, rtol=0, atol=1e-4)
+    with torch.inference_mode():
+        assert cpu_kernels.prefix_attention(query.float(), keys.float(), values.float(), scaling) is None
+        assert cpu_kernels.prefix_attention(query[..., :16], keys[..., :16], values[..., :16], scaling) is None
+
+
 @pytest.mark.parametrize(("length", "k", "pool", "sinks", "kept"),
                          [(1000, 100, 7, 4, (900, 910)), (300, 30, 1, 0, (300, 300)), (40, 40, 3, 2, (30, 40)),
                           (257, 20, 5, 4, (250, 257))])

@@ -89,8 +89,20 @@ def test_bf16_rerotation_is_as_exact_as_encoding_in_bf16():
     assert float((moved.float() - reference).abs().max()) <= bf16_error_bound(reference, encoded)
 
 
+@pytest.mark.parametrize("head_dim", [16, 64])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_bf16_naive_block_prefill_is_as_exact_as_the_masked_bf16_forward(family):
+def test_bf16_naive_block_prefill_is_as_exact_as_the_masked_bf16_forward(family, head_dim, monkeypatch):
+    # With heads of 64, the question's attention over the blocks runs the kernel library where it can run.
+    from blockrag.engine import cpu_kernels
+    kernel_runs = []
+    real = cpu_kernels.prefix_attention
+
+    def counted(*args):
+        done = real(*args)
+        kernel_runs.append(done is not None)
+        return done
+
+    monkeypatch.setattr(cpu_kernels, "prefix_attention", counted)
     g = torch.Generator().manual_seed(3)
     pieces = [torch.randint(0, 1000, (n,), generator=g) for n in (7, 19, 11, 23)]
     question = torch.randint(0, 1000, (9,), generator=g)
@@ -98,7 +110,7 @@ def test_bf16_naive_block_prefill_is_as_exact_as_the_masked_bf16_forward(family)
     mask = block_attention_mask([(len(p), "block") for p in pieces] + [(len(question), "text")])
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = tiny_model(family).to(dtype)
+        model = tiny_model(family, head_dim=head_dim).to(dtype)
         with torch.inference_mode():
             blocks = encode_blocks(model, [p.tolist() for p in pieces], batch_size=3)
             cache = assemble(model, blocks, capacity=ids.shape[1])
@@ -109,6 +121,8 @@ def test_bf16_naive_block_prefill_is_as_exact_as_the_masked_bf16_forward(family)
     reference = results[torch.float32][1]
     got, stock = results[torch.bfloat16]
     assert float((got - reference).abs().max()) <= bf16_error_bound(reference, stock)
+    ran = head_dim == 64 and cpu_kernels.available()
+    assert kernel_runs == [False] * 2 + [ran] * 2  # fp32 declined, then bf16 in each of the two layers
 
 
 def test_segments_with_text_between_blocks_equal_masked_forward(tiny_engine):

@@ -25,9 +25,12 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str = "llama", rope: str = "default", attn: str = "eager"):
+def tiny_model(family: str = "llama", rope: str = "default", attn: str = "eager", head_dim: int | None = None):
+    """A tiny model of ``family``; ``head_dim`` other than the family's tiny one (16) for kernels that need larger."""
     torch.manual_seed(0)
     config = FAMILIES[family](rope_parameters=dict(ROPES[rope]))
+    if head_dim is not None:
+        config.head_dim = head_dim
     config._attn_implementation = attn
     return AutoModelForCausalLM.from_config(config).eval()
 
