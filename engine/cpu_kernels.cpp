@@ -385,6 +385,33 @@ static void value_rows(const uint16_t* probs, int64_t rows, int64_t keys_padded,
   for (; r < rows; ++r) value_tile<D, 1>(probs + r * keys_padded, keys_padded, packed, keys_padded / 2, acc + r * D, D);
 }
 
+// A chunk's `n` keys (`row` elements apart) as [D/2][padded][2]: each key's pairs of elements, key after key; zero
+// past n. Pairs are moved as 32-bit words (rows start at even elements: checked by the caller).
+template <int D>
+static void pack_keys(const uint16_t* k, int64_t row, int64_t n, int64_t padded, uint16_t* packed) {
+  uint32_t* to = (uint32_t*)packed;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t* pairs = (const uint32_t*)(k + j * row);
+    for (int p = 0; p < D / 2; ++p) to[p * padded + j] = pairs[p];
+  }
+  for (int p = 0; p < D / 2; ++p) std::fill(to + p * padded + n, to + (p + 1) * padded, 0u);
+}
+
+// A chunk's `n` values as [padded/2][D][2]: the rows of two keys interleaved element by element; zero past n.
+template <int D>
+static void pack_values(const uint16_t* v, int64_t row, int64_t n, int64_t padded, uint16_t* packed) {
+  alignas(64) static const uint16_t LOW[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_load_si512(LOW), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t j = 0; j < padded; j += 2)
+    for (int c = 0; c < D / 32; ++c) {
+      __m512i a = j < n ? _mm512_loadu_si512(v + j * row + c * 32) : _mm512_setzero_si512();
+      __m512i b = j + 1 < n ? _mm512_loadu_si512(v + (j + 1) * row + c * 32) : _mm512_setzero_si512();
+      _mm512_storeu_si512(packed + ((j / 2) * D + c * 32) * 2, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(packed + ((j / 2) * D + c * 32 + 16) * 2, _mm512_permutex2var_epi16(a, high, b));
+    }
+}
+
 template <int D>
 static void prefix_attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride, int64_t row,
                           int64_t length, int kv_heads, int64_t rows, float scale, uint16_t* out, float* lse,
@@ -406,13 +433,8 @@ static void prefix_attend(const uint16_t* q, const uint16_t* k, const uint16_t* 
     uint16_t* packed_v = packed_k + D * PREFIX_CHUNK;
     const uint16_t* kh = k + h * head_stride + first * row;
     const uint16_t* vh = v + h * head_stride + first * row;
-    for (int64_t j = 0; j < padded; ++j)  // keys as [D/2][padded][2], values as [padded/2][D][2]; zero past n
-      for (int p = 0; p < D / 2; ++p) {
-        packed_k[(p * padded + j) * 2] = j < n ? kh[j * row + 2 * p] : 0;
-        packed_k[(p * padded + j) * 2 + 1] = j < n ? kh[j * row + 2 * p + 1] : 0;
-      }
-    for (int64_t j = 0; j < padded; ++j)
-      for (int d = 0; d < D; ++d) packed_v[((j / 2) * D + d) * 2 + (j & 1)] = j < n ? vh[j * row + d] : 0;
+    pack_keys<D>(kh, row, n, padded, packed_k);
+    pack_values<D>(vh, row, n, padded, packed_v);
     const uint16_t* qh = q + h * rows * D;
     score_rows<D, SCORE_ROWS>(qh, rows, packed_k, padded, scale, scores);
     for (int64_t r = 0; r < rows; ++r) {

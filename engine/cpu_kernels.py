@@ -183,14 +183,16 @@ def prefix_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     with each chunk of keys packed once for every row of its head.
 
     ``None`` where it does not apply: not bf16 on CPU, under autograd, a batch, a head size other than 32, 64 or
-    128, more than :data:`PREFIX_ROWS` rows, keys or values laid out differently, or no library here.
+    128, more than :data:`PREFIX_ROWS` rows, keys or values laid out differently or rows of keys not starting at
+    even elements (read in pairs), or no library here.
     """
     b, kv_heads, rows, d = query.shape
     length = keys.shape[2]
     if not (query.dtype == keys.dtype == values.dtype == torch.bfloat16 and query.device.type == "cpu" and b == 1
             and d in (32, 64, 128) and 0 < rows <= PREFIX_ROWS and length > 0 and keys.shape[1] == kv_heads
             and not torch.is_grad_enabled() and keys.stride() == values.stride() and keys.stride(3) == 1
-            and keys.stride(2) >= d and available()):
+            and keys.stride(2) >= d and keys.stride(2) % 2 == keys.stride(1) % 2 == keys.data_ptr() % 4 == 0
+            and available()):
         return None
     query = query.contiguous()
     out = torch.empty_like(query)

@@ -65,6 +65,8 @@ def test_many_query_rows_over_a_prefix_are_exact_attention_within_bf16_probabili
     with torch.inference_mode():
         assert cpu_kernels.prefix_attention(query.float(), keys.float(), values.float(), scaling) is None
         assert cpu_kernels.prefix_attention(query[..., :16], keys[..., :16], values[..., :16], scaling) is None
+        odd = torch.zeros(1, 3, length, dim + 1, dtype=torch.bfloat16)[..., :dim]  # rows an odd count apart
+        assert cpu_kernels.prefix_attention(query, odd, odd, scaling) is None
 
 
 @pytest.mark.parametrize(("length", "k", "pool", "sinks", "kept"),
