@@ -38,6 +38,11 @@ static inline __m512bh load_bf16(const uint16_t* p, __mmask32 mask) {
   return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
 }
 
+// The lanes of 16 elements from i that lie before n: all, some, or none.
+static inline __mmask16 part(int64_t i, int64_t n) {
+  return n - i >= 16 ? 0xFFFF : n <= i ? 0 : (__mmask16)((1u << (n - i)) - 1);
+}
+
 enum { CHUNK = 256 };
 
 template <int G, int D>
@@ -70,7 +75,7 @@ static void chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64
     __m512 mv = _mm512_set1_ps(m_out[g]), sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < padded; j += 16) {
       __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(&s[g][j]), mv));
-      p = _mm512_mask_blend_ps(j + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1), _mm512_setzero_ps(), p);
+      p = _mm512_mask_blend_ps(part(j, n), _mm512_setzero_ps(), p);
       _mm512_store_ps(&s[g][j], p);
       sum = _mm512_add_ps(sum, p);
     }
@@ -199,7 +204,7 @@ extern "C" void blockrag_recycle_set(const float* logits, const float* lse, int 
     uint32_t* keys = (uint32_t*)(pooled + length);    // [length], then candidates [length]
     for (int64_t j = 0; j < r; ++j) best[j] = best[r + length + j] = -INFINITY;
     for (int64_t j = 0; j < length; j += 16) {
-      __mmask16 m = length - j >= 16 ? 0xFFFF : (__mmask16)((1u << (length - j)) - 1);
+      __mmask16 m = part(j, length);
       __m512 b = _mm512_set1_ps(-INFINITY);
       for (int g = 0; g < group; ++g)
         b = _mm512_max_ps(b, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, logits + (h * group + g) * length + j),
@@ -207,7 +212,7 @@ extern "C" void blockrag_recycle_set(const float* logits, const float* lse, int 
       _mm512_mask_storeu_ps(best + r + j, m, b);
     }
     for (int64_t j = 0; j < length; j += 16) {
-      __mmask16 m = length - j >= 16 ? 0xFFFF : (__mmask16)((1u << (length - j)) - 1);
+      __mmask16 m = part(j, length);
       __m512 p = _mm512_maskz_loadu_ps(m, best + j);
       for (int i = 1; i < pool; ++i) p = _mm512_max_ps(p, _mm512_maskz_loadu_ps(m, best + j + i));
       _mm512_mask_storeu_ps(pooled + j, m, p);
@@ -253,7 +258,6 @@ static inline __m512 rounded(__m512 x) { return bf16_to_f32((__m256i)_mm512_cvtn
 static inline void store_part(uint16_t* p, __m512 x, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
 }
-static inline __mmask16 part(int64_t i, int64_t n) { return n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1); }
 
 // Each of `rows` rows of `hidden` [rows, n]: where `delta` is given, hidden += delta first (in place); then
 // out = (hidden * rsqrt(mean(hidden^2) + eps)) * weight, the normalised row rounded before the weight's product as
@@ -446,7 +450,7 @@ static void prefix_attend(const uint16_t* q, const uint16_t* k, const uint16_t* 
       __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < padded; j += 16) {
         __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
-        e = _mm512_mask_blend_ps(j < n ? part(j, n) : 0, _mm512_setzero_ps(), e);  // exactly 0 past n
+        e = _mm512_mask_blend_ps(part(j, n), _mm512_setzero_ps(), e);  // exactly 0 past n
         sum = _mm512_add_ps(sum, e);
         _mm256_storeu_si256((__m256i*)(probs + r * padded + j), (__m256i)_mm512_cvtneps_pbh(e));
       }

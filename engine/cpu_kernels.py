@@ -18,8 +18,8 @@ The source is compiled on first use for this machine (``-march=native``) with th
 (``$CXX``, else ``c++``), into ``kernels/`` of :func:`~.model.blockrag_home`, and loaded with ``ctypes``; torch's
 own OpenMP runtime runs its threads. :func:`~.model.load_model` builds it when it loads a bf16 model on CPU, so
 the few seconds this takes once per machine stay out of the first answer's time. Where there is no compiler, the
-CPU lacks AVX512-BF16 or ``BLOCKRAG_CPU_KERNELS=0`` is set, :func:`decode_attention` returns ``None`` and callers
-use torch's kernel.
+CPU lacks AVX512-BF16 or ``BLOCKRAG_CPU_KERNELS=0`` is set, nothing here runs (:func:`available` is false, the
+attention functions return ``None``, :func:`fuses` is false) and callers use torch's operations.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _build() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether :func:`decode_attention` runs here (compiling the kernel on the first call)."""
+    """Whether the library runs here (compiling it on the first call) and is not turned off."""
     global _library, _loaded
     if not _loaded:
         _library, _loaded = _build(), True
@@ -117,7 +117,8 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Decode with torch's own attention kernel inside the block (benchmarks compare the two)."""
+    """Run torch's own operations instead of the library's inside the block (benchmarks and tests compare the
+    two); decode steps built before it are built again (:class:`~.transformer.DecodeStep`)."""
     global _enabled
     previous, _enabled = _enabled, False
     try:

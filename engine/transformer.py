@@ -319,7 +319,7 @@ def attend_suffix(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     group = heads // kv_heads
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     folded, keys_before, values_before = query.reshape(b, kv_heads, group * n, d), keys[:, :, :first], values[:, :, :first]
-    done = cpu_kernels.prefix_attention(folded, keys_before, values_before, scaling) if first > 0 else None
+    done = cpu_kernels.prefix_attention(folded, keys_before, values_before, scaling)
     before, lse_before = done if done is not None else flash(folded, keys_before, values_before, scale=scaling)[:2]
     own_keys, own_values = (t[:, :, first:].repeat_interleave(group, 1) for t in (keys, values))
     own, lse_own = flash(query, own_keys, own_values, is_causal=True, scale=scaling)
