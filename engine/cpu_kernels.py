@@ -1,6 +1,6 @@
 """The kernel library for bf16 on CPUs that compute bf16 natively: one new token's attention over a bf16 KV cache,
-the small operations of a decode step's layers around their products, and a question's attention over the blocks
-assembled before it.
+a decode step's four-bit products and the small operations of its layers around them, and a question's attention
+over the blocks assembled before it.
 
 torch's CPU flash kernel gives a one-token query one task per KV head, so on a few cores some sit idle, and it
 reads the cache well below memory speed. ``cpu_kernels.cpp`` splits the keys in chunks over the threads and
@@ -10,7 +10,9 @@ A full step of Recycled Attention (:func:`attend_and_recycle`) also keeps the sc
 recycle set from them in the same library, where torch would score every key a second time to rank them.
 A layer's norms with the residual sums before them, its rotation and its SiLU activation (:func:`add_rms_norm`,
 :func:`rotate`, :func:`silu_mul`) are one call each, where torch dispatches a dozen small operations: on CPU a
-good part of a step's time. :func:`prefix_attention` runs the many query rows of a block prompt's question over
+good part of a step's time. A decode step reads every weight once; torch's four-bit kernel reads them well below
+memory speed, :func:`four_bit_matvec` near it (sixteen rows at a time, each nibble turned into a bf16 dot-product
+operand by one logic operation). :func:`prefix_attention` runs the many query rows of a block prompt's question over
 the keys before it (the prefill's largest part at long contexts), packing each chunk of keys and values once for
 every row of its head, where torch's flash kernel multiplies small blocks one at a time.
 
@@ -100,6 +102,8 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_prefix_scratch.argtypes = [count, ctypes.c_int, count, ctypes.c_int, ctypes.c_int]
     library.blockrag_prefix_attention.argtypes = ([pointer] * 3 + [count] * 3 + [ctypes.c_int, count, ctypes.c_int]
                                                   + [ctypes.c_float] + [pointer] * 3 + [ctypes.c_int])
+    library.blockrag_four_bit_matvec.restype = None
+    library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [ctypes.c_int]
     library.blockrag_recycle_set.restype = None
     library.blockrag_recycle_set.argtypes = (
         [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int] + [ctypes.c_int64] * 4
@@ -285,4 +289,52 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = gate_up.shape[0] // 2
     out = torch.empty(n, dtype=gate_up.dtype)
     _library.blockrag_silu_mul(gate_up.data_ptr(), n, out.data_ptr())
+    return out
+
+
+FOUR_BIT_TILE = 16
+"""Rows of a four-bit weight per tile of :func:`pack_four_bit`'s layout: a weight's rows must be a multiple of it."""
+FOUR_BIT_GROUP = 32
+"""Inputs per quantization group of :func:`pack_four_bit`'s layout: a weight's inputs must be a multiple of it."""
+_NIBBLES = torch.tensor([1, 16, 256, 4096], dtype=torch.int32)
+
+
+def pack_four_bit(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The weight ``(q - 8) * scale + zero`` (``q`` int ``[rows, inputs]`` in 0..15, ``scale`` and ``zero`` ``[rows,
+    inputs / 32]``, one per group of 32 inputs of a row: torch's four-bit form, whose zero is small beside the
+    group's minimum and so loses less to its rounding) in the layout :func:`four_bit_matvec` reads: int16 ``[rows
+    / 16, groups, 160]``, per tile of 16 rows and group its four-bit values (nibble ``j`` of lane ``2r + e`` of word
+    ``c`` holding row ``r``'s input ``8c + 2j + e``), then the rows' scales and zeros rounded to bf16."""
+    rows, inputs = q.shape
+    tiles, groups = rows // FOUR_BIT_TILE, inputs // FOUR_BIT_GROUP
+    nibbles = q.to(torch.int32).view(tiles, FOUR_BIT_TILE, groups, 4, 4, 2).permute(0, 2, 3, 1, 5, 4)
+    words = (nibbles * _NIBBLES).sum(-1)
+    words = torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16).reshape(tiles, groups, 128)
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:
+        return values.to(torch.bfloat16).view(torch.int16).view(tiles, FOUR_BIT_TILE, groups).transpose(1, 2)
+
+    return torch.cat((words, per_tile(scale), per_tile(zero)), -1).contiguous()
+
+
+def unpack_four_bit(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q`` (int32), ``scale`` and ``zero`` (bf16) of a weight in :func:`pack_four_bit`'s layout."""
+    count, groups = tiles.shape[:2]
+    words = tiles[..., :128].to(torch.int32).view(count, groups, 4, FOUR_BIT_TILE, 2, 1) & 0xFFFF
+    nibbles = (words // _NIBBLES) % 16  # [tiles, groups, c, r, e, j]
+    q = nibbles.permute(0, 3, 1, 2, 5, 4).reshape(count * FOUR_BIT_TILE, groups * FOUR_BIT_GROUP)
+
+    def per_row(values: torch.Tensor) -> torch.Tensor:
+        return values.contiguous().view(torch.bfloat16).transpose(1, 2).reshape(count * FOUR_BIT_TILE, groups)
+
+    return q, per_row(tiles[..., 128:144]), per_row(tiles[..., 144:])
+
+
+def four_bit_matvec(tiles: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """The weight ``tiles`` (:func:`pack_four_bit`) times ``row`` (contiguous bf16 ``[inputs]``), ``[rows]`` in bf16:
+    each group's products summed in fp32, scaled and offset in fp32, the output rounded once (where
+    :func:`available`)."""
+    out = torch.empty(tiles.shape[0] * FOUR_BIT_TILE, dtype=torch.bfloat16)
+    _library.blockrag_four_bit_matvec(tiles.data_ptr(), tiles.shape[0], tiles.shape[1], row.data_ptr(),
+                                      out.data_ptr(), torch.get_num_threads())
     return out

@@ -3,18 +3,18 @@
 A decode step reads every weight once for a single token, so its time is mostly that read. The
 bundled SmolLM2 ships as a GGUF whose layers are Q4_1: within each group of :data:`GROUP` inputs of a
 row, every weight is ``scale * q + minimum`` with ``q`` in 0..15. Such a group re-quantizes to the same
-``q`` (its minimum and maximum give the scale back), and torch's CPU kernel for four-bit weights reads a
-quarter of the bytes of bf16 ones. Its embedding matrix, which is also its LM head, is Q8_0: ``scale * q``
-with ``q`` in -127..127. Such a weight is held as two four-bit halves side by side, its high and low
-nibbles, read by one product of the same kernel over the input taken twice: half the bytes of bf16.
-The kernel is vectorized for bf16 activations only (in fp32 and fp16 it runs a scalar loop, slower than
-the dense product), so a copy always reads its input rounded to bf16, whatever the model's dtype, with
-its scales in bf16, and hands its output back in the input's dtype: in an fp32 model, the precision of a
-bf16 model's products, at a quarter of the bytes of its fp32 weights.
+``q`` (its minimum and maximum give the scale back), and a four-bit product reads a quarter of the bytes
+of bf16 weights. Its embedding matrix, which is also its LM head, is Q8_0: ``scale * q`` with ``q`` in
+-127..127. Such a weight is held as two four-bit halves side by side, its high and low nibbles, read by
+one four-bit product over the input taken twice: half the bytes of bf16.
+The product is the kernel library's (:func:`~.cpu_kernels.four_bit_matvec`) where it runs, else torch's
+four-bit CPU kernel, which is vectorized for bf16 activations only (in fp32 and fp16 it runs a scalar
+loop, slower than the dense product). Either way a copy reads its input rounded to bf16, whatever the
+model's dtype, with its scales in bf16, and hands its output back in the input's dtype: in an fp32
+model, the precision of a bf16 model's products, at a quarter of the bytes of its fp32 weights.
 The dense weights stay for passes of many tokens, where a weight read serves every token and the
 matrix units pay.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,12 +24,14 @@ import torch
 
 from blockrag.errors import InvalidArgumentError
 
+from . import cpu_kernels
+
 GROUP = 32
 """Inputs per quantization group: Q4_0's and Q4_1's block size."""
 
 KERNEL_DTYPE = torch.bfloat16
-"""The one activation dtype for which torch's CPU four-bit kernel is vectorized: copies hold their scales in it and
-read their input rounded to it."""
+"""The activation dtype of both four-bit products (the only one for which torch's is vectorized): copies hold their
+scales in it and read their input rounded to it."""
 
 DecodeWeights = Literal["auto", "dense", "4bit"]
 DECODE_WEIGHTS: tuple[str, ...] = get_args(DecodeWeights)
@@ -45,28 +47,45 @@ def check_decode_weights(value: str) -> None:
         raise InvalidArgumentError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {value!r}")
 
 
-@dataclass(frozen=True, eq=False)
 class FourBitWeights:
-    """A weight ``[out, in]`` in torch's packed four-bit CPU layout, with each group's scale and zero."""
+    """A weight ``[out, in]`` whose groups of :data:`GROUP` inputs are each ``(q - 8) * scale + zero`` (``q`` in
+    0..15), packed for a product with one vector.
 
-    packed: torch.Tensor
-    scales_and_zeros: torch.Tensor
-    """``[inputs / GROUP, out, 2]`` in :data:`KERNEL_DTYPE`: a weight is ``(q - 8) * scale + zero``."""
-    eight_bit: bool = False
-    """Whether the packed weight is an eight-bit one's high and low halves side by side (:func:`eight_bit_weights`),
-    whose product takes the input twice."""
+    Where the kernel library runs (:func:`~.cpu_kernels.available`) when the copy is made, it is held in the
+    library's layout (:func:`~.cpu_kernels.pack_four_bit`), whose product reads it near memory speed; elsewhere, and
+    while the library is off (:func:`~.cpu_kernels.disabled`), in torch's packed layout for its four-bit kernel
+    (made from the library's on first use then). Both read the input rounded to :data:`KERNEL_DTYPE`, with the
+    scales and zeros rounded to it, sum in fp32 and round the output to it.
+    """
 
-    @property
-    def rows(self) -> int:
-        return self.scales_and_zeros.shape[1]
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, eight_bit: bool = False):
+        self.rows = q.shape[0]
+        self.eight_bit = eight_bit
+        """Whether the weight is an eight-bit one's high and low halves side by side (:func:`eight_bit_weights`),
+        whose product takes the input twice."""
+        self._tiles = cpu_kernels.pack_four_bit(q, scale, zero) if cpu_kernels.available() else None
+        self._torch_layout = None if self._tiles is not None else _torch_layout(q, scale, zero)
 
     def matvec(self, row: torch.Tensor) -> torch.Tensor:
         """The weight times the vector ``row`` ``[in]``, as ``[out]`` in ``row``'s dtype (computed over ``row``
         rounded to :data:`KERNEL_DTYPE`)."""
         x = row.to(KERNEL_DTYPE)
-        x = torch.cat((x, x)) if self.eight_bit else x
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), self.packed, GROUP, self.scales_and_zeros)
-        return out.view(-1).to(row.dtype)
+        x = torch.cat((x, x)) if self.eight_bit else x.contiguous()
+        if self._tiles is not None and cpu_kernels.available():
+            out = cpu_kernels.four_bit_matvec(self._tiles, x)
+        else:
+            if self._torch_layout is None:
+                self._torch_layout = _torch_layout(*cpu_kernels.unpack_four_bit(self._tiles))
+            packed, scales_and_zeros = self._torch_layout
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), packed, GROUP, scales_and_zeros).view(-1)
+        return out.to(row.dtype)
+
+
+def _torch_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight ``(q - 8) * scale + zero`` packed for torch's four-bit CPU kernel, with its scales and zeros ``[in
+    / GROUP, out, 2]`` in :data:`KERNEL_DTYPE`."""
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2), scales_and_zeros
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,11 +173,9 @@ def eight_bit_weights(q: torch.Tensor, scale: torch.Tensor) -> FourBitWeights:
     0 and the low half's ``scale`` with zero ``8 * scale``. Both are the scale times a power of two, as exact in
     :data:`KERNEL_DTYPE` as the scale is."""
     biased = q + 128
-    halves = torch.cat((biased // 16, biased % 16), dim=1).to(torch.int32)
-    high = torch.stack([16 * scale, torch.zeros_like(scale)], dim=-1)
-    low = torch.stack([scale, 8 * scale], dim=-1)
-    scales_and_zeros = torch.cat((high, low), dim=1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
-    return FourBitWeights(torch.ops.aten._convert_weight_to_int4pack_for_cpu(halves, 2), scales_and_zeros, True)
+    halves = torch.cat((biased // 16, biased % 16), dim=1)
+    return FourBitWeights(halves, torch.cat((16 * scale, scale), dim=1),
+                          torch.cat((torch.zeros_like(scale), 8 * scale), dim=1), eight_bit=True)
 
 
 def four_bit_weights(weight: torch.Tensor, *, exact_only: bool) -> FourBitWeights | None:
@@ -174,6 +191,4 @@ def four_bit_weights(weight: torch.Tensor, *, exact_only: bool) -> FourBitWeight
             return eight_bit_weights(q8, scale8)
         if exact_only:
             return None
-    scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    return FourBitWeights(packed, scales_and_zeros.to(KERNEL_DTYPE))
+    return FourBitWeights(q, scale, minimum + 8 * scale)

@@ -123,6 +123,41 @@ def test_a_recycle_set_is_gathered_into_its_buffer_row_by_row():
     assert not cpu_kernels.gather_rows(keys.float(), values.float(), positions, to_keys.float(), to_values.float())
 
 
+def four_bit_grid(rows: int, inputs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q`` in 0..15 and bf16 ``scale`` and ``zero`` per group of 32 inputs, spread as a trained layer's are."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, inputs), generator=generator, dtype=torch.int32)
+    scale = (torch.rand(rows, inputs // 32, generator=generator) * 0.02 + 1e-3).bfloat16()
+    zero = (torch.randn(rows, inputs // 32, generator=generator) * scale).bfloat16()
+    return q, scale, zero
+
+
+def test_a_four_bit_weight_packs_and_unpacks_to_itself():
+    q, scale, zero = four_bit_grid(48, 96, seed=0)
+    tiles = cpu_kernels.pack_four_bit(q, scale, zero)
+    assert tiles.shape == (3, 3, 160) and tiles.dtype == torch.int16
+    back = cpu_kernels.unpack_four_bit(tiles)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, scale, zero)))
+
+
+@pytest.mark.parametrize(("rows", "inputs"), [(16, 32), (960, 576), (576, 1536), (48, 2304)])
+def test_a_four_bit_product_is_the_exact_one_rounded_once_to_bf16(rows, inputs):
+    q, scale, zero = four_bit_grid(rows, inputs, seed=rows + inputs)
+    x = (torch.randn(inputs, generator=torch.Generator().manual_seed(1)) * 2).bfloat16()
+    out = cpu_kernels.four_bit_matvec(cpu_kernels.pack_four_bit(q, scale, zero), x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows,)
+    weight = ((q.double() - 8).unflatten(1, (-1, 32)) * scale.double()[..., None] + zero.double()[..., None])
+    exact = weight.flatten(1) @ x.double()
+    # Rounding to bf16 once costs at most half an ulp: 2^-8 of the value. Before it, each group's 32 products
+    # (128 + q) * x are exact in fp32 and summed there (each partial sum within 2^-24 of itself, at most
+    # 143 * sum |x| of the group); 136 times the group's sum of x is subtracted, one more such error; scaled,
+    # offset and summed over the groups in fp32: in all, within 2^-24 * 64 * 143 * sum |x| * |scale| per group.
+    sums = x.double().abs().unflatten(0, (-1, 32)).sum(-1)
+    fp32 = 2.0 ** -24 * 64 * 143 * (scale.double().abs() @ sums + zero.double().abs() @ sums)
+    assert ((out.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + fp32).all()
+    assert (out.double() - exact).abs().max() > 0  # it did round: bf16 output, not a copy of fp64
+
+
 def test_it_declines_what_it_does_not_compute():
     query, keys = torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     with torch.inference_mode():

@@ -1,11 +1,13 @@
 """Four-bit copies of four- and eight-bit weights for decode steps: found exactly, read correctly, used only where
 valid."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
+from blockrag.engine import cpu_kernels
 from blockrag.engine import BlockEngine, DecodeOptions, LoadedModel, load_model, model_fingerprint, start_decoding
 from blockrag.engine.fourbit import (GROUP, dequantize, dequantize_eight_bit, four_bit_weights, is_eight_bit,
                                     is_four_bit, quantize, quantize_eight_bit)
@@ -84,14 +86,19 @@ def test_shapes_the_kernel_cannot_take_stay_dense():
     assert four_bit_weights(torch.zeros(32, 48), exact_only=False) is None  # inputs not whole groups
 
 
+@pytest.mark.parametrize("library", ["on", "off when made", "off when read"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_four_bit_product_is_the_grid_weights_product(dtype):
+def test_four_bit_product_is_the_grid_weights_product(dtype, library):
+    """The kernel library's product where it runs, else torch's four-bit kernel: from a copy made without the
+    library, or from the library's layout unpacked for torch's while the library is off."""
     weight = grid_weight(96, 256).to(dtype)
     row = torch.randn(256, generator=torch.Generator().manual_seed(2)).to(dtype)
-    copy = four_bit_weights(weight, exact_only=True)
-    out = copy.matvec(row)
+    with cpu_kernels.disabled() if library == "off when made" else contextlib.nullcontext():
+        copy = four_bit_weights(weight, exact_only=True)
+    with cpu_kernels.disabled() if library == "off when read" else contextlib.nullcontext():
+        out = copy.matvec(row)
+        assert_read_through_bf16(copy, row, out)
     assert out.dtype == dtype and out.shape == (96,)
-    assert_read_through_bf16(copy, row, out)
     reference = weight.double() @ row.double()
     # The scale and zero are rounded to bf16 (half an ulp each, times up to 8 steps of q), and so are the input (an
     # fp32 one too) and the output: within a few bf16 ulps of the sum of |terms|.
