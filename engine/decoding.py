@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -145,11 +146,11 @@ class _KVBuffer:
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._keys[:, :, : self.length]
+        return self._keys.narrow(2, 0, self.length)
 
     @property
     def values(self) -> torch.Tensor:
-        return self._values[:, :, : self.length]
+        return self._values.narrow(2, 0, self.length)
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.length = 0
@@ -161,10 +162,10 @@ class _KVBuffer:
         self.length = end
 
     def write(self, at: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        end = at + keys.shape[2]
-        self._check_room(end)
-        self._keys[:, :, at:end] = keys
-        self._values[:, :, at:end] = values
+        n = keys.shape[2]
+        self._check_room(at + n)
+        self._keys.narrow(2, at, n).copy_(keys)
+        self._values.narrow(2, at, n).copy_(values)
 
     def select(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Hold only the keys and values ``[1, kv_heads, slots, head_dim]`` at each head's ``positions``
@@ -283,10 +284,11 @@ class _RecycledLayer:
             return probs
         return F.max_pool1d(probs, self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
 
-    def attend(self, cache_layer: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, full_step: bool, scaling: float) -> torch.Tensor:
-        keys, values = cache_layer
+    def attend(self, cache_layer: Callable[[], tuple[torch.Tensor, torch.Tensor]], query: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor, full_step: bool, scaling: float) -> torch.Tensor:
+        """This step's attention in the layer; ``cache_layer`` gives the layer's whole cache, read in full steps."""
         if full_step:
+            keys, values = cache_layer()
             n = keys.shape[2]
             k = min(recycle_budget(self.recycle_k, n), n)
             sinks = min(self.sinks, k)
@@ -331,8 +333,8 @@ class RecycledDecoding(PartialDecoding):
     def attend(self, layer, query, key, value, raw_query, scaling):
         full = self.schedule.full_step(layer, self.steps, raw_query)
         self.full_layer_steps += full
-        return self.layers[layer].attend(self.cache.layer(layer, self.cache.length + 1), query, key, value, full,
-                                         scaling)
+        return self.layers[layer].attend(lambda: self.cache.layer(layer, self.cache.length + 1), query, key, value,
+                                         full, scaling)
 
 
 class _StreamingLayer:

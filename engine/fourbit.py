@@ -69,7 +69,8 @@ class FourBitWeights:
     def matvec(self, row: torch.Tensor) -> torch.Tensor:
         """The weight times the vector ``row`` ``[in]``, as ``[out]`` in ``row``'s dtype (computed over ``row``
         rounded to :data:`KERNEL_DTYPE`)."""
-        x = row.to(KERNEL_DTYPE)
+        same = row.dtype == KERNEL_DTYPE  # a decode step's every product: no conversions to dispatch
+        x = row if same else row.to(KERNEL_DTYPE)
         x = torch.cat((x, x)) if self.eight_bit else x.contiguous()
         if self._tiles is not None and cpu_kernels.available():
             out = cpu_kernels.four_bit_matvec(self._tiles, x)
@@ -78,7 +79,7 @@ class FourBitWeights:
                 self._torch_layout = _torch_layout(*cpu_kernels.unpack_four_bit(self._tiles))
             packed, scales_and_zeros = self._torch_layout
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), packed, GROUP, scales_and_zeros).view(-1)
-        return out.to(row.dtype)
+        return out if same else out.to(row.dtype)
 
 
 def _torch_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

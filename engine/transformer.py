@@ -164,15 +164,16 @@ class KVCache:
     def layer(self, i: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of layer ``i`` at positions ``[0, end)`` (default: the filled ones), as views."""
         end = self.length if end is None else end
-        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        return self.keys[i].narrow(2, 0, end), self.values[i].narrow(2, 0, end)
 
     def write(self, layer: int, positions: "Positions", keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put the KV of the tokens at ``positions`` into their slots of ``layer``."""
         if positions.end > self.capacity:
             raise InvalidArgumentError(f"the cache has room for {self.capacity} positions, not position {positions.end - 1}")
         if positions.contiguous:
-            self.keys[layer][:, :, positions.first:positions.end] = keys
-            self.values[layer][:, :, positions.first:positions.end] = values
+            n = positions.end - positions.first
+            self.keys[layer].narrow(2, positions.first, n).copy_(keys)
+            self.values[layer].narrow(2, positions.first, n).copy_(values)
         else:
             self.keys[layer].index_copy_(2, positions.ids, keys)
             self.values[layer].index_copy_(2, positions.ids, values)
