@@ -305,6 +305,31 @@ extern "C" void blockrag_rotate(const uint16_t* x, const uint16_t* cos, const ui
   }
 }
 
+// Keys moved to new positions (engine/rope.py): each row of `keys` [layers, heads, tokens, d] (any strides, rows
+// contiguous) rotated by its token's angle difference, pairs (i, i + d/2) by cos[t, i] and sin[t, i] (fp32, [tokens,
+// d/2]) in fp32, and written rounded to bf16 into `out` (a block's slots in a request's cache): one pass over the
+// keys, where torch reads them, converts and rotates in several.
+extern "C" void blockrag_rerotate(const uint16_t* keys, const int64_t* key_strides, const float* cos, const float* sin,
+                                  uint16_t* out, const int64_t* out_strides, int64_t layers, int64_t heads,
+                                  int64_t tokens, int64_t d, int threads) {
+  int64_t half = d / 2;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+  for (int64_t l = 0; l < layers; ++l)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t t = 0; t < tokens; ++t) {
+        const uint16_t* k = keys + l * key_strides[0] + h * key_strides[1] + t * key_strides[2];
+        uint16_t* o = out + l * out_strides[0] + h * out_strides[1] + t * out_strides[2];
+        const float *c = cos + t * half, *sn = sin + t * half;
+        for (int64_t i = 0; i < half; i += 16) {
+          __mmask16 m = part(i, half);
+          __m512 lo = load_part(k + i, m), hi = load_part(k + half + i, m);
+          __m512 cv = _mm512_maskz_loadu_ps(m, c + i), sv = _mm512_maskz_loadu_ps(m, sn + i);
+          store_part(o + i, _mm512_fmsub_ps(lo, cv, _mm512_mul_ps(hi, sv)), m);
+          store_part(o + half + i, _mm512_fmadd_ps(hi, cv, _mm512_mul_ps(lo, sv)), m);
+        }
+      }
+}
+
 // The gated activation of a SiLU MLP: out = silu(gate) * up for gate_up = [gate (n), up (n)], silu(x) = x / (1 +
 // exp(-x)) in fp32 and rounded before the product.
 extern "C" void blockrag_silu_mul(const uint16_t* gate_up, int64_t n, uint16_t* out) {

@@ -102,6 +102,8 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_prefix_scratch.argtypes = [count, ctypes.c_int, count, ctypes.c_int, ctypes.c_int]
     library.blockrag_prefix_attention.argtypes = ([pointer] * 3 + [count] * 3 + [ctypes.c_int, count, ctypes.c_int]
                                                   + [ctypes.c_float] + [pointer] * 3 + [ctypes.c_int])
+    library.blockrag_rerotate.restype = None
+    library.blockrag_rerotate.argtypes = [pointer] * 6 + [count] * 4 + [ctypes.c_int]
     library.blockrag_four_bit_matvec.restype = None
     library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [ctypes.c_int]
     library.blockrag_recycle_set.restype = None
@@ -338,3 +340,22 @@ def four_bit_matvec(tiles: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     _library.blockrag_four_bit_matvec(tiles.data_ptr(), tiles.shape[0], tiles.shape[1], row.data_ptr(),
                                       out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> bool:
+    """Write ``keys`` ``[..., tokens, d]`` (at most four dimensions) rotated by ``cos`` and ``sin`` (fp32 ``[tokens,
+    d / 2]``, one angle per pair ``(i, i + d / 2)``) into ``out``, in fp32 and rounded to bf16 once, in one pass on
+    torch's threads: blocks moved into a request's cache. ``False``, writing nothing, where that is not bf16 keys and
+    output on a CPU where the library runs, with rows contiguous, without autograd."""
+    if not (keys.dtype == out.dtype == torch.bfloat16 and keys.device.type == "cpu" and keys.shape == out.shape
+            and 3 <= keys.dim() <= 4 and keys.stride(-1) == out.stride(-1) == 1 and keys.shape[-1] % 2 == 0
+            and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape == sin.shape == (keys.shape[-2], keys.shape[-1] // 2)
+            and not (torch.is_grad_enabled() and keys.requires_grad) and available()):
+        return False
+    if keys.dim() == 3:
+        keys, out = keys[None], out[None]
+    strides = torch.tensor([*keys.stride()[:3], *out.stride()[:3]], dtype=torch.int64)
+    _library.blockrag_rerotate(keys.data_ptr(), strides.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                               strides.data_ptr() + 24, *keys.shape, torch.get_num_threads())
+    return True

@@ -16,6 +16,8 @@ from torch import nn
 
 from blockrag.errors import InvalidArgumentError, UnsupportedModelError
 
+from . import cpu_kernels
+
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +66,7 @@ def rerotations(source: torch.Tensor, target: torch.Tensor, rotary: nn.Module, l
 def _move(cos: torch.Tensor, sin: torch.Tensor) -> Move:
     """The move of keys by the angles ``cos``/``sin`` ``[tokens, rotary_dim / 2]`` (see :func:`rerotation`)."""
     dim = 2 * cos.shape[-1]
+    cos, sin = cos.contiguous(), sin.contiguous()  # as the kernel library reads them
 
     def move(keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if keys.shape[-2] != cos.shape[0]:
@@ -75,6 +78,8 @@ def _move(cos: torch.Tensor, sin: torch.Tensor) -> Move:
             out[..., dim:] = keys[..., dim:]
         if torch.is_grad_enabled() and keys.requires_grad:  # training: differentiable, and never compiled
             out[..., :dim] = _rotated(keys[..., :dim], c, s)
+        elif cpu_kernels.rerotate(keys[..., :dim], c, s, out[..., :dim]):  # bf16 on CPU: the kernel library's pass
+            pass
         elif out.is_inference():  # a request's cache: the compiled pass, with tensors of the kinds it was warmed for
             with torch.inference_mode():
                 _rotate_into(out[..., :dim], keys[..., :dim], c.clone(), s.clone())
@@ -107,10 +112,11 @@ _warmed: set[tuple[torch.dtype, str, int]] = set()  # compiled code is guarded o
 
 
 def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-    """Compile the re-rotation for keys of ``dtype`` now, not inside a request; stay eager if it cannot be."""
+    """Compile the re-rotation for keys of ``dtype`` now, not inside a request; stay eager if it cannot be. Nothing
+    to compile for bf16 keys on a CPU where the kernel library runs, which moves them (:func:`~.cpu_kernels.rerotate`)."""
     global _rotate_into, _compiled
     kind = (dtype, str(device), torch.get_num_threads())
-    if kind in _warmed:
+    if kind in _warmed or dtype == torch.bfloat16 and torch.device(device).type == "cpu" and cpu_kernels.available():
         return
     if _compiled is None:  # made here, not at import: importing the compiler is slow
         _compiled = torch.compile(_rotate_into_eager, dynamic=True)

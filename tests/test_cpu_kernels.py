@@ -158,6 +158,28 @@ def test_a_four_bit_product_is_the_exact_one_rounded_once_to_bf16(rows, inputs):
     assert (out.double() - exact).abs().max() > 0  # it did round: bf16 output, not a copy of fp64
 
 
+@pytest.mark.parametrize("dim", [64, 40, 16])
+def test_keys_are_moved_by_the_exact_rotation_rounded_once(dim):
+    """A block's keys into its slots of a request's cache (strided): the rotation in fp64 of the bf16 keys, rounded
+    once to bf16, within fp32's error of its products before the rounding."""
+    generator = torch.Generator().manual_seed(dim)
+    keys = torch.randn(2, 3, 37, dim, generator=generator).mul(4).bfloat16()
+    angles = torch.rand(37, dim // 2, generator=generator) * 100
+    cos, sin = angles.cos(), angles.sin()
+    cache = torch.zeros(2, 1, 3, 50, dim, dtype=torch.bfloat16)
+    assert cpu_kernels.rerotate(keys, cos, sin, cache[:, 0, :, 5:42])
+    k0, k1, c, s = keys.double()[..., :dim // 2], keys.double()[..., dim // 2:], cos.double(), sin.double()
+    exact = torch.cat((k0 * c - k1 * s, k1 * c + k0 * s), -1)
+    magnitude = torch.cat((k0.abs() * c.abs() + k1.abs() * s.abs(),) * 2, -1)
+    moved = cache[:, 0, :, 5:42].double()
+    assert ((moved - exact).abs() <= 2.0 ** -8 * exact.abs() + 2.0 ** -22 * magnitude).all()
+    assert not cache[:, :, :, :5].any() and not cache[:, :, :, 42:].any()  # nothing written outside the slots
+    alone = torch.empty(3, 37, dim, dtype=torch.bfloat16)
+    assert cpu_kernels.rerotate(keys[0], cos, sin, alone)  # [heads, tokens, d] too
+    assert torch.equal(alone, cache[0, 0, :, 5:42])
+    assert not cpu_kernels.rerotate(keys.float(), cos, sin, cache[:, 0, :, 5:42].float())  # bf16 only
+
+
 def test_it_declines_what_it_does_not_compute():
     query, keys = torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     with torch.inference_mode():
