@@ -83,33 +83,31 @@ def _build() -> ctypes.CDLL | None:
         return None
     if not library.blockrag_supported():
         return None
-    library.blockrag_scratch_floats.restype = ctypes.c_int64
-    library.blockrag_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    library.blockrag_decode_attention.argtypes = (
-        [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
-        + [ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
-    pointer, count = ctypes.c_void_p, ctypes.c_int64
+    pointer, count, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    library.blockrag_scratch_floats.restype = count
+    library.blockrag_scratch_floats.argtypes = [count] + [integer] * 3
+    library.blockrag_decode_attention.argtypes = ([pointer] * 3 + [count] * 3 + [integer] * 3 + [real] + [pointer] * 4
+                                                  + [integer])
     library.blockrag_add_rms_norm.restype = library.blockrag_rotate.restype = library.blockrag_silu_mul.restype = None
-    library.blockrag_add_rms_norm.argtypes = [pointer] * 3 + [count] * 2 + [ctypes.c_float, pointer]
+    library.blockrag_add_rms_norm.argtypes = [pointer] * 3 + [count] * 2 + [real, pointer]
     library.blockrag_rotate.argtypes = [pointer] * 3 + [count] * 2 + [pointer]
     library.blockrag_silu_mul.argtypes = [pointer, count, pointer]
     library.blockrag_recycle_scratch.restype = count
-    library.blockrag_recycle_scratch.argtypes = [count, ctypes.c_int, ctypes.c_int]
-    library.blockrag_gather_rows.restype = None
-    library.blockrag_gather_rows.argtypes = ([pointer] * 2 + [count] * 2 + [pointer, ctypes.c_int, count, ctypes.c_int]
-                                             + [pointer] * 2 + [count] * 2 + [ctypes.c_int])
-    library.blockrag_prefix_scratch.restype = count
-    library.blockrag_prefix_scratch.argtypes = [count, ctypes.c_int, count, ctypes.c_int, ctypes.c_int]
-    library.blockrag_prefix_attention.argtypes = ([pointer] * 3 + [count] * 3 + [ctypes.c_int, count, ctypes.c_int]
-                                                  + [ctypes.c_float] + [pointer] * 3 + [ctypes.c_int])
-    library.blockrag_rerotate.restype = None
-    library.blockrag_rerotate.argtypes = [pointer] * 6 + [count] * 4 + [ctypes.c_int]
-    library.blockrag_four_bit_matvec.restype = None
-    library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [ctypes.c_int]
+    library.blockrag_recycle_scratch.argtypes = [count, integer, integer]
     library.blockrag_recycle_set.restype = None
-    library.blockrag_recycle_set.argtypes = (
-        [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int] + [ctypes.c_int64] * 4
-        + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+    library.blockrag_recycle_set.argtypes = ([pointer] * 2 + [integer] * 2 + [count, integer] + [count] * 4
+                                             + [pointer] * 2 + [integer])
+    library.blockrag_gather_rows.restype = None
+    library.blockrag_gather_rows.argtypes = ([pointer] * 2 + [count] * 2 + [pointer, integer, count, integer]
+                                             + [pointer] * 2 + [count] * 2 + [integer])
+    library.blockrag_prefix_scratch.restype = count
+    library.blockrag_prefix_scratch.argtypes = [count, integer, count, integer, integer]
+    library.blockrag_prefix_attention.argtypes = ([pointer] * 3 + [count] * 3 + [integer, count, integer] + [real]
+                                                  + [pointer] * 3 + [integer])
+    library.blockrag_rerotate.restype = None
+    library.blockrag_rerotate.argtypes = [pointer] * 6 + [count] * 4 + [integer]
+    library.blockrag_four_bit_matvec.restype = None
+    library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [integer]
     return library
 
 

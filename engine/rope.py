@@ -113,7 +113,8 @@ _warmed: set[tuple[torch.dtype, str, int]] = set()  # compiled code is guarded o
 
 def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
     """Compile the re-rotation for keys of ``dtype`` now, not inside a request; stay eager if it cannot be. Nothing
-    to compile for bf16 keys on a CPU where the kernel library runs, which moves them (:func:`~.cpu_kernels.rerotate`)."""
+    to compile for bf16 keys on a CPU where the kernel library runs, which moves them
+    (:func:`~.cpu_kernels.rerotate`)."""
     global _rotate_into, _compiled
     kind = (dtype, str(device), torch.get_num_threads())
     if kind in _warmed or dtype == torch.bfloat16 and torch.device(device).type == "cpu" and cpu_kernels.available():
