@@ -105,7 +105,8 @@ def _rotate_into_eager(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
 # Eager, the rotation makes several fp32 copies of every key; compiled, it is one pass that reads a
 # block's keys and writes the rotated ones into the cache (the same values). :func:`warm_rotation`
 # compiles it ahead of the first request, for keys encoded in the process (inference tensors) and
-# keys read from a store; torch caches the compiled code on disk between processes.
+# keys read from a store; torch caches the compiled code on disk between processes. bf16 keys on a CPU where
+# the kernel library runs take neither: its pass (cpu_kernels.rerotate) reads each key once.
 _rotate_into: Callable[..., None] = _rotate_into_eager
 _compiled: Callable[..., None] | None = None
 _warmed: set[tuple[torch.dtype, str, int]] = set()  # compiled code is guarded on torch's thread count too
