@@ -15,6 +15,7 @@ model, the precision of a bf16 model's products, at a quarter of the bytes of it
 The dense weights stay for passes of many tokens, where a weight read serves every token and the
 matrix units pay.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -79,7 +79,7 @@ def _move(cos: torch.Tensor, sin: torch.Tensor) -> Move:
         if torch.is_grad_enabled() and keys.requires_grad:  # training: differentiable, and never compiled
             out[..., :dim] = _rotated(keys[..., :dim], c, s)
         elif cpu_kernels.rerotate(keys[..., :dim], c, s, out[..., :dim]):  # bf16 on CPU: the kernel library's pass
-            pass
+            return out
         elif out.is_inference():  # a request's cache: the compiled pass, with tensors of the kinds it was warmed for
             with torch.inference_mode():
                 _rotate_into(out[..., :dim], keys[..., :dim], c.clone(), s.clone())
