@@ -524,19 +524,18 @@ extern "C" void blockrag_four_bit_matvec(const uint16_t* tiles, int64_t tile_cou
                                          uint16_t* out, int threads) {
   std::vector<float> sums(groups);
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 a = _mm512_add_ps(bf16_to_f32(_mm256_loadu_si256((const __m256i*)(x + g * 32))),
-                             bf16_to_f32(_mm256_loadu_si256((const __m256i*)(x + g * 32 + 16))));
+    __m512 a = _mm512_add_ps(bf16_to_f32(_mm256_loadu_si256((const __m256i*)(x + g * FOUR_BIT_GROUP))),
+                             bf16_to_f32(_mm256_loadu_si256((const __m256i*)(x + g * FOUR_BIT_GROUP + 16))));
     sums[g] = _mm512_reduce_add_ps(a);
   }
   const __m512i low = _mm512_set1_epi16(0xF), one_twenty_eight = _mm512_set1_epi16(0x4300);
-  const uint32_t* pairs = (const uint32_t*)x;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < tile_count; ++t) {
     const uint16_t* tile = tiles + t * groups * FOUR_BIT_TILE_WORDS;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint16_t* block = tile + g * FOUR_BIT_TILE_WORDS;
-      const uint32_t* p = pairs + g * 16;
+      const uint16_t* xg = x + g * FOUR_BIT_GROUP;
       __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps(), d2 = _mm512_setzero_ps(), d3 = _mm512_setzero_ps();
       for (int c = 0; c < 4; ++c) {
         __m512i w = _mm512_loadu_si512(block + c * 32);
@@ -544,10 +543,10 @@ extern "C" void blockrag_four_bit_matvec(const uint16_t* tiles, int64_t tile_cou
         __m512i n1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), low, one_twenty_eight, 0xEA);
         __m512i n2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), low, one_twenty_eight, 0xEA);
         __m512i n3 = _mm512_or_si512(_mm512_srli_epi16(w, 12), one_twenty_eight);
-        d0 = _mm512_dpbf16_ps(d0, (__m512bh)n0, (__m512bh)_mm512_set1_epi32(p[4 * c]));
-        d1 = _mm512_dpbf16_ps(d1, (__m512bh)n1, (__m512bh)_mm512_set1_epi32(p[4 * c + 1]));
-        d2 = _mm512_dpbf16_ps(d2, (__m512bh)n2, (__m512bh)_mm512_set1_epi32(p[4 * c + 2]));
-        d3 = _mm512_dpbf16_ps(d3, (__m512bh)n3, (__m512bh)_mm512_set1_epi32(p[4 * c + 3]));
+        d0 = _mm512_dpbf16_ps(d0, (__m512bh)n0, (__m512bh)pair_of(xg + 8 * c));
+        d1 = _mm512_dpbf16_ps(d1, (__m512bh)n1, (__m512bh)pair_of(xg + 8 * c + 2));
+        d2 = _mm512_dpbf16_ps(d2, (__m512bh)n2, (__m512bh)pair_of(xg + 8 * c + 4));
+        d3 = _mm512_dpbf16_ps(d3, (__m512bh)n3, (__m512bh)pair_of(xg + 8 * c + 6));
       }
       __m512 sum = _mm512_set1_ps(sums[g]);
       __m512 qx = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sum,
