@@ -558,6 +558,22 @@ extern "C" void blockrag_four_bit_matvec(const uint16_t* tiles, int64_t tile_cou
     _mm256_storeu_si256((__m256i*)(out + t * 16), (__m256i)_mm512_cvtneps_pbh(acc));
   }
 }
+
+// A decoder layer after its attention, in one call of a decode step: the output product of the attention's
+// `attended` [n_in], the residual sum into `hidden` [n] in place and the norm of it (weight `norm`), the gate and up
+// products, the SiLU gate and the down product into `delta` [n]; the same calls as one by one, in the same order.
+// `scratch` holds n + n + 2m + m values, m the MLP's width.
+extern "C" void blockrag_mlp_after_attention(const uint16_t* attended, uint16_t* hidden, const uint16_t* o_tiles,
+                                             int64_t o_groups, const uint16_t* norm, int64_t n, float eps,
+                                             const uint16_t* gate_up_tiles, int64_t m, const uint16_t* down_tiles,
+                                             int64_t down_groups, uint16_t* delta, uint16_t* scratch, int threads) {
+  uint16_t *o = scratch, *x = o + n, *gate_up = x + n, *gated = gate_up + 2 * m;
+  blockrag_four_bit_matvec(o_tiles, n / 16, o_groups, attended, o, threads);
+  blockrag_add_rms_norm(hidden, o, norm, 1, n, eps, x);
+  blockrag_four_bit_matvec(gate_up_tiles, 2 * m / 16, n / FOUR_BIT_GROUP, x, gate_up, threads);
+  blockrag_silu_mul(gate_up, m, gated);
+  blockrag_four_bit_matvec(down_tiles, n / 16, down_groups, gated, delta, threads);
+}
 #else
 extern "C" int blockrag_supported() { return 0; }  // built for a CPU without AVX512-BF16: nothing to run
 #endif

@@ -108,6 +108,9 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_rerotate.argtypes = [pointer] * 6 + [count] * 4 + [integer]
     library.blockrag_four_bit_matvec.restype = None
     library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [integer]
+    library.blockrag_mlp_after_attention.restype = None
+    library.blockrag_mlp_after_attention.argtypes = ([pointer] * 3 + [count, pointer, count, real, pointer, count, pointer,
+                                                      count, pointer, pointer, integer])
     return library
 
 
@@ -357,3 +360,21 @@ def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torc
     _library.blockrag_rerotate(keys.data_ptr(), strides.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
                                strides.data_ptr() + 24, *keys.shape, torch.get_num_threads())
     return True
+
+
+def mlp_after_attention(attended: torch.Tensor, hidden: torch.Tensor, o_tiles: torch.Tensor, norm: torch.Tensor,
+                        eps: float, gate_up_tiles: torch.Tensor, down_tiles: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's work after its attention in one call, for a decode step: the output product of
+    ``attended`` (the attention's output, ``[heads x head_dim]``), ``hidden += `` it in place and its RMS norm times
+    ``norm``, the gate and up products (``gate_up_tiles``, gate rows then up rows), the SiLU gate and the down
+    product, returned: :func:`four_bit_matvec`, :func:`add_rms_norm`, :func:`four_bit_matvec`, :func:`silu_mul` and
+    :func:`four_bit_matvec` in that order, without returning to Python between them (contiguous bf16 tensors, the
+    weights in :func:`pack_four_bit`'s layout; nothing is checked)."""
+    n, width = hidden.shape[-1], gate_up_tiles.shape[0] * FOUR_BIT_TILE // 2
+    delta = torch.empty(n, dtype=torch.bfloat16)
+    scratch = torch.empty(2 * n + 3 * width, dtype=torch.bfloat16)
+    _library.blockrag_mlp_after_attention(attended.data_ptr(), hidden.data_ptr(), o_tiles.data_ptr(), o_tiles.shape[1],
+                                          norm.data_ptr(), n, eps, gate_up_tiles.data_ptr(), width,
+                                          down_tiles.data_ptr(), down_tiles.shape[1], delta.data_ptr(),
+                                          scratch.data_ptr(), torch.get_num_threads())
+    return delta

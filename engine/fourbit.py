@@ -67,6 +67,12 @@ class FourBitWeights:
         self._tiles = cpu_kernels.pack_four_bit(q, scale, zero) if cpu_kernels.available() else None
         self._torch_layout = None if self._tiles is not None else _torch_layout(q, scale, zero)
 
+    @property
+    def tiles(self) -> torch.Tensor | None:
+        """The copy in the kernel library's layout, where it is held so and the library runs (else ``None``): what
+        its product reads, for callers that run several of the library's steps in one call."""
+        return self._tiles if self._tiles is not None and cpu_kernels.available() else None
+
     def matvec(self, row: torch.Tensor) -> torch.Tensor:
         """The weight times the vector ``row`` ``[in]``, as ``[out]`` in ``row``'s dtype (computed over ``row``
         rounded to :data:`KERNEL_DTYPE`)."""

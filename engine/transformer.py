@@ -632,6 +632,31 @@ def _gated(act: nn.Module, fused: bool) -> Callable[[torch.Tensor], torch.Tensor
     return gated
 
 
+def _after_attention(layer: nn.Module, fused: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """A decoder layer's output product, residual sum and norm, gate and up products, SiLU and down product as one
+    call of the kernel library (:func:`~.cpu_kernels.mlp_after_attention`), taking the residual stream (added to in
+    place) and the attention's output and giving the down product: in a fused step whose output, gate, up and down
+    projections read current four-bit copies in the library's layout (gate and up one copy), without biases, its
+    norm fusable and its activation SiLU. ``None`` otherwise: the step calls them one by one."""
+    attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
+    if not (_fusable_norm(norm, fused) and type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")):
+        return None
+    projections = (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    copies = [getattr(p, FOUR_BIT, None) for p in projections]
+    if any(type(p) is not nn.Linear or p.bias is not None or c is None or c.version != p.weight._version
+           or c.weights.eight_bit or c.weights.tiles is None for p, c in zip(projections, copies)):
+        return None
+    o, gate, up, down = copies
+    alone = all(c.start == 0 and c.end == c.weights.rows for c in (o, down))
+    if not (alone and gate.weights is up.weights and gate.start == 0 and up.start == gate.end == up.weights.rows // 2
+            and up.end == up.weights.rows):
+        return None
+    o_tiles, gate_up_tiles, down_tiles = o.weights.tiles, gate.weights.tiles, down.weights.tiles
+    weight, eps = norm.weight, norm.variance_epsilon
+    return lambda hidden, attended: cpu_kernels.mlp_after_attention(attended, hidden, o_tiles, weight, eps,
+                                                                    gate_up_tiles, down_tiles)
+
+
 @dataclass(frozen=True)
 class _StepLayer:
     """What a decode step runs in one decoder layer, looked up once: its norms with the residual sums before them
@@ -647,6 +672,8 @@ class _StepLayer:
     gate_up: Callable[[torch.Tensor], torch.Tensor]
     down: Callable[[torch.Tensor], torch.Tensor]
     gated: Callable[[torch.Tensor], torch.Tensor]
+    after_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    """:func:`_after_attention`: ``o``, ``post_norm``, ``gate_up``, ``gated`` and ``down`` in one call, where it can."""
     scaling: float
 
 
@@ -680,6 +707,7 @@ class DecodeStep:
                 _add_norm(layer.input_layernorm, fused), _stacked((attn.q_proj, attn.k_proj, attn.v_proj)),
                 q_norm, k_norm, _matvec(attn.o_proj, True), _add_norm(layer.post_attention_layernorm, fused),
                 _stacked((mlp.gate_proj, mlp.up_proj)), _matvec(mlp.down_proj, True), _gated(mlp.act_fn, fused),
+                _after_attention(layer, fused),
                 attn.scaling))
         self.head_dim = body.layers[0].self_attn.head_dim
         self.norm, self.head = _add_norm(body.norm, fused), _matvec(model.lm_head, True)
@@ -722,8 +750,11 @@ class DecodeStep:
                 q, k = layer.q_norm(qkv[:, :heads]), layer.k_norm(qkv[:, heads:qk])
                 rq, rk = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
             out = attention(i, rq, rk, qkv[:, qk:], q, layer.scaling)
-            hidden, x = layer.post_norm(hidden, layer.o(out.reshape(-1)))
-            delta = layer.down(layer.gated(layer.gate_up(x)))
+            if layer.after_attention is not None:  # hidden += the output product, in place
+                delta = layer.after_attention(hidden, out.reshape(-1))
+            else:
+                hidden, x = layer.post_norm(hidden, layer.o(out.reshape(-1)))
+                delta = layer.down(layer.gated(layer.gate_up(x)))
         cache.length = max(cache.length, positions.end)
         return self.head(self.norm(hidden, delta)[1])
 

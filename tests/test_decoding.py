@@ -300,7 +300,8 @@ def test_a_decode_step_by_matrix_vector_products_equals_the_layers_own_products_
 def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weights):
     """Decoding runs each token through :class:`DecodeStep`; it must compute what forward computes for it, with the
     kernel library's fused operations (in bf16 where they run: their norm sums in another order than torch's, equal
-    on these inputs; test_cpu_kernels bounds them by a rounding in general) and without them."""
+    on these inputs; test_cpu_kernels bounds them by a rounding in general; four-bit layers also run their work after
+    attention as one call) and without them."""
     from blockrag.engine import cpu_kernels
     from tiny_models import on_grid, tiny_model as tiny_of_family
     model = tiny_of_family(family, attn="sdpa")
@@ -317,6 +318,9 @@ def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weigh
             decoding, stepped = teacher_forced(model, DecodeOptions("full"), prompt, answer)
             assert decoding.one_token is DecodeStep.of(model)
             assert (decoding.one_token.rotate is cpu_kernels.rotate) == fused
+            # fused four-bit layers run their work after attention as one call of the library
+            one_call = [layer.after_attention is not None for layer in decoding.one_token.layers]
+            assert one_call == [fused and weights == "four_bit"] * len(one_call)
             assert_same_logits(stepped, step_logits(model, prompt, answer))
 
 
