@@ -12,7 +12,7 @@ A layer's norms with the residual sums before them, its rotation and its SiLU ac
 :func:`rotate`, :func:`silu_mul`) are one call each, where torch dispatches a dozen small operations: on CPU a
 good part of a step's time. A decode step reads every weight once; torch's four-bit kernel reads them well below
 memory speed, :func:`four_bit_matvec` near it (sixteen rows at a time, each nibble turned into a bf16 dot-product
-operand by one logic operation). :func:`prefix_attention` runs the many query rows of a block prompt's question over
+operand by one logic operation); :func:`mlp_after_attention` runs a layer's calls after its attention as one. :func:`prefix_attention` runs the many query rows of a block prompt's question over
 the keys before it (the prefill's largest part at long contexts), packing each chunk of keys and values once for
 every row of its head, where torch's flash kernel multiplies small blocks one at a time.
 

@@ -685,7 +685,8 @@ class DecodeStep:
     part of its time. In fp32, and wherever the kernel library does not run, it is equal to :func:`forward` to the
     bit. In bf16 on a CPU where :func:`~.cpu_kernels.fuses` holds, each layer's norms with their residual sums, its
     rotation and its activation are one call each of the kernel library, which rounds each result as torch does
-    (the exponential inside SiLU aside). Get it with :meth:`of`, which builds it again when the model's projections,
+    (the exponential inside SiLU aside), and with four-bit copies its work after attention is one call
+    (:func:`_after_attention`). Get it with :meth:`of`, which builds it again when the model's projections,
     their weights or their four-bit copies changed, or the kernel library was turned off or on.
     """
 
