@@ -12,8 +12,8 @@ A layer's norms with the residual sums before them, its rotation and its SiLU ac
 :func:`rotate`, :func:`silu_mul`) are one call each, where torch dispatches a dozen small operations: on CPU a
 good part of a step's time. A decode step reads every weight once; torch's four-bit kernel reads them well below
 memory speed, :func:`four_bit_matvec` near it (sixteen rows at a time, each nibble turned into a bf16 dot-product
-operand by one logic operation); :func:`mlp_after_attention` runs a layer's calls after its attention as one. :func:`prefix_attention` runs the many query rows of a block prompt's question over
-the keys before it (the prefill's largest part at long contexts), packing each chunk of keys and values once for
+operand by one logic operation); :func:`mlp_after_attention` runs a layer's calls after its attention as one.
+:func:`prefix_attention` runs the many query rows of a block prompt's question over the keys before it (the prefill's largest part at long contexts), packing each chunk of keys and values once for
 every row of its head, where torch's flash kernel multiplies small blocks one at a time.
 
 The source is compiled on first use for this machine (``-march=native``) with the C++ compiler torch would use
@@ -109,8 +109,8 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_four_bit_matvec.restype = None
     library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [integer]
     library.blockrag_mlp_after_attention.restype = None
-    library.blockrag_mlp_after_attention.argtypes = ([pointer] * 3 + [count, pointer, count, real, pointer, count, pointer,
-                                                      count, pointer, pointer, integer])
+    library.blockrag_mlp_after_attention.argtypes = ([pointer] * 3 + [count, pointer, count, real, pointer, count]
+                                                     + [pointer, count, pointer, pointer, integer])
     return library
 
 

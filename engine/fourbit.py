@@ -79,8 +79,9 @@ class FourBitWeights:
         same = row.dtype == KERNEL_DTYPE  # a decode step's every product: no conversions to dispatch
         x = row if same else row.to(KERNEL_DTYPE)
         x = torch.cat((x, x)) if self.eight_bit else x.contiguous()
-        if self._tiles is not None and cpu_kernels.available():
-            out = cpu_kernels.four_bit_matvec(self._tiles, x)
+        tiles = self.tiles
+        if tiles is not None:
+            out = cpu_kernels.four_bit_matvec(tiles, x)
         else:
             if self._torch_layout is None:
                 self._torch_layout = _torch_layout(*cpu_kernels.unpack_four_bit(self._tiles))

@@ -620,10 +620,16 @@ def _add_norm(norm: nn.Module, fused: bool) -> Callable[[torch.Tensor, torch.Ten
     return add_norm
 
 
+def _is_silu(act: nn.Module) -> bool:
+    """Whether ``act`` is transformers' or torch's SiLU, which the kernel library's :func:`~.cpu_kernels.silu_mul`
+    computes."""
+    return type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
 def _gated(act: nn.Module, fused: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """``act(gate) * up`` of the gate and up products stacked ``[2n]``: one call of the kernel library for SiLU in a
     fused step."""
-    if fused and type(act).__name__ in ("SiLUActivation", "SiLU"):
+    if fused and _is_silu(act):
         return cpu_kernels.silu_mul
 
     def gated(gate_up: torch.Tensor) -> torch.Tensor:
@@ -639,7 +645,7 @@ def _after_attention(layer: nn.Module, fused: bool) -> Callable[[torch.Tensor, t
     projections read current four-bit copies in the library's layout (gate and up one copy), without biases, its
     norm fusable and its activation SiLU. ``None`` otherwise: the step calls them one by one."""
     attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
-    if not (_fusable_norm(norm, fused) and type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")):
+    if not (_fusable_norm(norm, fused) and _is_silu(mlp.act_fn)):
         return None
     projections = (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     copies = [getattr(p, FOUR_BIT, None) for p in projections]
