@@ -12,7 +12,8 @@ A layer's norms with the residual sums before them, its rotation and its SiLU ac
 :func:`rotate`, :func:`silu_mul`) are one call each, where torch dispatches a dozen small operations: on CPU a
 good part of a step's time. A decode step reads every weight once; torch's four-bit kernel reads them well below
 memory speed, :func:`four_bit_matvec` near it (sixteen rows at a time, each nibble turned into a bf16 dot-product
-operand by one logic operation); :func:`mlp_after_attention` runs a layer's calls after its attention as one.
+operand by one logic operation); :func:`mlp_after_attention` runs a layer's calls after its attention as one, and
+:func:`decode_layer` a whole layer where its attention reads one run of rows (the cache, a recycle set, a window).
 :func:`prefix_attention` runs the many query rows of a block prompt's question over the keys before it (the prefill's largest part at long contexts), packing each chunk of keys and values once for
 every row of its head, where torch's flash kernel multiplies small blocks one at a time.
 
@@ -35,6 +36,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -108,6 +110,10 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_rerotate.argtypes = [pointer] * 6 + [count] * 4 + [integer]
     library.blockrag_four_bit_matvec.restype = None
     library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [integer]
+    library.blockrag_decode_layer.argtypes = ([pointer] * 3 + [real, count] + [pointer] * 3 + [integer] * 3
+                                              + [pointer] * 2 + [count] * 3 + [pointer] * 2 + [count] * 4 + [real]
+                                              + [pointer] * 2 + [real, pointer, count] + [pointer] * 3
+                                              + [count, integer] + [count] * 3 + [pointer] * 2 + [count] * 2 + [integer])
     library.blockrag_mlp_after_attention.restype = None
     library.blockrag_mlp_after_attention.argtypes = ([pointer] * 3 + [count, pointer, count, real, pointer, count]
                                                      + [pointer, count, pointer, pointer, integer])
@@ -378,3 +384,79 @@ def mlp_after_attention(attended: torch.Tensor, hidden: torch.Tensor, o_tiles: t
                                           down_tiles.data_ptr(), down_tiles.shape[1], delta.data_ptr(),
                                           scratch.data_ptr(), torch.get_num_threads())
     return delta
+
+
+class KVRows:
+    """One layer's keys and values ``[1, kv_heads, rows, d]`` (bf16, laid out alike, rows contiguous) as
+    :func:`decode_layer` addresses them: where each begins, and the elements between heads and between rows. It
+    holds the tensors, so that the addresses stay theirs."""
+
+    __slots__ = ("tensors", "keys", "values", "head_stride", "row", "kv_heads")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.tensors = (keys, values)
+        self.keys, self.values = keys.data_ptr(), values.data_ptr()
+        self.head_stride, self.row, self.kv_heads = keys.stride(1), keys.stride(2), keys.shape[1]
+
+    @staticmethod
+    def fit(keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether :func:`decode_layer` can write into and read ``keys`` and ``values``."""
+        return (keys.dtype == values.dtype == torch.bfloat16 and keys.device.type == "cpu" and keys.dim() == 4
+                and keys.shape == values.shape and keys.shape[0] == 1 and keys.stride() == values.stride()
+                and keys.stride(3) == 1 and keys.stride(2) >= keys.shape[3])
+
+
+class LayerWeights:
+    """A decoder layer's weights as :func:`decode_layer` reads them: its input norm's weight and epsilon, its query,
+    key and value product (:func:`pack_four_bit`'s layout, query rows then key rows then value rows), its heads,
+    KV heads, head size and attention scaling, then what :func:`mlp_after_attention` reads. It holds the tensors,
+    so that their addresses stay theirs, and the thread count the calls run on."""
+
+    __slots__ = ("tensors", "args")
+
+    def __init__(self, norm: torch.Tensor, eps: float, qkv_tiles: torch.Tensor, heads: int, kv_heads: int,
+                 head_dim: int, scaling: float, o_tiles: torch.Tensor, post_norm: torch.Tensor, post_eps: float,
+                 gate_up_tiles: torch.Tensor, down_tiles: torch.Tensor):
+        self.tensors = (norm, qkv_tiles, o_tiles, post_norm, gate_up_tiles, down_tiles)
+        width = gate_up_tiles.shape[0] * FOUR_BIT_TILE // 2
+        self.args = (norm.data_ptr(), eps, norm.shape[0], qkv_tiles.data_ptr(), heads, kv_heads, head_dim, scaling,
+                     o_tiles.data_ptr(), post_norm.data_ptr(), post_eps, gate_up_tiles.data_ptr(), width,
+                     down_tiles.data_ptr(), torch.get_num_threads())
+
+
+class RecycleChoice(NamedTuple):
+    """A full step's recycle set as :func:`decode_layer` chooses it from the scores of its attention, by the rule of
+    :func:`attend_and_recycle` (``k`` positions per KV head, scores pooled over ``pool``, the first ``sinks`` and
+    those in ``kept`` always in): written ascending into ``positions`` ``[kv_heads, k]`` (contiguous int64), their
+    rows copied into the first ``k`` rows of ``rows``."""
+
+    positions: torch.Tensor
+    k: int
+    pool: int
+    sinks: int
+    kept: tuple[int, int]
+    rows: KVRows
+
+
+def decode_layer(hidden: torch.Tensor, delta: torch.Tensor | None, layer: LayerWeights, angles: tuple[int, int],
+                 into: KVRows, at: int, also: KVRows | None, also_at: int, length: int, choice: RecycleChoice | None,
+                 delta_out: torch.Tensor) -> None:
+    """A decoder layer of a decode step in one call, where its attention reads one run of rows: ``hidden += delta``
+    in place (where given) and its RMS norm, the query, key and value product, the rotation of query and key by
+    ``angles`` (the addresses of the position's bf16 cos and signed sin), the new key and value written at row
+    ``at`` of ``into`` and, where given, at row ``also_at`` of ``also``, the query's attention over the first
+    ``length`` rows of the last of them written (and with ``choice``, a recycle set chosen from its scores), and
+    :func:`mlp_after_attention` into ``delta_out``: what :func:`add_rms_norm`, :func:`four_bit_matvec`,
+    :func:`rotate`, the copies, :func:`decode_attention` (:func:`attend_and_recycle` and :func:`gather_rows`) and
+    :func:`mlp_after_attention` compute in that order (contiguous bf16 ``hidden``, ``delta`` and ``delta_out``;
+    nothing is checked)."""
+    second = (None, None, 0, 0, 0) if also is None else (also.keys, also.values, also.head_stride, also.row, also_at)
+    chosen = (None, 0, 1, 0, 0, 0, None, None, 0, 0) if choice is None else (
+        choice.positions.data_ptr(), choice.k, choice.pool, choice.sinks, *choice.kept, choice.rows.keys,
+        choice.rows.values, choice.rows.head_stride, choice.rows.row)
+    in_norm, in_eps, n, qkv, heads, kv_heads, dim, scaling, o, post_norm, post_eps, gate_up, m, down, threads = \
+        layer.args
+    _library.blockrag_decode_layer(hidden.data_ptr(), None if delta is None else delta.data_ptr(), in_norm, in_eps,
+                                   n, qkv, *angles, heads, kv_heads, dim, into.keys, into.values, into.head_stride,
+                                   into.row, at, *second, length, scaling, o, post_norm, post_eps, gate_up, m, down,
+                                   delta_out.data_ptr(), *chosen, threads)

@@ -10,8 +10,10 @@ Every strategy decodes over the request's position-ordered cache (:class:`~.tran
 whose slot ``p`` holds position ``p`` whatever prefill filled it (blocks, text, recomputed tokens):
 windows and neighbourhoods are by position. Each step runs the engine's own forward pass with the
 strategy's attention: full decoding attends to every slot; the partial strategies store the new
-token's KV in the cache too and attend over the keys they choose. The dynamic schedule compares
-queries before the rotary embedding, so a query's position alone never counts as drift.
+token's KV in the cache too and attend over the keys they choose. Where that is one run of rows known
+before the layer runs (the whole cache, a recycle set between full steps, a window), the strategy says so
+(:class:`~.transformer.KVTarget`) and the kernel library runs the layer in one call. The dynamic schedule
+compares queries before the rotary embedding, so a query's position alone never counts as drift.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from blockrag.errors import CacheFullError, InvalidArgumentError
 from . import cpu_kernels
-from .transformer import (CacheAttention, DecodeStep, KVCache, Positions, attend, attend_with_lse,
+from .transformer import (CacheAttention, DecodeStep, KVCache, KVTarget, Positions, attend, attend_with_lse,
                           flash_returns_lse, forward)
 
 if TYPE_CHECKING:  # transformers' model classes load slowly; only their names are needed here
@@ -102,6 +104,9 @@ class Decoding(ABC):
         self.cache = cache
         self.device = next(model.parameters()).device
         self.one_token = DecodeStep.of(model)
+        self.cache_rows = [cpu_kernels.KVRows(k, v) if cpu_kernels.KVRows.fit(k, v) else None
+                           for k, v in zip(cache.keys, cache.values)]
+        """The cache's layers as the kernel library addresses them (:class:`~.transformer.KVTarget`)."""
         self.steps = 0
         self.full_layer_steps = 0
         """Layer-steps that attended to the whole cache."""
@@ -131,7 +136,7 @@ class FullDecoding(Decoding):
 
     def attention(self, positions: Positions):
         self.full_layer_steps += len(self.cache.keys)
-        return CacheAttention(self.cache, positions)
+        return CacheAttention(self.cache, positions, self.cache_rows)
 
 
 class _KVBuffer:
@@ -141,6 +146,9 @@ class _KVBuffer:
         _, heads, n, dim = keys.shape
         self._keys = keys.new_empty(1, heads, max(capacity, n), dim)
         self._values = values.new_empty(1, heads, max(capacity, n), dim)
+        self.rows = cpu_kernels.KVRows(self._keys, self._values) if cpu_kernels.KVRows.fit(self._keys, self._values) \
+            else None
+        """The storage as the kernel library addresses it (:class:`~.transformer.KVTarget`), where it can."""
         self.length = 0
         self.replace(keys, values)
 
@@ -157,9 +165,20 @@ class _KVBuffer:
         self.append(keys, values)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        end = self.length + keys.shape[2]
-        self.write(self.length, keys, values)
-        self.length = end
+        self.write(self.extend(keys.shape[2]), keys, values)
+
+    def extend(self, n: int) -> int:
+        """Count ``n`` more rows, which the caller writes (or the kernel library, through :attr:`rows`), and return
+        the first's index."""
+        at = self.length
+        self._check_room(at + n)
+        self.length = at + n
+        return at
+
+    def reserve(self, n: int) -> None:
+        """Hold ``n`` rows from the first, which the caller writes (a recycle set chosen by the kernel library)."""
+        self._check_room(n)
+        self.length = n
 
     def write(self, at: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         n = keys.shape[2]
@@ -175,8 +194,7 @@ class _KVBuffer:
         layer's view, say): nothing else of them is copied, and nothing is allocated.
         """
         count = positions.shape[1]
-        self._check_room(count)
-        self.length = count
+        self.reserve(count)
         if cpu_kernels.gather_rows(keys, values, positions, self._keys, self._values):
             return
         for head in range(positions.shape[0]):
@@ -201,15 +219,34 @@ class PartialDecoding(Decoding):
             raise InvalidArgumentError("partial decoding needs the prefilled cache of one prompt (batch size 1)")
 
     def attention(self, positions: Positions):
-        def attention(layer, query, key, value, raw_query, scaling):
-            self.cache.write(layer, positions, key, value)
-            return self.attend(layer, query, key, value, raw_query, scaling)
-        return attention
+        return _PartialAttention(self, positions)
 
     @abstractmethod
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                raw_query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attend with the new token's ``query`` in ``layer`` over the keys this strategy chooses."""
+
+    @abstractmethod
+    def layer_target(self, layer: int, into: cpu_kernels.KVRows, at: int) -> KVTarget | None:
+        """This step's attention in ``layer`` as one run of rows, the new token's KV going to row ``at`` of ``into``
+        (the cache) and where :meth:`attend` would put it, counted in as :meth:`attend` counts it; ``None`` where it
+        cannot be known before the layer runs (a query that decides): :meth:`attend` is called."""
+
+
+class _PartialAttention:
+    """A partial decoding's attention in one step: the new token's KV into the cache, then the strategy's."""
+
+    def __init__(self, decoding: PartialDecoding, positions: Positions):
+        self.decoding = decoding
+        self.positions = positions
+
+    def __call__(self, layer, query, key, value, raw_query, scaling):
+        self.decoding.cache.write(layer, self.positions, key, value)
+        return self.decoding.attend(layer, query, key, value, raw_query, scaling)
+
+    def target(self, layer: int) -> KVTarget | None:
+        into = self.decoding.cache_rows[layer]
+        return None if into is None else self.decoding.layer_target(layer, into, self.positions.first)
 
 
 class FixedStride:
@@ -219,6 +256,10 @@ class FixedStride:
         self.stride = stride
 
     def full_step(self, layer: int, step: int, query: torch.Tensor) -> bool:
+        return self.known(layer, step)
+
+    def known(self, layer: int, step: int) -> bool | None:
+        """:meth:`full_step`, known before the query."""
         return step % self.stride == 0
 
 
@@ -244,6 +285,10 @@ class QuerySimilarity:
         if full:
             self.anchors[layer] = query[0, :, -1].float().mean(0)
         return full
+
+    def known(self, layer: int, step: int) -> bool | None:
+        """:meth:`full_step` where it does not depend on the query (a step between checks: partial), else ``None``."""
+        return False if layer in self.anchors and step % self.every else None
 
 
 Schedule = FixedStride | QuerySimilarity
@@ -284,16 +329,19 @@ class _RecycledLayer:
             return probs
         return F.max_pool1d(probs, self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
 
+    def choice(self, n: int) -> tuple[int, int, tuple[int, int]]:
+        """A full step's K over ``n`` positions, its sinks and its kept range ``[first, end)`` (the prompt's tail)."""
+        k = min(recycle_budget(self.recycle_k, n), n)
+        sinks = min(self.sinks, k)
+        tail = min(self.prompt_tail, k - sinks)
+        return k, sinks, (self.prompt - tail, self.prompt)
+
     def attend(self, cache_layer: Callable[[], tuple[torch.Tensor, torch.Tensor]], query: torch.Tensor,
                key: torch.Tensor, value: torch.Tensor, full_step: bool, scaling: float) -> torch.Tensor:
         """This step's attention in the layer; ``cache_layer`` gives the layer's whole cache, read in full steps."""
         if full_step:
             keys, values = cache_layer()
-            n = keys.shape[2]
-            k = min(recycle_budget(self.recycle_k, n), n)
-            sinks = min(self.sinks, k)
-            tail = min(self.prompt_tail, k - sinks)
-            kept = (self.prompt - tail, self.prompt)
+            k, sinks, kept = self.choice(keys.shape[2])
             chosen = cpu_kernels.attend_and_recycle(query, keys, values, scaling, k, self.pool_kernel, sinks, kept)
             if chosen is not None:  # the kernel scores and chooses on the way
                 out, self.selected = chosen
@@ -310,6 +358,22 @@ class _RecycledLayer:
             return out
         self.recycled.append(key, value)
         return attend(query, self.recycled.keys, self.recycled.values, scaling)
+
+    def target(self, into: cpu_kernels.KVRows, at: int, full_step: bool) -> KVTarget | None:
+        """This step's :class:`~.transformer.KVTarget` in the layer (:meth:`PartialDecoding.layer_target`): in a
+        full step the cache up to the new token and a recycle set chosen there, else the recycle set and the
+        tokens since, the new token's counted in."""
+        rows = self.recycled.rows
+        if rows is None:
+            return None
+        if full_step:
+            k, sinks, kept = self.choice(at + 1)
+            self.recycled.reserve(k)
+            self.selected = torch.empty(rows.kv_heads, k, dtype=torch.int64)
+            return KVTarget(into, at, None, 0, at + 1,
+                            cpu_kernels.RecycleChoice(self.selected, k, self.pool_kernel, sinks, kept, rows))
+        also_at = self.recycled.extend(1)
+        return KVTarget(into, at, rows, also_at, also_at + 1)
 
 
 class RecycledDecoding(PartialDecoding):
@@ -336,6 +400,12 @@ class RecycledDecoding(PartialDecoding):
         return self.layers[layer].attend(lambda: self.cache.layer(layer, self.cache.length + 1), query, key, value,
                                          full, scaling)
 
+    def layer_target(self, layer, into, at):
+        full = self.schedule.known(layer, self.steps)
+        target = None if full is None else self.layers[layer].target(into, at, full)
+        self.full_layer_steps += target is not None and full
+        return target
+
 
 class _StreamingLayer:
     """Attention sinks and a window of the most recent positions, ``budget`` in all, as a ring after the sinks."""
@@ -350,12 +420,17 @@ class _StreamingLayer:
         self.sinks = sinks
         self.oldest = sinks
 
-    def attend(self, query, key, value, scaling):
+    def slot(self) -> int:
+        """The window's row for the new token: the next while it has room, then the oldest after the sinks
+        (attention does not depend on the order of keys: the oldest is overwritten in place)."""
         if self.window.length < self.budget:
-            self.window.append(key, value)
-        else:  # attention does not depend on the order of keys: overwrite the oldest in place
-            self.window.write(self.oldest, key, value)
-            self.oldest = self.sinks + (self.oldest + 1 - self.sinks) % (self.budget - self.sinks)
+            return self.window.extend(1)
+        at = self.oldest
+        self.oldest = self.sinks + (self.oldest + 1 - self.sinks) % (self.budget - self.sinks)
+        return at
+
+    def attend(self, query, key, value, scaling):
+        self.window.write(self.slot(), key, value)
         return attend(query, self.window.keys, self.window.values, scaling)
 
 
@@ -370,6 +445,11 @@ class StreamingDecoding(PartialDecoding):
 
     def attend(self, layer, query, key, value, raw_query, scaling):
         return self.layers[layer].attend(query, key, value, scaling)
+
+    def layer_target(self, layer, into, at):
+        window = self.layers[layer].window
+        return None if window.rows is None else KVTarget(into, at, window.rows, self.layers[layer].slot(),
+                                                         window.length)
 
 
 def start_decoding(model: PreTrainedModel, cache: KVCache, options: DecodeOptions,

@@ -29,7 +29,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -345,6 +345,20 @@ def attend_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out.view(b, heads, 1, d), lse
 
 
+class KVTarget(NamedTuple):
+    """Where a decode step's new KV goes in one layer and what its query attends to, for the kernel library to run
+    the layer in one call (:func:`~.cpu_kernels.decode_layer`): row ``at`` of ``into`` (the cache) and, where given,
+    row ``also_at`` of ``also`` (a recycle set, a window); the first ``length`` rows of the last of them; with
+    ``choice``, a recycle set chosen from the attention's scores (a full step of Recycled Attention)."""
+
+    into: cpu_kernels.KVRows
+    at: int
+    also: cpu_kernels.KVRows | None
+    also_at: int
+    length: int
+    choice: cpu_kernels.RecycleChoice | None = None
+
+
 class Attention(Protocol):
     """What a layer's new tokens attend to: given their rotated query, key and value (and the query before
     rotation, for schedules that compare queries), store the KV and return the attention output."""
@@ -352,13 +366,28 @@ class Attention(Protocol):
     def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  raw_query: torch.Tensor, scaling: float) -> torch.Tensor: ...
 
+    def target(self, layer: int) -> KVTarget | None:
+        """For a decode step, the layer's attention as one run of rows (it then does all the attention's work
+        here, the store included, and is not called for the layer), or ``None``: it is called."""
+
 
 class CacheAttention:
-    """Every token attends to the cache's slots up to its position: the prefill's and full decoding's attention."""
+    """Every token attends to the cache's slots up to its position: the prefill's and full decoding's attention.
 
-    def __init__(self, cache: KVCache, positions: Positions):
+    ``rows`` (full decoding's) are the cache's layers as the kernel library addresses them, ``None`` where it cannot:
+    with them a decode step's layer is one call of the library (:meth:`target`)."""
+
+    def __init__(self, cache: KVCache, positions: Positions, rows: list[cpu_kernels.KVRows | None] | None = None):
         self.cache = cache
         self.positions = positions
+        self.rows = rows
+
+    def target(self, layer: int) -> KVTarget | None:
+        rows = None if self.rows is None else self.rows[layer]
+        p = self.positions
+        if rows is None or p.end - p.first != 1:
+            return None
+        return KVTarget(rows, p.first, None, 0, p.end)
 
     def __call__(self, layer, query, key, value, raw_query, scaling):
         p = self.positions
@@ -638,29 +667,55 @@ def _gated(act: nn.Module, fused: bool) -> Callable[[torch.Tensor], torch.Tensor
     return gated
 
 
+def _library_tiles(group: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    """The four-bit copy that the projections of ``group`` read as one product, in the kernel library's layout:
+    where they are plain linear layers without biases whose current copy is one and the same, not eight-bit, held
+    in that layout, their rows in order and all of its rows (``None`` otherwise)."""
+    copies = [getattr(p, FOUR_BIT, None) for p in group]
+    if any(type(p) is not nn.Linear or p.bias is not None or c is None or c.version != p.weight._version
+           for p, c in zip(group, copies)):
+        return None
+    weights = copies[0].weights
+    starts = [0] + [c.end for c in copies]
+    if (weights.eight_bit or weights.tiles is None or starts[-1] != weights.rows
+            or any(c.weights is not weights or c.start != start for c, start in zip(copies, starts))):
+        return None
+    return weights.tiles
+
+
 def _after_attention(layer: nn.Module, fused: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """A decoder layer's output product, residual sum and norm, gate and up products, SiLU and down product as one
     call of the kernel library (:func:`~.cpu_kernels.mlp_after_attention`), taking the residual stream (added to in
-    place) and the attention's output and giving the down product: in a fused step whose output, gate, up and down
-    projections read current four-bit copies in the library's layout (gate and up one copy), without biases, its
-    norm fusable and its activation SiLU. ``None`` otherwise: the step calls them one by one."""
+    place) and the attention's output and giving the down product: in a fused step whose output, gate and up, and
+    down projections each read one copy of :func:`_library_tiles`, its norm fusable and its activation SiLU.
+    ``None`` otherwise: the step calls them one by one."""
     attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
     if not (_fusable_norm(norm, fused) and _is_silu(mlp.act_fn)):
         return None
-    projections = (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    copies = [getattr(p, FOUR_BIT, None) for p in projections]
-    if any(type(p) is not nn.Linear or p.bias is not None or c is None or c.version != p.weight._version
-           or c.weights.eight_bit or c.weights.tiles is None for p, c in zip(projections, copies)):
+    o, gate_up, down = (_library_tiles(g) for g in ((attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)))
+    if o is None or gate_up is None or down is None:
         return None
-    o, gate, up, down = copies
-    alone = all(c.start == 0 and c.end == c.weights.rows for c in (o, down))
-    if not (alone and gate.weights is up.weights and gate.start == 0 and up.start == gate.end == up.weights.rows // 2
-            and up.end == up.weights.rows):
-        return None
-    o_tiles, gate_up_tiles, down_tiles = o.weights.tiles, gate.weights.tiles, down.weights.tiles
     weight, eps = norm.weight, norm.variance_epsilon
-    return lambda hidden, attended: cpu_kernels.mlp_after_attention(attended, hidden, o_tiles, weight, eps,
-                                                                    gate_up_tiles, down_tiles)
+    return lambda hidden, attended: cpu_kernels.mlp_after_attention(attended, hidden, o, weight, eps, gate_up, down)
+
+
+def _whole_layer(layer: nn.Module, fused: bool, heads: int, kv_heads: int) -> cpu_kernels.LayerWeights | None:
+    """A decoder layer's weights as :func:`~.cpu_kernels.decode_layer` runs the whole layer in one call: where its
+    work after attention is one call (:func:`_after_attention`), its query, key and value read one copy of
+    :func:`_library_tiles`, its input norm is fusable, it does not normalise queries and keys per head, and the
+    library's attention takes its head size and group. ``None`` otherwise."""
+    attn, norm = layer.self_attn, layer.input_layernorm
+    if (_after_attention(layer, fused) is None or not _fusable_norm(norm, fused) or getattr(attn, "q_norm", None)
+            is not None or not cpu_kernels.applies(norm.weight.dtype, norm.weight.device, attn.head_dim,
+                                                      heads // kv_heads)):
+        return None
+    qkv = _library_tiles((attn.q_proj, attn.k_proj, attn.v_proj))
+    if qkv is None:
+        return None
+    mlp, post = layer.mlp, layer.post_attention_layernorm
+    return cpu_kernels.LayerWeights(norm.weight, norm.variance_epsilon, qkv, heads, kv_heads, attn.head_dim,
+                                    attn.scaling, _library_tiles((attn.o_proj,)), post.weight, post.variance_epsilon,
+                                    _library_tiles((mlp.gate_proj, mlp.up_proj)), _library_tiles((mlp.down_proj,)))
 
 
 @dataclass(frozen=True)
@@ -680,6 +735,8 @@ class _StepLayer:
     gated: Callable[[torch.Tensor], torch.Tensor]
     after_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
     """:func:`_after_attention`: ``o``, ``post_norm``, ``gate_up``, ``gated`` and ``down`` in one call, where it can."""
+    whole: cpu_kernels.LayerWeights | None
+    """:func:`_whole_layer`: the whole layer in one call, where it can and the step's attention gives a target."""
     scaling: float
 
 
@@ -692,7 +749,8 @@ class DecodeStep:
     bit. In bf16 on a CPU where :func:`~.cpu_kernels.fuses` holds, each layer's norms with their residual sums, its
     rotation and its activation are one call each of the kernel library, which rounds each result as torch does
     (the exponential inside SiLU aside), and with four-bit copies its work after attention is one call
-    (:func:`_after_attention`). Get it with :meth:`of`, which builds it again when the model's projections,
+    (:func:`_after_attention`), or the whole layer is, where the attention gives a :class:`KVTarget`
+    (:func:`_whole_layer`): the same calls in the same order, without returning to Python. Get it with :meth:`of`, which builds it again when the model's projections,
     their weights or their four-bit copies changed, or the kernel library was turned off or on.
     """
 
@@ -714,7 +772,7 @@ class DecodeStep:
                 _add_norm(layer.input_layernorm, fused), _stacked((attn.q_proj, attn.k_proj, attn.v_proj)),
                 q_norm, k_norm, _matvec(attn.o_proj, True), _add_norm(layer.post_attention_layernorm, fused),
                 _stacked((mlp.gate_proj, mlp.up_proj)), _matvec(mlp.down_proj, True), _gated(mlp.act_fn, fused),
-                _after_attention(layer, fused),
+                _after_attention(layer, fused), _whole_layer(layer, fused, self.heads, self.kv_heads),
                 attn.scaling))
         self.head_dim = body.layers[0].self_attn.head_dim
         self.norm, self.head = _add_norm(body.norm, fused), _matvec(model.lm_head, True)
@@ -747,7 +805,13 @@ class DecodeStep:
         signed_sin, rotate = _signed_sin(sin), self.rotate
         hidden, delta = self.embed(token).view(-1), None  # a new tensor, the step's own
         heads, qk = self.heads, self.heads + self.kv_heads
+        angles = (cos.data_ptr(), signed_sin.data_ptr())
         for i, layer in enumerate(self.layers):
+            target = None if layer.whole is None else attention.target(i)
+            if target is not None:  # hidden += delta in place, and the layer's down product into a new delta
+                delta, last = torch.empty_like(hidden), delta
+                cpu_kernels.decode_layer(hidden, last, layer.whole, angles, *target, delta)
+                continue
             hidden, x = layer.input_norm(hidden, delta)
             qkv = layer.qkv(x).view(1, -1, 1, self.head_dim)  # heads by rows, q k v
             if layer.q_norm is None:  # query and key rotated as one

@@ -321,7 +321,58 @@ def test_the_decode_step_equals_the_forward_pass_to_the_bit(family, dtype, weigh
             # fused four-bit layers run their work after attention as one call of the library
             one_call = [layer.after_attention is not None for layer in decoding.one_token.layers]
             assert one_call == [fused and weights == "four_bit"] * len(one_call)
+            # and without biases or per-head norms, the whole layer (test_whole_layer_calls_...)
+            whole = [layer.whole is not None for layer in decoding.one_token.layers]
+            assert whole == [fused and weights == "four_bit" and family == "llama"] * len(whole)
             assert_same_logits(stepped, step_logits(model, prompt, answer))
+
+
+WHOLE_LAYER_OPTIONS = {
+    "full": DecodeOptions("full"),
+    "recycled": DecodeOptions("recycled", recycle_k=8, stride=3, pool_kernel=3, prompt_tail=4),
+    "dynamic": DecodeOptions("recycled", recycle_k=8, stride=2, dynamic_threshold=0.3, pool_kernel=3),
+    "streaming": DecodeOptions("streaming", recycle_k=10),  # the window's ring wraps within the answer
+}
+
+
+@pytest.mark.parametrize("mode", sorted(WHOLE_LAYER_OPTIONS))
+def test_whole_layer_calls_equal_the_forward_pass_in_every_decode_mode(mode, monkeypatch):
+    """Where the kernel library runs a four-bit bf16 layer, a decode step runs each layer whose attention is known
+    before it runs (every step of full decoding, of StreamingLLM and of Recycled Attention on a fixed stride, its
+    full steps choosing the recycle set in the call; on the dynamic schedule the steps between checks) as one call:
+    it must give the logits and recycle sets that the same decoding gives through forward, layer by layer, to the
+    bit, with budgets below the context so that recycle sets, refreshes and the window all matter."""
+    from blockrag.engine import cpu_kernels
+    from tiny_models import on_grid, tiny_model as tiny_of_family
+    if not cpu_kernels.fuses(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("the kernel library does not run on this CPU")
+    model = on_grid(tiny_of_family("llama", attn="sdpa")).to(torch.bfloat16)
+    use_four_bit(model, "auto")
+    prompt, answer = random_ids(PROMPT, 7), random_ids(STEPS, 8)
+    calls = []
+    decode_layer = cpu_kernels.decode_layer
+    monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *args: calls.append(1) or decode_layer(*args))
+    options = WHOLE_LAYER_OPTIONS[mode]
+    decoding, whole = teacher_forced(model, options, prompt, answer)
+    assert all(layer.whole is not None for layer in decoding.one_token.layers)
+    layers = model.config.num_hidden_layers
+    if mode == "dynamic":  # check steps run layer by layer (the query decides), refreshing some layers, not all
+        checks = layers * len(range(0, STEPS, options.stride))
+        assert len(calls) == layers * STEPS - checks and 0 < decoding.full_layer_steps < checks
+    else:
+        assert len(calls) == layers * STEPS
+    calls.clear()
+    reference = start_decoding(model, prefill(model, prompt, len(answer)), options, len(answer))
+    reference.one_token = None  # each step through forward, which calls the decoding's attention in every layer
+    by_forward = [reference.step(int(t)) for t in answer]
+    assert not calls
+    assert reference.full_layer_steps == decoding.full_layer_steps
+    assert_same_logits(whole, by_forward)
+    if mode in ("recycled", "dynamic"):
+        assert 0 < decoding.full_layer_steps < layers * STEPS
+        for ours, theirs in zip(decoding.layers, reference.layers):
+            assert torch.equal(ours.selected, theirs.selected)
+            assert torch.equal(ours.recycled.keys, theirs.recycled.keys)
 
 
 def test_the_decode_step_is_rebuilt_when_a_weight_changes_in_place():
