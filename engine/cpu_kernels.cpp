@@ -575,43 +575,56 @@ extern "C" void blockrag_mlp_after_attention(const uint16_t* attended, uint16_t*
   blockrag_four_bit_matvec(down_tiles, n / 16, down_groups, gated, delta, threads);
 }
 
-// A decoder layer of a decode step in one call, where its attention reads one run of rows: `hidden` += `delta` in
-// place (no sum where `delta` is null) and its norm, the query, key and value product, the rotation of the query
-// and key, the new key and value written at row `at` of `keys`/`values` (and at row `also_at` of
-// `also_keys`/`also_values` where given: a recycle set or a window beside the cache), the query's attention over
-// the first `length` rows of the last memory written, then blockrag_mlp_after_attention into `delta_out`: the same
-// calls as one by one, in the same order. Where `positions` is given (a full step of Recycled Attention), the
-// attention also keeps its scores, blockrag_recycle_set chooses each KV head's `k` positions from them (`pool`,
-// `sinks`, `[kept_first, kept_end)` as there) into `positions` [kv_heads, k], and blockrag_gather_rows copies their
-// rows into `chosen_keys`/`chosen_values`. Returns 0, or 1, doing nothing, for a head size or group the attention
-// does not take.
+// The first part of a decoder layer of a decode step (blockrag_decode_layer): `hidden` += `delta` in place (no sum
+// where `delta` is null) and its norm, the query, key and value product and the rotation of the query and key,
+// into `projection`: [n] the norm, [(heads + 2 kv_heads) dim] the product (query, key, value), [(heads + kv_heads)
+// dim] the rotated query and key.
+extern "C" void blockrag_project_qkv(uint16_t* hidden, const uint16_t* delta, const uint16_t* in_norm, float in_eps,
+                                     int64_t n, const uint16_t* qkv_tiles, const uint16_t* cos,
+                                     const uint16_t* signed_sin, int heads, int kv_heads, int dim,
+                                     uint16_t* projection, int threads) {
+  uint16_t *x = projection, *qkv = x + n;
+  blockrag_add_rms_norm(hidden, delta, in_norm, 1, n, in_eps, x);
+  blockrag_four_bit_matvec(qkv_tiles, (heads + 2 * kv_heads) * dim / 16, n / FOUR_BIT_GROUP, x, qkv, threads);
+  blockrag_rotate(qkv, cos, signed_sin, heads + kv_heads, dim, qkv + (heads + 2 * kv_heads) * dim);
+}
+
+// A decoder layer of a decode step in one call, where its attention reads one run of rows: blockrag_project_qkv
+// into `projection` (unless `projected`: done already), the new key and value written at row `at` of
+// `keys`/`values` (and at row `also_at` of `also_keys`/`also_values` where given: a recycle set or a window beside
+// the cache), the query's attention over the first `length` rows of the last memory written, then
+// blockrag_mlp_after_attention into `delta_out`: the same calls as one by one, in the same order. Where `positions`
+// is given (a full step of Recycled Attention), the attention also keeps its scores, blockrag_recycle_set chooses
+// each KV head's `k` positions from them (`pool`, `sinks`, `[kept_first, kept_end)` as there) into `positions`
+// [kv_heads, k], and blockrag_gather_rows copies their rows into `chosen_keys`/`chosen_values`. Returns 0, or 1,
+// doing nothing, for a head size or group the attention does not take.
 extern "C" int blockrag_decode_layer(uint16_t* hidden, const uint16_t* delta, const uint16_t* in_norm, float in_eps,
                                      int64_t n, const uint16_t* qkv_tiles, const uint16_t* cos,
-                                     const uint16_t* signed_sin, int heads, int kv_heads, int dim, uint16_t* keys,
-                                     uint16_t* values, int64_t head_stride, int64_t row, int64_t at,
-                                     uint16_t* also_keys, uint16_t* also_values, int64_t also_head_stride,
-                                     int64_t also_row, int64_t also_at, int64_t length, float scaling,
-                                     const uint16_t* o_tiles, const uint16_t* post_norm, float post_eps,
-                                     const uint16_t* gate_up_tiles, int64_t m, const uint16_t* down_tiles,
-                                     uint16_t* delta_out, int64_t* positions, int64_t k, int pool, int64_t sinks,
-                                     int64_t kept_first, int64_t kept_end, uint16_t* chosen_keys,
-                                     uint16_t* chosen_values, int64_t chosen_head_stride, int64_t chosen_row,
-                                     int threads) {
+                                     const uint16_t* signed_sin, int heads, int kv_heads, int dim,
+                                     uint16_t* projection, int projected, uint16_t* keys, uint16_t* values,
+                                     int64_t head_stride, int64_t row, int64_t at, uint16_t* also_keys,
+                                     uint16_t* also_values, int64_t also_head_stride, int64_t also_row,
+                                     int64_t also_at, int64_t length, float scaling, const uint16_t* o_tiles,
+                                     const uint16_t* post_norm, float post_eps, const uint16_t* gate_up_tiles,
+                                     int64_t m, const uint16_t* down_tiles, uint16_t* delta_out, int64_t* positions,
+                                     int64_t k, int pool, int64_t sinks, int64_t kept_first, int64_t kept_end,
+                                     uint16_t* chosen_keys, uint16_t* chosen_values, int64_t chosen_head_stride,
+                                     int64_t chosen_row, int threads) {
   int group = heads / kv_heads;
   if (group < 1 || group > 8 || !(dim == 16 || dim == 32 || dim == 64 || dim == 128)) return 1;  // nothing done
   int64_t q_size = heads * dim, kv_size = kv_heads * dim;
   static thread_local std::vector<uint16_t> words;
   static thread_local std::vector<float> floats;
-  words.resize(n + q_size + 2 * kv_size + q_size + kv_size + q_size + 2 * n + 3 * m);
+  words.resize(q_size + 2 * n + 3 * m);
   int64_t attention_floats = blockrag_scratch_floats(length, kv_heads, group, dim), scores = kv_heads * group;
   floats.resize(attention_floats + (positions ? scores * (length + 1) + blockrag_recycle_scratch(length, kv_heads, pool)
                                               : 0));
   float *lse = positions ? floats.data() + attention_floats : nullptr, *logits = positions ? lse + scores : nullptr;
-  uint16_t *x = words.data(), *qkv = x + n, *rotated = qkv + q_size + 2 * kv_size, *attended = rotated + q_size + kv_size;
-  uint16_t* after = attended + q_size;
-  blockrag_add_rms_norm(hidden, delta, in_norm, 1, n, in_eps, x);
-  blockrag_four_bit_matvec(qkv_tiles, (q_size + 2 * kv_size) / 16, n / FOUR_BIT_GROUP, x, qkv, threads);
-  blockrag_rotate(qkv, cos, signed_sin, heads + kv_heads, dim, rotated);
+  uint16_t *attended = words.data(), *after = attended + q_size;
+  if (!projected)
+    blockrag_project_qkv(hidden, delta, in_norm, in_eps, n, qkv_tiles, cos, signed_sin, heads, kv_heads, dim,
+                         projection, threads);
+  const uint16_t *qkv = projection + n, *rotated = qkv + q_size + 2 * kv_size;
   const uint16_t *key = rotated + q_size, *value = qkv + q_size + kv_size;
   for (int h = 0; h < kv_heads; ++h) {
     std::copy(key + h * dim, key + (h + 1) * dim, keys + h * head_stride + at * row);

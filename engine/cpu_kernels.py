@@ -110,8 +110,11 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_rerotate.argtypes = [pointer] * 6 + [count] * 4 + [integer]
     library.blockrag_four_bit_matvec.restype = None
     library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [integer]
+    library.blockrag_project_qkv.restype = None
+    library.blockrag_project_qkv.argtypes = ([pointer] * 3 + [real, count] + [pointer] * 3 + [integer] * 3
+                                             + [pointer, integer])
     library.blockrag_decode_layer.argtypes = ([pointer] * 3 + [real, count] + [pointer] * 3 + [integer] * 3
-                                              + [pointer] * 2 + [count] * 3 + [pointer] * 2 + [count] * 4 + [real]
+                                              + [pointer, integer] + [pointer] * 2 + [count] * 3 + [pointer] * 2 + [count] * 4 + [real]
                                               + [pointer] * 2 + [real, pointer, count] + [pointer] * 3
                                               + [count, integer] + [count] * 3 + [pointer] * 2 + [count] * 2 + [integer])
     library.blockrag_mlp_after_attention.restype = None
@@ -412,17 +415,20 @@ class LayerWeights:
     KV heads, head size and attention scaling, then what :func:`mlp_after_attention` reads. It holds the tensors,
     so that their addresses stay theirs, and the thread count the calls run on."""
 
-    __slots__ = ("tensors", "args")
+    __slots__ = ("tensors", "args", "projection_size", "query")
 
     def __init__(self, norm: torch.Tensor, eps: float, qkv_tiles: torch.Tensor, heads: int, kv_heads: int,
                  head_dim: int, scaling: float, o_tiles: torch.Tensor, post_norm: torch.Tensor, post_eps: float,
                  gate_up_tiles: torch.Tensor, down_tiles: torch.Tensor):
         self.tensors = (norm, qkv_tiles, o_tiles, post_norm, gate_up_tiles, down_tiles)
-        width = gate_up_tiles.shape[0] * FOUR_BIT_TILE // 2
-        self.args = (norm.data_ptr(), eps, norm.shape[0], qkv_tiles.data_ptr(), heads, kv_heads, head_dim, scaling,
-                     o_tiles.data_ptr(), post_norm.data_ptr(), post_eps, gate_up_tiles.data_ptr(), width,
+        width, n = gate_up_tiles.shape[0] * FOUR_BIT_TILE // 2, norm.shape[0]
+        self.args = (norm.data_ptr(), eps, n, qkv_tiles.data_ptr(), heads, kv_heads, head_dim,
+                     scaling, o_tiles.data_ptr(), post_norm.data_ptr(), post_eps, gate_up_tiles.data_ptr(), width,
                      down_tiles.data_ptr(), torch.get_num_threads())
-
+        self.projection_size = n + (2 * heads + 3 * kv_heads) * head_dim
+        """bf16 elements of :func:`project_qkv`'s output: the norm, the product, the rotated query and key."""
+        self.query = (n, heads, head_dim)
+        """Where the product's query lies in that output, and its heads and head size."""
 
 class RecycleChoice(NamedTuple):
     """A full step's recycle set as :func:`decode_layer` chooses it from the scores of its attention, by the rule of
@@ -438,18 +444,29 @@ class RecycleChoice(NamedTuple):
     rows: KVRows
 
 
+def project_qkv(hidden: torch.Tensor, delta: torch.Tensor | None, layer: LayerWeights, angles: tuple[int, int],
+                projection: torch.Tensor) -> torch.Tensor:
+    """The first part of :func:`decode_layer`, for a step whose query decides where it attends: ``hidden += delta``
+    in place (where given), its RMS norm, the query, key and value product and the rotation of query and key into
+    ``projection`` (bf16 ``[layer.projection_size]``). Returns the query before rotation, ``[1, heads, 1, d]``."""
+    in_norm, in_eps, n, qkv, heads, kv_heads, dim = layer.args[:7]
+    _library.blockrag_project_qkv(hidden.data_ptr(), None if delta is None else delta.data_ptr(), in_norm, in_eps, n,
+                                  qkv, *angles, heads, kv_heads, dim, projection.data_ptr(), layer.args[-1])
+    first, heads, dim = layer.query
+    return projection[first:first + heads * dim].view(1, heads, 1, dim)
+
+
 def decode_layer(hidden: torch.Tensor, delta: torch.Tensor | None, layer: LayerWeights, angles: tuple[int, int],
-                 into: KVRows, at: int, also: KVRows | None, also_at: int, length: int, choice: RecycleChoice | None,
-                 delta_out: torch.Tensor) -> None:
-    """A decoder layer of a decode step in one call, where its attention reads one run of rows: ``hidden += delta``
-    in place (where given) and its RMS norm, the query, key and value product, the rotation of query and key by
-    ``angles`` (the addresses of the position's bf16 cos and signed sin), the new key and value written at row
-    ``at`` of ``into`` and, where given, at row ``also_at`` of ``also``, the query's attention over the first
-    ``length`` rows of the last of them written (and with ``choice``, a recycle set chosen from its scores), and
-    :func:`mlp_after_attention` into ``delta_out``: what :func:`add_rms_norm`, :func:`four_bit_matvec`,
-    :func:`rotate`, the copies, :func:`decode_attention` (:func:`attend_and_recycle` and :func:`gather_rows`) and
-    :func:`mlp_after_attention` compute in that order (contiguous bf16 ``hidden``, ``delta`` and ``delta_out``;
-    nothing is checked)."""
+                 projection: torch.Tensor, projected: bool, into: KVRows, at: int, also: KVRows | None, also_at: int,
+                 length: int, choice: RecycleChoice | None, delta_out: torch.Tensor) -> None:
+    """A decoder layer of a decode step in one call, where its attention reads one run of rows: :func:`project_qkv`
+    into ``projection`` with the position's ``angles`` (the addresses of its bf16 cos and signed sin) unless
+    ``projected``, the new key and value written at row ``at`` of ``into`` and, where given, at row ``also_at`` of
+    ``also``, the query's attention over the first ``length`` rows of the last of them written (and with
+    ``choice``, a recycle set chosen from its scores), and :func:`mlp_after_attention` into ``delta_out``: what
+    :func:`add_rms_norm`, :func:`four_bit_matvec`, :func:`rotate`, the copies, :func:`decode_attention`
+    (:func:`attend_and_recycle` and :func:`gather_rows`) and :func:`mlp_after_attention` compute in that order
+    (contiguous bf16 ``hidden``, ``delta`` and ``delta_out``; nothing is checked)."""
     second = (None, None, 0, 0, 0) if also is None else (also.keys, also.values, also.head_stride, also.row, also_at)
     chosen = (None, 0, 1, 0, 0, 0, None, None, 0, 0) if choice is None else (
         choice.positions.data_ptr(), choice.k, choice.pool, choice.sinks, *choice.kept, choice.rows.keys,
@@ -457,6 +474,6 @@ def decode_layer(hidden: torch.Tensor, delta: torch.Tensor | None, layer: LayerW
     in_norm, in_eps, n, qkv, heads, kv_heads, dim, scaling, o, post_norm, post_eps, gate_up, m, down, threads = \
         layer.args
     _library.blockrag_decode_layer(hidden.data_ptr(), None if delta is None else delta.data_ptr(), in_norm, in_eps,
-                                   n, qkv, *angles, heads, kv_heads, dim, into.keys, into.values, into.head_stride,
-                                   into.row, at, *second, length, scaling, o, post_norm, post_eps, gate_up, m, down,
-                                   delta_out.data_ptr(), *chosen, threads)
+                                   n, qkv, *angles, heads, kv_heads, dim, projection.data_ptr(), projected, into.keys,
+                                   into.values, into.head_stride, into.row, at, *second, length, scaling, o,
+                                   post_norm, post_eps, gate_up, m, down, delta_out.data_ptr(), *chosen, threads)

@@ -227,10 +227,12 @@ class PartialDecoding(Decoding):
         """Attend with the new token's ``query`` in ``layer`` over the keys this strategy chooses."""
 
     @abstractmethod
-    def layer_target(self, layer: int, into: cpu_kernels.KVRows, at: int) -> KVTarget | None:
+    def layer_target(self, layer: int, into: cpu_kernels.KVRows,
+                     at: int) -> KVTarget | Callable[[torch.Tensor], KVTarget] | None:
         """This step's attention in ``layer`` as one run of rows, the new token's KV going to row ``at`` of ``into``
-        (the cache) and where :meth:`attend` would put it, counted in as :meth:`attend` counts it; ``None`` where it
-        cannot be known before the layer runs (a query that decides): :meth:`attend` is called."""
+        (the cache) and where :meth:`attend` would put it, counted in as :meth:`attend` counts it; or a function of
+        the query before rotation that gives it (:meth:`~.transformer.Attention.target`); ``None`` where the
+        strategy's memory is not the library's to address: :meth:`attend` is called."""
 
 
 class _PartialAttention:
@@ -244,7 +246,7 @@ class _PartialAttention:
         self.decoding.cache.write(layer, self.positions, key, value)
         return self.decoding.attend(layer, query, key, value, raw_query, scaling)
 
-    def target(self, layer: int) -> KVTarget | None:
+    def target(self, layer: int) -> KVTarget | Callable[[torch.Tensor], KVTarget] | None:
         into = self.decoding.cache_rows[layer]
         return None if into is None else self.decoding.layer_target(layer, into, self.positions.first)
 
@@ -359,13 +361,11 @@ class _RecycledLayer:
         self.recycled.append(key, value)
         return attend(query, self.recycled.keys, self.recycled.values, scaling)
 
-    def target(self, into: cpu_kernels.KVRows, at: int, full_step: bool) -> KVTarget | None:
-        """This step's :class:`~.transformer.KVTarget` in the layer (:meth:`PartialDecoding.layer_target`): in a
-        full step the cache up to the new token and a recycle set chosen there, else the recycle set and the
-        tokens since, the new token's counted in."""
+    def target(self, into: cpu_kernels.KVRows, at: int, full_step: bool) -> KVTarget:
+        """This step's :class:`~.transformer.KVTarget` in the layer (:meth:`PartialDecoding.layer_target`), where
+        its recycle set is the library's to address: in a full step the cache up to the new token and a recycle
+        set chosen there, else the recycle set and the tokens since, the new token's counted in."""
         rows = self.recycled.rows
-        if rows is None:
-            return None
         if full_step:
             k, sinks, kept = self.choice(at + 1)
             self.recycled.reserve(k)
@@ -401,10 +401,16 @@ class RecycledDecoding(PartialDecoding):
                                          full, scaling)
 
     def layer_target(self, layer, into, at):
+        if self.layers[layer].recycled.rows is None:
+            return None
         full = self.schedule.known(layer, self.steps)
-        target = None if full is None else self.layers[layer].target(into, at, full)
-        self.full_layer_steps += target is not None and full
-        return target
+        if full is None:
+            return lambda query: self._target(layer, into, at, self.schedule.full_step(layer, self.steps, query))
+        return self._target(layer, into, at, full)
+
+    def _target(self, layer: int, into: cpu_kernels.KVRows, at: int, full: bool) -> KVTarget:
+        self.full_layer_steps += full
+        return self.layers[layer].target(into, at, full)
 
 
 class _StreamingLayer:

@@ -366,9 +366,10 @@ class Attention(Protocol):
     def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  raw_query: torch.Tensor, scaling: float) -> torch.Tensor: ...
 
-    def target(self, layer: int) -> KVTarget | None:
+    def target(self, layer: int) -> KVTarget | Callable[[torch.Tensor], KVTarget] | None:
         """For a decode step, the layer's attention as one run of rows (it then does all the attention's work
-        here, the store included, and is not called for the layer), or ``None``: it is called."""
+        here, the store included, and is not called for the layer); or, where the query decides which, a function
+        of the query before rotation (``[1, heads, 1, d]``) that gives it; or ``None``: it is called."""
 
 
 class CacheAttention:
@@ -805,12 +806,17 @@ class DecodeStep:
         signed_sin, rotate = _signed_sin(sin), self.rotate
         hidden, delta = self.embed(token).view(-1), None  # a new tensor, the step's own
         heads, qk = self.heads, self.heads + self.kv_heads
-        angles = (cos.data_ptr(), signed_sin.data_ptr())
+        angles, projection = (cos.data_ptr(), signed_sin.data_ptr()), None
         for i, layer in enumerate(self.layers):
             target = None if layer.whole is None else attention.target(i)
             if target is not None:  # hidden += delta in place, and the layer's down product into a new delta
-                delta, last = torch.empty_like(hidden), delta
-                cpu_kernels.decode_layer(hidden, last, layer.whole, angles, *target, delta)
+                if projection is None:
+                    projection = torch.empty(layer.whole.projection_size, dtype=hidden.dtype)
+                projected = not isinstance(target, KVTarget)
+                if projected:  # the query decides
+                    target = target(cpu_kernels.project_qkv(hidden, delta, layer.whole, angles, projection))
+                delta, last = torch.empty_like(hidden), None if projected else delta
+                cpu_kernels.decode_layer(hidden, last, layer.whole, angles, projection, projected, *target, delta)
                 continue
             hidden, x = layer.input_norm(hidden, delta)
             qkv = layer.qkv(x).view(1, -1, 1, self.head_dim)  # heads by rows, q k v

@@ -337,9 +337,9 @@ WHOLE_LAYER_OPTIONS = {
 
 @pytest.mark.parametrize("mode", sorted(WHOLE_LAYER_OPTIONS))
 def test_whole_layer_calls_equal_the_forward_pass_in_every_decode_mode(mode, monkeypatch):
-    """Where the kernel library runs a four-bit bf16 layer, a decode step runs each layer whose attention is known
-    before it runs (every step of full decoding, of StreamingLLM and of Recycled Attention on a fixed stride, its
-    full steps choosing the recycle set in the call; on the dynamic schedule the steps between checks) as one call:
+    """Where the kernel library runs a four-bit bf16 layer, a decode step runs each layer as one call (every step of
+    full decoding, of StreamingLLM and of Recycled Attention, its full steps choosing the recycle set in the call; at
+    the dynamic schedule's checks after a first call that gives the query, which decides):
     it must give the logits and recycle sets that the same decoding gives through forward, layer by layer, to the
     bit, with budgets below the context so that recycle sets, refreshes and the window all matter."""
     from blockrag.engine import cpu_kernels
@@ -356,11 +356,9 @@ def test_whole_layer_calls_equal_the_forward_pass_in_every_decode_mode(mode, mon
     decoding, whole = teacher_forced(model, options, prompt, answer)
     assert all(layer.whole is not None for layer in decoding.one_token.layers)
     layers = model.config.num_hidden_layers
-    if mode == "dynamic":  # check steps run layer by layer (the query decides), refreshing some layers, not all
-        checks = layers * len(range(0, STEPS, options.stride))
-        assert len(calls) == layers * STEPS - checks and 0 < decoding.full_layer_steps < checks
-    else:
-        assert len(calls) == layers * STEPS
+    assert len(calls) == layers * STEPS
+    if mode == "dynamic":  # check steps refresh some layers, not all
+        assert 0 < decoding.full_layer_steps < layers * len(range(0, STEPS, options.stride))
     calls.clear()
     reference = start_decoding(model, prefill(model, prompt, len(answer)), options, len(answer))
     reference.one_token = None  # each step through forward, which calls the decoding's attention in every layer
