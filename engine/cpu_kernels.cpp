@@ -162,27 +162,66 @@ extern "C" int blockrag_decode_attention(const uint16_t* q, const uint16_t* k, c
   CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
   return 1;
 }
-// A float's bits as an unsigned key that orders as the floats do (-0 taken as +0, so that they tie as equals).
-static inline uint32_t order_key(float x) {
-  uint32_t b;
-  x = x == 0.0f ? 0.0f : x;
-  __builtin_memcpy(&b, &x, 4);
-  return b & 0x80000000u ? ~b : b | 0x80000000u;
+
+// 16 floats' bits as unsigned keys that order as the floats do (-0 taken as +0, so that they tie as equals): a
+// negative float's bits inverted, a positive one's sign bit set.
+static inline __m512i order_keys(__m512 x) {
+  __m512i b = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ), _mm512_castps_si512(x));
+  return _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32((int)0x80000000u)));
 }
 
-// The k-th largest of `keys` [n] (1 <= k <= n): a histogram of their top 11 bits finds the bin it lies in, and a
-// partial sort of that bin's keys (`candidates`, room for n) the key itself.
-static uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k, uint32_t* candidates) {
-  enum { BITS = 11, BINS = 1 << BITS };
-  int32_t histogram[BINS] = {0};
-  for (int64_t j = 0; j < n; ++j) ++histogram[keys[j] >> (32 - BITS)];
-  int64_t bin = BINS - 1, remaining = k;
-  while (histogram[bin] < remaining) remaining -= histogram[bin--];
+// The lanes of `x` where `m` is set, stored side by side from `dst` (a compress into a register, then a masked
+// store: a compress straight to memory is slow on some CPUs). Returns how many.
+static inline int store_compressed(uint32_t* dst, __mmask16 m, __m512i x) {
+  int count = __builtin_popcount(m);
+  _mm512_mask_storeu_epi32(dst, (__mmask16)((1u << count) - 1), _mm512_maskz_compress_epi32(m, x));
+  return count;
+}
+
+static inline int store_compressed(int64_t* dst, __mmask8 m, __m512i x) {
+  int count = __builtin_popcount(m);
+  _mm512_mask_storeu_epi64(dst, (__mmask8)((1u << count) - 1), _mm512_maskz_compress_epi64(m, x));
+  return count;
+}
+
+// Of `keys` [n], those whose bits from `shift` up equal `prefix`, stored side by side into `to`; returns how many.
+static int64_t keys_with_prefix(const uint32_t* keys, int64_t n, int shift, uint32_t prefix, uint32_t* to) {
   int64_t count = 0;
-  for (int64_t j = 0; j < n; ++j)
-    if ((int64_t)(keys[j] >> (32 - BITS)) == bin) candidates[count++] = keys[j];
-  std::nth_element(candidates, candidates + (remaining - 1), candidates + count, std::greater<uint32_t>());
-  return candidates[remaining - 1];
+  const __m512i wanted = _mm512_set1_epi32((int)prefix);
+  for (int64_t j = 0; j < n; j += 16) {
+    __mmask16 m = part(j, n);
+    __m512i x = _mm512_maskz_loadu_epi32(m, keys + j);
+    count += store_compressed(to + count, _mm512_mask_cmpeq_epi32_mask(m, _mm512_srli_epi32(x, shift), wanted), x);
+  }
+  return count;
+}
+
+// Of `keys` [n], the bin of their bits [shift, shift + 11) that holds the `k`-th largest (all keys sharing the bits
+// above those), and in `k` its rank within the bin. Four histograms, summed after, so that runs of keys in one bin
+// do not wait on each other's counts.
+static uint32_t bin_of_kth(const uint32_t* keys, int64_t n, int shift, int64_t& k) {
+  enum { BINS = 1 << 11 };
+  int32_t histograms[4][BINS] = {{0}};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    for (int w = 0; w < 4; ++w) ++histograms[w][(keys[j + w] >> shift) & (BINS - 1)];
+  for (; j < n; ++j) ++histograms[0][(keys[j] >> shift) & (BINS - 1)];
+  auto count_of = [&](int b) { return histograms[0][b] + histograms[1][b] + histograms[2][b] + histograms[3][b]; };
+  int bin = BINS - 1;
+  while (count_of(bin) < k) k -= count_of(bin--);
+  return bin;
+}
+
+// The k-th largest of `keys` [n] (1 <= k <= n): histograms of their top 11 bits, then of the next 11 among those
+// in the k-th's bin, narrow it to the keys sharing its top 22 bits (in `candidates`, room for n), and a partial
+// sort of those finds the key itself.
+static uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k, uint32_t* candidates) {
+  uint32_t top = bin_of_kth(keys, n, 21, k);
+  int64_t count = keys_with_prefix(keys, n, 21, top, candidates);
+  uint32_t next = (top << 11) | bin_of_kth(candidates, count, 10, k);
+  count = keys_with_prefix(candidates, count, 10, next, candidates);
+  std::nth_element(candidates, candidates + (k - 1), candidates + count, std::greater<uint32_t>());
+  return candidates[k - 1];
 }
 
 extern "C" int64_t blockrag_recycle_scratch(int64_t length, int kv_heads, int pool) {
@@ -220,15 +259,35 @@ extern "C" void blockrag_recycle_set(const float* logits, const float* lse, int 
     }
     for (int64_t j = 0; j < std::min(sinks, length); ++j) pooled[j] = INFINITY;
     for (int64_t j = std::max<int64_t>(tail_first, 0); j < std::min(tail_end, length); ++j) pooled[j] = INFINITY;
-    for (int64_t j = 0; j < length; ++j) keys[j] = order_key(pooled[j]);
+    for (int64_t j = 0; j < length; j += 16) {
+      __mmask16 m = part(j, length);
+      _mm512_mask_storeu_epi32(keys + j, m, order_keys(_mm512_maskz_loadu_ps(m, pooled + j)));
+    }
     // The k-th highest score: above it all are in; at it, the earliest.
     uint32_t kth = kth_largest(keys, length, k, keys + length);
+    const __m512i kth_v = _mm512_set1_epi32((int)kth);
     int64_t above = 0;
-    for (int64_t j = 0; j < length; ++j) above += keys[j] > kth;
+    for (int64_t j = 0; j < length; j += 16) {
+      __mmask16 m = part(j, length);
+      above += __builtin_popcount(_mm512_mask_cmpgt_epu32_mask(m, _mm512_maskz_loadu_epi32(m, keys + j), kth_v));
+    }
     int64_t* chosen = positions + h * k;
     int64_t count = 0, at_kth = k - above;
-    for (int64_t j = 0; j < length && count < k; ++j)
-      if (keys[j] > kth || (keys[j] == kth && at_kth-- > 0)) chosen[count++] = j;
+    const __m512i low = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), eight = _mm512_set1_epi64(8);
+    for (int64_t j = 0; j < length && count < k; j += 16) {
+      __mmask16 m = part(j, length);
+      __m512i x = _mm512_maskz_loadu_epi32(m, keys + j);
+      __mmask16 ties = _mm512_mask_cmpeq_epu32_mask(m, x, kth_v);
+      if (ties && at_kth > 0) {  // one by one where the k-th score's ties are taken, earliest first
+        for (int64_t i = j; i < std::min(j + 16, length) && count < k; ++i)
+          if (keys[i] > kth || (keys[i] == kth && at_kth-- > 0)) chosen[count++] = i;
+        continue;
+      }
+      __mmask16 in = _mm512_mask_cmpgt_epu32_mask(m, x, kth_v);
+      __m512i first = _mm512_add_epi64(_mm512_set1_epi64(j), low);
+      count += store_compressed(chosen + count, (__mmask8)in, first);
+      count += store_compressed(chosen + count, (__mmask8)(in >> 8), _mm512_add_epi64(first, eight));
+    }
   }
 }
 
