@@ -454,8 +454,10 @@ class StreamingDecoding(PartialDecoding):
 
     def layer_target(self, layer, into, at):
         window = self.layers[layer].window
-        return None if window.rows is None else KVTarget(into, at, window.rows, self.layers[layer].slot(),
-                                                         window.length)
+        if window.rows is None:
+            return None
+        slot = self.layers[layer].slot()  # before the length is read: a token while the window fills counts in it
+        return KVTarget(into, at, window.rows, slot, window.length)
 
 
 def start_decoding(model: PreTrainedModel, cache: KVCache, options: DecodeOptions,

@@ -690,14 +690,22 @@ def _after_attention(layer: nn.Module, fused: bool) -> Callable[[torch.Tensor, t
     place) and the attention's output and giving the down product: in a fused step whose output, gate and up, and
     down projections each read one copy of :func:`_library_tiles`, its norm fusable and its activation SiLU.
     ``None`` otherwise: the step calls them one by one."""
-    attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
-    if not (_fusable_norm(norm, fused) and _is_silu(mlp.act_fn)):
+    tiles = _after_attention_tiles(layer, fused)
+    if tiles is None:
         return None
-    o, gate_up, down = (_library_tiles(g) for g in ((attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)))
-    if o is None or gate_up is None or down is None:
-        return None
-    weight, eps = norm.weight, norm.variance_epsilon
+    o, gate_up, down = tiles
+    weight, eps = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
     return lambda hidden, attended: cpu_kernels.mlp_after_attention(attended, hidden, o, weight, eps, gate_up, down)
+
+
+def _after_attention_tiles(layer: nn.Module, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The output, gate-and-up and down copies (:func:`_library_tiles`) that :func:`_after_attention` reads, where
+    its conditions hold (``None`` otherwise)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if not (_fusable_norm(layer.post_attention_layernorm, fused) and _is_silu(mlp.act_fn)):
+        return None
+    tiles = tuple(_library_tiles(g) for g in ((attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)))
+    return None if any(t is None for t in tiles) else tiles
 
 
 def _whole_layer(layer: nn.Module, fused: bool, heads: int, kv_heads: int) -> cpu_kernels.LayerWeights | None:
@@ -706,17 +714,16 @@ def _whole_layer(layer: nn.Module, fused: bool, heads: int, kv_heads: int) -> cp
     :func:`_library_tiles`, its input norm is fusable, it does not normalise queries and keys per head, and the
     library's attention takes its head size and group. ``None`` otherwise."""
     attn, norm = layer.self_attn, layer.input_layernorm
-    if (_after_attention(layer, fused) is None or not _fusable_norm(norm, fused) or getattr(attn, "q_norm", None)
-            is not None or not cpu_kernels.applies(norm.weight.dtype, norm.weight.device, attn.head_dim,
-                                                      heads // kv_heads)):
+    after = _after_attention_tiles(layer, fused)
+    if (after is None or not _fusable_norm(norm, fused) or getattr(attn, "q_norm", None) is not None
+            or not cpu_kernels.applies(norm.weight.dtype, norm.weight.device, attn.head_dim, heads // kv_heads)):
         return None
     qkv = _library_tiles((attn.q_proj, attn.k_proj, attn.v_proj))
     if qkv is None:
         return None
-    mlp, post = layer.mlp, layer.post_attention_layernorm
+    (o, gate_up, down), post = after, layer.post_attention_layernorm
     return cpu_kernels.LayerWeights(norm.weight, norm.variance_epsilon, qkv, heads, kv_heads, attn.head_dim,
-                                    attn.scaling, _library_tiles((attn.o_proj,)), post.weight, post.variance_epsilon,
-                                    _library_tiles((mlp.gate_proj, mlp.up_proj)), _library_tiles((mlp.down_proj,)))
+                                    attn.scaling, o, post.weight, post.variance_epsilon, gate_up, down)
 
 
 @dataclass(frozen=True)
