@@ -8,7 +8,9 @@ are teacher-forced along its output, so each step compares next-token prediction
 context: top-1 agreement and KL(full || strategy). Where the model decodes from four-bit copies of its
 weights, ``full_dense`` is full decoding from the dense weights beside it. Speed is decode tokens per
 second, the setup of a strategy's cache included. As the machine may be shared, the strategies take
-turns step by step, and every step (and setup) keeps its fastest time over ``--rounds`` rounds.
+turns on every prompt, a whole answer each (``--turns answer``: consecutive steps, as a request decodes) or
+one step each (``--turns step``), in an order that rotates between rounds, and every step (and setup) keeps
+its fastest time over ``--rounds`` rounds.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=1, help="prompts (questions) per context length")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs per strategy; the fastest is reported")
+    parser.add_argument("--turns", choices=("answer", "step"), default="answer",
+                        help="strategies take turns a whole answer each, as requests decode, or one step each, "
+                             "which leaves every step the memory the others left cold")
     parser.add_argument("--data", type=Path, default=DATA, help="nq-open-dev.jsonl.gz (see ../shared/data/README.md)")
 
 
@@ -88,9 +93,10 @@ DENSE = "full_dense"
 
 
 def _side_by_side(engine: BlockEngine, cache: KVCache, strategies: dict[str, DecodeOptions], first: int,
-                  steps: int, rounds: int) -> tuple[list[int], dict[str, torch.Tensor], dict[str, float],
-                                                      dict[str, float]]:
-    """Decode with every strategy in turn, one step each, so that they share the machine's conditions.
+                  steps: int, rounds: int, turns: str) -> tuple[list[int], dict[str, torch.Tensor],
+                                                                dict[str, float], dict[str, float]]:
+    """Decode with every strategy in turn, a whole answer each (``turns="answer"``) or one step each
+    (``turns="step"``), so that they share the machine's conditions.
 
     The first strategy decodes greedily from ``first`` (end of sequence suppressed), the others
     are fed its tokens. Returns those tokens, each strategy's logits of every step, its seconds
@@ -114,17 +120,35 @@ def _side_by_side(engine: BlockEngine, cache: KVCache, strategies: dict[str, Dec
             best[name][at] = min(best[name][at], time.perf_counter() - started)
         return out
 
+    names = list(strategies)
     for round_ in range(rounds):
         copies = {name: cache.clone() for name in strategies}  # outside the timing: a request owns its cache
-        decodings = {name: timed(name, 0, lambda o=options, n=name: start_decoding(engine.model, copies[n], o, steps))
-                     for name, options in strategies.items()}
-        for i in range(steps):
-            for name, decoding in decodings.items():
-                out = timed(name, i + 1, lambda d=decoding: d.step(tokens[i]))
-                if round_ == 0:
-                    logits[name].append(out.float())
-                    if len(tokens) == i + 1 and i + 1 < steps:
-                        tokens.append(int(out.float().index_fill(0, eos, float("-inf")).argmax()))
+        # Round 0 starts with the first strategy, whose tokens the others follow; later rounds rotate the order.
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        decodings = {}
+
+        def start(name: str) -> None:
+            decodings[name] = timed(name, 0, lambda: start_decoding(engine.model, copies[name], strategies[name],
+                                                                    steps))
+
+        def step(name: str, i: int) -> None:
+            out = timed(name, i + 1, lambda: decodings[name].step(tokens[i]))
+            if round_ == 0:
+                logits[name].append(out.float())
+                if len(tokens) == i + 1 and i + 1 < steps:
+                    tokens.append(int(out.float().index_fill(0, eos, float("-inf")).argmax()))
+
+        if turns == "answer":
+            for name in order:
+                start(name)
+                for i in range(steps):
+                    step(name, i)
+        else:
+            for name in order:
+                start(name)
+            for i in range(steps):
+                for name in order:
+                    step(name, i)
         shares = {name: d.full_layer_steps / (steps * layers) for name, d in decodings.items()
                   if isinstance(d, RecycledDecoding)}
         del decodings, copies
@@ -170,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
             first = int(done.logits.float().index_fill(0, torch.tensor(sorted(engine.eos_ids), device=engine.device),
                                                        float("-inf")).argmax())
             tokens, out, s, share = _side_by_side(engine, done.cache, strategies, first, args.new_tokens,
-                                                  args.rounds)
+                                                  args.rounds, args.turns)
             for name in strategies:
                 seconds[name] += s[name]
                 logits[name].append(out[name])
@@ -199,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": args.prompts, "recycle_k": args.recycle_k, "stride": args.stride,
         "dynamic_threshold": args.dynamic_threshold, "dynamic_stride": args.dynamic_stride,
         "pool_kernel": args.pool_kernel, "sinks": DecodeOptions.sinks, "prompt_tail": args.prompt_tail,
-        "rounds": args.rounds, "device": str(engine.device),
+        "rounds": args.rounds, "turns": args.turns, "device": str(engine.device),
         "dtype": str(next(engine.model.parameters()).dtype), "four_bit_projections": loaded.four_bit_projections,
         "machine": machine(engine.device), "results": results,
     }

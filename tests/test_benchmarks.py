@@ -131,6 +131,16 @@ def test_decode_benchmark_sets_four_bit_decoding_beside_dense(smollm, tmp_path, 
     assert set(rows) == {"full", "full_dense", "recycled_stride", "recycled_dynamic", "streaming"}
     assert rows["full"]["speedup"] == 1 and rows["full_dense"]["ms_per_token"] > 0
     assert 0 <= rows["full_dense"]["top1_agreement"] <= 1 and rows["full_dense"]["mean_kl"] >= 0
+    # Taking turns one step each, in rotated orders over two rounds, changes timings only: every strategy's
+    # logits, and so the answer and each agreement column, are the same as with whole answers in turn.
+    assert main(["bench", "decode", "--model", str(folder), "--contexts", "300", "--new-tokens", "4",
+                 "--rounds", "2", "--turns", "step", "--json", str(out)]) == 0
+    stepwise = json.loads(out.read_text())
+    assert result["turns"] == "answer" and stepwise["turns"] == "step"
+    assert stepwise["results"][0]["prompts"][0]["answer"] == result["results"][0]["prompts"][0]["answer"]
+    for name, row in stepwise["results"][0]["strategies"].items():
+        assert {k: row.get(k) for k in ("top1_agreement", "mean_kl", "full_step_share")} == \
+            {k: rows[name].get(k) for k in ("top1_agreement", "mean_kl", "full_step_share")}
 
 
 def test_answer_benchmark_skips_llama_cpp_for_a_model_that_is_no_gguf(tiny_folder, tmp_path):
