@@ -813,16 +813,17 @@ class DecodeStep:
         signed_sin, rotate = _signed_sin(sin), self.rotate
         hidden, delta = self.embed(token).view(-1), None  # a new tensor, the step's own
         heads, qk = self.heads, self.heads + self.kv_heads
-        angles, projection = (cos.data_ptr(), signed_sin.data_ptr()), None
+        angles, projection, deltas = (cos.data_ptr(), signed_sin.data_ptr()), None, ()
         for i, layer in enumerate(self.layers):
             target = None if layer.whole is None else attention.target(i)
-            if target is not None:  # hidden += delta in place, and the layer's down product into a new delta
+            if target is not None:  # hidden += delta in place, and the layer's down product into the other delta
                 if projection is None:
                     projection = torch.empty(layer.whole.projection_size, dtype=hidden.dtype)
+                    deltas = (torch.empty_like(hidden), torch.empty_like(hidden))  # the step's own, taking turns
                 projected = not isinstance(target, KVTarget)
                 if projected:  # the query decides
                     target = target(cpu_kernels.project_qkv(hidden, delta, layer.whole, angles, projection))
-                delta, last = torch.empty_like(hidden), None if projected else delta
+                last, delta = None if projected else delta, deltas[i % 2]
                 cpu_kernels.decode_layer(hidden, last, layer.whole, angles, projection, projected, *target, delta)
                 continue
             hidden, x = layer.input_norm(hidden, delta)
