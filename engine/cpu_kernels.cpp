@@ -400,6 +400,31 @@ extern "C" void blockrag_silu_mul(const uint16_t* gate_up, int64_t n, uint16_t* 
   }
 }
 
+// A query's summary for the dynamic schedule of Recycled Attention (engine/decoding.py's QuerySimilarity): the
+// mean over its `heads` rows of `query` [heads, dim] (bf16) in fp32, into `mean` (the rows summed in order, then
+// divided, as torch's mean of fp32 rows), and, where `anchor` [dim] is given, the cosine similarity of the two,
+// summed in double (each norm at least 1e-8, as torch.cosine_similarity takes them).
+extern "C" double blockrag_query_similarity(const uint16_t* query, int64_t heads, int64_t dim, const float* anchor,
+                                            float* mean) {
+  double dot = 0, squares = 0, anchor_squares = 0;
+  for (int64_t i = 0; i < dim; ++i) {
+    float sum = 0;
+    for (int64_t h = 0; h < heads; ++h) {
+      uint32_t bits = (uint32_t)query[h * dim + i] << 16;
+      float x;
+      __builtin_memcpy(&x, &bits, 4);
+      sum += x;
+    }
+    mean[i] = sum / (float)heads;
+    if (anchor) {
+      dot += (double)mean[i] * anchor[i];
+      squares += (double)mean[i] * mean[i];
+      anchor_squares += (double)anchor[i] * anchor[i];
+    }
+  }
+  return anchor ? dot / (std::max(sqrt(squares), 1e-8) * std::max(sqrt(anchor_squares), 1e-8)) : 0.0;
+}
+
 // Attention of many query rows over a long run of keys, none masked: a question's tokens over the blocks assembled
 // before them (engine/transformer.py's attend_suffix). The keys are split in chunks over the threads; each chunk's
 // keys and values are packed once in the layout of bf16 dot-product pairs and serve every query row of its KV head.

@@ -117,6 +117,8 @@ def _build() -> ctypes.CDLL | None:
                                               + [pointer, integer] + [pointer] * 2 + [count] * 3 + [pointer] * 2 + [count] * 4 + [real]
                                               + [pointer] * 2 + [real, pointer, count] + [pointer] * 3
                                               + [count, integer] + [count] * 3 + [pointer] * 2 + [count] * 2 + [integer])
+    library.blockrag_query_similarity.restype = ctypes.c_double
+    library.blockrag_query_similarity.argtypes = [pointer, count, count, pointer, pointer]
     library.blockrag_mlp_after_attention.restype = None
     library.blockrag_mlp_after_attention.argtypes = ([pointer] * 3 + [count, pointer, count, real, pointer, count]
                                                      + [pointer, count, pointer, pointer, integer])
@@ -309,6 +311,17 @@ FOUR_BIT_TILE = 16
 FOUR_BIT_GROUP = 32
 """Inputs per quantization group of :func:`pack_four_bit`'s layout: a weight's inputs must be a multiple of it."""
 _NIBBLES = torch.tensor([1, 16, 256, 4096], dtype=torch.int32)
+
+
+def query_similarity(query: torch.Tensor, anchor: torch.Tensor | None) -> tuple[torch.Tensor, float | None]:
+    """The mean over heads of ``query`` (contiguous bf16 ``[1, heads, 1, d]``) in fp32 ``[d]``, as torch's
+    ``query[0, :, -1].float().mean(0)`` gives it, and its cosine similarity to ``anchor`` (fp32 ``[d]``) where given:
+    what the dynamic schedule of Recycled Attention checks in a layer, in one call where torch makes several."""
+    heads, d = query.shape[1], query.shape[3]
+    mean = torch.empty(d, dtype=torch.float32)
+    similarity = _library.blockrag_query_similarity(query.data_ptr(), heads, d,
+                                                    None if anchor is None else anchor.data_ptr(), mean.data_ptr())
+    return mean, None if anchor is None else similarity
 
 
 def pack_four_bit(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -278,14 +278,23 @@ class QuerySimilarity:
         self.every = every
         self.anchors: dict[int, torch.Tensor] = {}
 
-    def similarity(self, layer: int, query: torch.Tensor) -> float:
-        """Cosine similarity of ``query`` to the query of ``layer``'s last full step."""
-        return float(F.cosine_similarity(query[0, :, -1].float().mean(0), self.anchors[layer], dim=0))
+    @staticmethod
+    def summary(query: torch.Tensor, anchor: torch.Tensor | None) -> tuple[torch.Tensor, float | None]:
+        """``query``'s mean over heads in fp32, and its cosine similarity to ``anchor`` (a summary) where given: in
+        one call of the kernel library where it runs (a bf16 query on CPU, whose layers check every few steps)."""
+        if query.is_contiguous() and cpu_kernels.fuses(query.dtype, query.device):
+            return cpu_kernels.query_similarity(query, anchor)
+        mean = query[0, :, -1].float().mean(0)
+        return mean, None if anchor is None else float(F.cosine_similarity(mean, anchor, dim=0))
 
     def full_step(self, layer: int, step: int, query: torch.Tensor) -> bool:
-        full = layer not in self.anchors or step % self.every == 0 and self.similarity(layer, query) < self.threshold
+        anchor = self.anchors.get(layer)
+        if anchor is not None and step % self.every:
+            return False
+        mean, similarity = self.summary(query, anchor)
+        full = similarity is None or similarity < self.threshold
         if full:
-            self.anchors[layer] = query[0, :, -1].float().mean(0)
+            self.anchors[layer] = mean
         return full
 
     def known(self, layer: int, step: int) -> bool | None:

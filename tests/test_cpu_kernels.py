@@ -211,6 +211,20 @@ def test_the_residual_sum_and_the_rotation_are_torchs_to_the_bit(rows, size):
     assert torch.equal(cpu_kernels.rotate(x, cos, signed_sin), _rotate(x, cos, signed_sin))
 
 
+@pytest.mark.parametrize(("heads", "dim"), [(9, 64), (4, 16), (32, 128)])
+def test_a_query_summary_is_torchs_mean_and_cosine_similarity(heads, dim):
+    # The mean sums the heads' fp32 values in order and divides, as torch does: the same bits. The similarity is
+    # summed in double where torch sums normalised fp32 values: within fp32's rounding of a sum of `dim` terms.
+    generator = torch.Generator().manual_seed(heads * dim)
+    query, later = (torch.randn(1, heads, 1, dim, generator=generator).bfloat16() for _ in range(2))
+    anchor, none = cpu_kernels.query_similarity(query, None)
+    assert torch.equal(anchor, query[0, :, -1].float().mean(0)) and none is None
+    for other in (later, query, -query):
+        mean, similarity = cpu_kernels.query_similarity(other, anchor)
+        assert torch.equal(mean, other[0, :, -1].float().mean(0))
+        assert similarity == pytest.approx(float(torch.cosine_similarity(mean, anchor, dim=0)), abs=dim * 2e-7)
+
+
 @pytest.mark.parametrize(("rows", "size"), [(1, 576), (9, 64), (3, 40), (1, 1536)])
 def test_the_norm_and_the_activation_are_within_a_rounding_of_torchs(rows, size):
     generator = torch.Generator().manual_seed(rows + size)

@@ -146,13 +146,14 @@ def test_recycle_set_is_the_top_k_of_eager_attention_scores(family, kernel, sink
             assert torch.equal(held, expected)
 
 
-def test_query_similarity_schedule_refreshes_on_drift_only():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # torch's check; the kernel library's in bf16
+def test_query_similarity_schedule_refreshes_on_drift_only(dtype):
     schedule = QuerySimilarity(threshold=0.9, every=2)
-    a = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    b = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    a = torch.tensor([1.0, 0.0, 0.0, 0.0] * 4)
+    b = torch.tensor([0.0, 1.0, 0.0, 0.0] * 4)
 
     def query(direction: torch.Tensor) -> torch.Tensor:  # [1, heads, 1, head_dim], heads whose mean is `direction`
-        return torch.stack([direction + 0.5, direction - 0.5]).view(1, 2, 1, 4)
+        return torch.stack([direction + 0.5, direction - 0.5]).view(1, 2, 1, 16).to(dtype)
 
     assert schedule.full_step(0, 0, query(a))          # first step: full, a becomes the anchor
     assert not schedule.full_step(0, 1, query(b))      # not a check step
@@ -161,7 +162,8 @@ def test_query_similarity_schedule_refreshes_on_drift_only():
     assert not schedule.full_step(0, 3, query(b))      # drifted, but not a check step
     assert schedule.full_step(0, 4, query(b))          # check step, query changed: b becomes the anchor
     assert not schedule.full_step(0, 6, query(b * 3))  # same direction
-    assert schedule.similarity(0, query(a)) == pytest.approx(0.0)
+    mean, similarity = schedule.summary(query(a), schedule.anchors[0])
+    assert torch.equal(mean, a) and similarity == pytest.approx(0.0)
 
 
 def test_dynamic_schedule_on_a_model_refreshes_less_than_fixed_stride():
