@@ -604,43 +604,80 @@ extern "C" int blockrag_prefix_attention(const uint16_t* q, const uint16_t* k, c
 // 136 times the inputs' sum subtracted per group. Sums are fp32; the output is rounded to bf16 once.
 enum { FOUR_BIT_GROUP = 32, FOUR_BIT_TILE_WORDS = 160 };
 
-extern "C" void blockrag_four_bit_matvec(const uint16_t* tiles, int64_t tile_count, int64_t groups, const uint16_t* x,
-                                         uint16_t* out, int threads) {
+// Each group's sum of the inputs `x` [groups * 32], in fp32.
+static std::vector<float> group_sums(const uint16_t* x, int64_t groups) {
   std::vector<float> sums(groups);
   for (int64_t g = 0; g < groups; ++g) {
     __m512 a = _mm512_add_ps(bf16_to_f32(_mm256_loadu_si256((const __m256i*)(x + g * FOUR_BIT_GROUP))),
                              bf16_to_f32(_mm256_loadu_si256((const __m256i*)(x + g * FOUR_BIT_GROUP + 16))));
     sums[g] = _mm512_reduce_add_ps(a);
   }
+  return sums;
+}
+
+// The 16 rows' sums of (128 + q) * x over a group of 32 inputs `xg`, q read from the four words of 32 lanes at
+// `planes` (the layout above).
+static inline __m512 nibble_dot(const uint16_t* planes, const uint16_t* xg) {
   const __m512i low = _mm512_set1_epi16(0xF), one_twenty_eight = _mm512_set1_epi16(0x4300);
+  __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps(), d2 = _mm512_setzero_ps(), d3 = _mm512_setzero_ps();
+  for (int c = 0; c < 4; ++c) {
+    __m512i w = _mm512_loadu_si512(planes + c * 32);
+    __m512i n0 = _mm512_ternarylogic_epi32(w, low, one_twenty_eight, 0xEA);  // (w & low) | 128
+    __m512i n1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), low, one_twenty_eight, 0xEA);
+    __m512i n2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), low, one_twenty_eight, 0xEA);
+    __m512i n3 = _mm512_or_si512(_mm512_srli_epi16(w, 12), one_twenty_eight);
+    d0 = _mm512_dpbf16_ps(d0, (__m512bh)n0, (__m512bh)pair_of(xg + 8 * c));
+    d1 = _mm512_dpbf16_ps(d1, (__m512bh)n1, (__m512bh)pair_of(xg + 8 * c + 2));
+    d2 = _mm512_dpbf16_ps(d2, (__m512bh)n2, (__m512bh)pair_of(xg + 8 * c + 4));
+    d3 = _mm512_dpbf16_ps(d3, (__m512bh)n3, (__m512bh)pair_of(xg + 8 * c + 6));
+  }
+  return _mm512_add_ps(_mm512_add_ps(d0, d1), _mm512_add_ps(d2, d3));
+}
+
+// The product of an eight-bit weight (Q8_0's: each group of 32 inputs of a row is scale * q, q in -127..127) with
+// `x`. With q + 128 = 16 high + low, each tile-group is 272 words: the high nibbles' four words of 32 lanes, the
+// low nibbles' (the layout above), then the 16 rows' scales in bf16; a group adds scale * (16 (high - 8) . x +
+// (low - 8) . x + 8 sum(x)). Half the input and five sixths of the bytes of two four-bit halves with a scale and
+// zero each.
+enum { EIGHT_BIT_TILE_WORDS = 272 };
+
+// Both products: 16 rows per tile, one tile per iteration spread over the threads.
+template <bool EIGHT>
+static void nibble_matvec(const uint16_t* tiles, int64_t tile_count, int64_t groups, const uint16_t* x,
+                          uint16_t* out, int threads) {
+  constexpr int64_t words = EIGHT ? EIGHT_BIT_TILE_WORDS : FOUR_BIT_TILE_WORDS;
+  std::vector<float> sums = group_sums(x, groups);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < tile_count; ++t) {
-    const uint16_t* tile = tiles + t * groups * FOUR_BIT_TILE_WORDS;
+    const uint16_t* tile = tiles + t * groups * words;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const uint16_t* block = tile + g * FOUR_BIT_TILE_WORDS;
+      const uint16_t* block = tile + g * words;
       const uint16_t* xg = x + g * FOUR_BIT_GROUP;
-      __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps(), d2 = _mm512_setzero_ps(), d3 = _mm512_setzero_ps();
-      for (int c = 0; c < 4; ++c) {
-        __m512i w = _mm512_loadu_si512(block + c * 32);
-        __m512i n0 = _mm512_ternarylogic_epi32(w, low, one_twenty_eight, 0xEA);  // (w & low) | 128
-        __m512i n1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), low, one_twenty_eight, 0xEA);
-        __m512i n2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), low, one_twenty_eight, 0xEA);
-        __m512i n3 = _mm512_or_si512(_mm512_srli_epi16(w, 12), one_twenty_eight);
-        d0 = _mm512_dpbf16_ps(d0, (__m512bh)n0, (__m512bh)pair_of(xg + 8 * c));
-        d1 = _mm512_dpbf16_ps(d1, (__m512bh)n1, (__m512bh)pair_of(xg + 8 * c + 2));
-        d2 = _mm512_dpbf16_ps(d2, (__m512bh)n2, (__m512bh)pair_of(xg + 8 * c + 4));
-        d3 = _mm512_dpbf16_ps(d3, (__m512bh)n3, (__m512bh)pair_of(xg + 8 * c + 6));
+      __m512 sum = _mm512_set1_ps(sums[g]), offset = _mm512_set1_ps(136.0f);
+      __m512 qx = _mm512_fnmadd_ps(offset, sum, nibble_dot(block, xg));
+      if constexpr (EIGHT) {
+        __m512 low = _mm512_fnmadd_ps(offset, sum, nibble_dot(block + 128, xg));
+        qx = _mm512_fmadd_ps(_mm512_set1_ps(16.0f), qx, _mm512_fmadd_ps(_mm512_set1_ps(8.0f), sum, low));
+        acc = _mm512_fmadd_ps(bf16_to_f32(_mm256_loadu_si256((const __m256i*)(block + 256))), qx, acc);
+      } else {
+        __m512 scale = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(block + 128)));
+        __m512 zero = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(block + 144)));
+        acc = _mm512_fmadd_ps(zero, sum, _mm512_fmadd_ps(scale, qx, acc));
       }
-      __m512 sum = _mm512_set1_ps(sums[g]);
-      __m512 qx = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sum,
-                                   _mm512_add_ps(_mm512_add_ps(d0, d1), _mm512_add_ps(d2, d3)));
-      __m512 scale = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(block + 128)));
-      __m512 zero = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(block + 144)));
-      acc = _mm512_fmadd_ps(zero, sum, _mm512_fmadd_ps(scale, qx, acc));
     }
     _mm256_storeu_si256((__m256i*)(out + t * 16), (__m256i)_mm512_cvtneps_pbh(acc));
   }
+}
+
+extern "C" void blockrag_four_bit_matvec(const uint16_t* tiles, int64_t tile_count, int64_t groups, const uint16_t* x,
+                                         uint16_t* out, int threads) {
+  nibble_matvec<false>(tiles, tile_count, groups, x, out, threads);
+}
+
+extern "C" void blockrag_eight_bit_matvec(const uint16_t* tiles, int64_t tile_count, int64_t groups,
+                                          const uint16_t* x, uint16_t* out, int threads) {
+  nibble_matvec<true>(tiles, tile_count, groups, x, out, threads);
 }
 
 // A decoder layer after its attention, in one call of a decode step: the output product of the attention's

@@ -110,6 +110,8 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_rerotate.argtypes = [pointer] * 6 + [count] * 4 + [integer]
     library.blockrag_four_bit_matvec.restype = None
     library.blockrag_four_bit_matvec.argtypes = [pointer] + [count] * 2 + [pointer] * 2 + [integer]
+    library.blockrag_eight_bit_matvec.restype = None
+    library.blockrag_eight_bit_matvec.argtypes = library.blockrag_four_bit_matvec.argtypes
     library.blockrag_project_qkv.restype = None
     library.blockrag_project_qkv.argtypes = ([pointer] * 3 + [real, count] + [pointer] * 3 + [integer] * 3
                                              + [pointer, integer])
@@ -324,35 +326,61 @@ def query_similarity(query: torch.Tensor, anchor: torch.Tensor | None) -> tuple[
     return mean, None if anchor is None else similarity
 
 
-def pack_four_bit(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The weight ``(q - 8) * scale + zero`` (``q`` int ``[rows, inputs]`` in 0..15, ``scale`` and ``zero`` ``[rows,
-    inputs / 32]``, one per group of 32 inputs of a row: torch's four-bit form, whose zero is small beside the
-    group's minimum and so loses less to its rounding) in the layout :func:`four_bit_matvec` reads: int16 ``[rows
-    / 16, groups, 160]``, per tile of 16 rows and group its four-bit values (nibble ``j`` of lane ``2r + e`` of word
-    ``c`` holding row ``r``'s input ``8c + 2j + e``), then the rows' scales and zeros rounded to bf16."""
+def _nibble_planes(q: torch.Tensor) -> torch.Tensor:
+    """``q`` (int, ``[rows, inputs]`` in 0..15) as the library's words of nibbles: int16 ``[rows / 16, groups, 128]``,
+    per tile of 16 rows and group nibble ``j`` of lane ``2r + e`` of word ``c`` holding row ``r``'s input ``8c + 2j
+    + e``."""
     rows, inputs = q.shape
     tiles, groups = rows // FOUR_BIT_TILE, inputs // FOUR_BIT_GROUP
     nibbles = q.to(torch.int32).view(tiles, FOUR_BIT_TILE, groups, 4, 4, 2).permute(0, 2, 3, 1, 5, 4)
     words = (nibbles * _NIBBLES).sum(-1)
-    words = torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16).reshape(tiles, groups, 128)
+    return torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16).reshape(tiles, groups, 128)
 
-    def per_tile(values: torch.Tensor) -> torch.Tensor:
-        return values.to(torch.bfloat16).view(torch.int16).view(tiles, FOUR_BIT_TILE, groups).transpose(1, 2)
 
-    return torch.cat((words, per_tile(scale), per_tile(zero)), -1).contiguous()
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """``q`` (int32 ``[rows, inputs]``) of :func:`_nibble_planes`'s words ``[tiles, groups, 128]``."""
+    count, groups = words.shape[:2]
+    nibbles = (words.to(torch.int32).view(count, groups, 4, FOUR_BIT_TILE, 2, 1) & 0xFFFF) // _NIBBLES % 16
+    return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(count * FOUR_BIT_TILE, groups * FOUR_BIT_GROUP)
+
+
+def _per_tile(values: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-group ``values`` ``[rows, groups]`` in bf16 as int16 ``[tiles, groups, 16]``."""
+    rows, groups = values.shape
+    return values.to(torch.bfloat16).view(torch.int16).view(rows // FOUR_BIT_TILE, FOUR_BIT_TILE, groups).transpose(1, 2)
+
+
+def _per_row(values: torch.Tensor) -> torch.Tensor:
+    """:func:`_per_tile`'s ``[tiles, groups, 16]`` back as bf16 ``[rows, groups]``."""
+    count, groups = values.shape[:2]
+    return values.contiguous().view(torch.bfloat16).transpose(1, 2).reshape(count * FOUR_BIT_TILE, groups)
+
+
+def pack_four_bit(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The weight ``(q - 8) * scale + zero`` (``q`` int ``[rows, inputs]`` in 0..15, ``scale`` and ``zero`` ``[rows,
+    inputs / 32]``, one per group of 32 inputs of a row: torch's four-bit form, whose zero is small beside the
+    group's minimum and so loses less to its rounding) in the layout :func:`four_bit_matvec` reads: int16 ``[rows
+    / 16, groups, 160]``, per tile of 16 rows and group its four-bit values (:func:`_nibble_planes`), then the rows'
+    scales and zeros rounded to bf16."""
+    return torch.cat((_nibble_planes(q), _per_tile(scale), _per_tile(zero)), -1).contiguous()
 
 
 def unpack_four_bit(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q`` (int32), ``scale`` and ``zero`` (bf16) of a weight in :func:`pack_four_bit`'s layout."""
-    count, groups = tiles.shape[:2]
-    words = tiles[..., :128].to(torch.int32).view(count, groups, 4, FOUR_BIT_TILE, 2, 1) & 0xFFFF
-    nibbles = (words // _NIBBLES) % 16  # [tiles, groups, c, r, e, j]
-    q = nibbles.permute(0, 3, 1, 2, 5, 4).reshape(count * FOUR_BIT_TILE, groups * FOUR_BIT_GROUP)
+    return _nibbles(tiles[..., :128]), _per_row(tiles[..., 128:144]), _per_row(tiles[..., 144:])
 
-    def per_row(values: torch.Tensor) -> torch.Tensor:
-        return values.contiguous().view(torch.bfloat16).transpose(1, 2).reshape(count * FOUR_BIT_TILE, groups)
 
-    return q, per_row(tiles[..., 128:144]), per_row(tiles[..., 144:])
+def pack_eight_bit(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weight ``scale * q`` (``q`` int ``[rows, inputs]`` in -127..127, ``scale`` ``[rows, inputs / 32]``: Q8_0's
+    form) in the layout :func:`eight_bit_matvec` reads: int16 ``[rows / 16, groups, 272]``, per tile of 16 rows and
+    group the high and the low nibbles of ``q + 128`` (:func:`_nibble_planes`), then the rows' scales in bf16."""
+    biased = q.to(torch.int32) + 128
+    return torch.cat((_nibble_planes(biased // 16), _nibble_planes(biased % 16), _per_tile(scale)), -1).contiguous()
+
+
+def unpack_eight_bit(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` (int32) and ``scale`` (bf16) of a weight in :func:`pack_eight_bit`'s layout."""
+    return 16 * _nibbles(tiles[..., :128]) + _nibbles(tiles[..., 128:256]) - 128, _per_row(tiles[..., 256:])
 
 
 def four_bit_matvec(tiles: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -362,6 +390,15 @@ def four_bit_matvec(tiles: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tiles.shape[0] * FOUR_BIT_TILE, dtype=torch.bfloat16)
     _library.blockrag_four_bit_matvec(tiles.data_ptr(), tiles.shape[0], tiles.shape[1], row.data_ptr(),
                                       out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def eight_bit_matvec(tiles: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """The weight ``tiles`` (:func:`pack_eight_bit`) times ``row`` (contiguous bf16 ``[inputs]``), ``[rows]`` in
+    bf16: each group's products summed in fp32, scaled in fp32, the output rounded once (where :func:`available`)."""
+    out = torch.empty(tiles.shape[0] * FOUR_BIT_TILE, dtype=torch.bfloat16)
+    _library.blockrag_eight_bit_matvec(tiles.data_ptr(), tiles.shape[0], tiles.shape[1], row.data_ptr(),
+                                       out.data_ptr(), torch.get_num_threads())
     return out
 
 

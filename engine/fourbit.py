@@ -5,8 +5,9 @@ bundled SmolLM2 ships as a GGUF whose layers are Q4_1: within each group of :dat
 row, every weight is ``scale * q + minimum`` with ``q`` in 0..15. Such a group re-quantizes to the same
 ``q`` (its minimum and maximum give the scale back), and a four-bit product reads a quarter of the bytes
 of bf16 weights. Its embedding matrix, which is also its LM head, is Q8_0: ``scale * q`` with ``q`` in
--127..127. Such a weight is held as two four-bit halves side by side, its high and low nibbles, read by
-one four-bit product over the input taken twice: half the bytes of bf16.
+-127..127. Such a weight is held as the high and low nibbles of ``q + 128``: by the kernel library with one scale
+per group (:func:`~.cpu_kernels.pack_eight_bit`), for torch's four-bit kernel as two four-bit halves side by side
+read over the input taken twice; a little over half the bytes of bf16.
 The product is the kernel library's (:func:`~.cpu_kernels.four_bit_matvec`) where it runs, else torch's
 four-bit CPU kernel, which is vectorized for bf16 activations only (in fp32 and fp16 it runs a scalar
 loop, slower than the dense product). Either way a copy reads its input rounded to bf16, whatever the
@@ -63,9 +64,16 @@ class FourBitWeights:
         self.rows = q.shape[0]
         self.eight_bit = eight_bit
         """Whether the weight is an eight-bit one's high and low halves side by side (:func:`eight_bit_weights`),
-        whose product takes the input twice."""
-        self._tiles = cpu_kernels.pack_four_bit(q, scale, zero) if cpu_kernels.available() else None
-        self._torch_layout = None if self._tiles is not None else _torch_layout(q, scale, zero)
+        whose product in torch's layout takes the input twice; the library holds it as eight-bit
+        (:func:`~.cpu_kernels.pack_eight_bit`, the low half's scale being the weight's)."""
+        self._tiles, self._torch_layout = None, None
+        if not cpu_kernels.available():
+            self._torch_layout = _torch_layout(q, scale, zero)
+        elif eight_bit:
+            inputs, groups = q.shape[1] // 2, scale.shape[1] // 2
+            self._tiles = cpu_kernels.pack_eight_bit(16 * q[:, :inputs] + q[:, inputs:] - 128, scale[:, groups:])
+        else:
+            self._tiles = cpu_kernels.pack_four_bit(q, scale, zero)
 
     @property
     def tiles(self) -> torch.Tensor | None:
@@ -78,14 +86,16 @@ class FourBitWeights:
         rounded to :data:`KERNEL_DTYPE`)."""
         same = row.dtype == KERNEL_DTYPE  # a decode step's every product: no conversions to dispatch
         x = row if same else row.to(KERNEL_DTYPE)
-        x = torch.cat((x, x)) if self.eight_bit else x.contiguous()
         tiles = self.tiles
         if tiles is not None:
-            out = cpu_kernels.four_bit_matvec(tiles, x)
+            product = cpu_kernels.eight_bit_matvec if self.eight_bit else cpu_kernels.four_bit_matvec
+            out = product(tiles, x.contiguous())
         else:
             if self._torch_layout is None:
-                self._torch_layout = _torch_layout(*cpu_kernels.unpack_four_bit(self._tiles))
+                self._torch_layout = _torch_layout(*(_halves(*cpu_kernels.unpack_eight_bit(self._tiles))
+                                                     if self.eight_bit else cpu_kernels.unpack_four_bit(self._tiles)))
             packed, scales_and_zeros = self._torch_layout
+            x = torch.cat((x, x)) if self.eight_bit else x.contiguous()
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), packed, GROUP, scales_and_zeros).view(-1)
         return out if same else out.to(row.dtype)
 
@@ -176,15 +186,19 @@ def is_eight_bit(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     return bool(((dequantize_eight_bit(q, scale) - weight).abs() <= 2 * eps * weight.abs()).all())
 
 
-def eight_bit_weights(q: torch.Tensor, scale: torch.Tensor) -> FourBitWeights:
-    """The weights ``scale * q`` (:func:`quantize_eight_bit`) as two four-bit halves: with ``q + 128 = 16 * high +
-    low``, a weight is ``16 * scale * (high - 8) + scale * low``, the high half's scale ``16 * scale`` with zero
-    0 and the low half's ``scale`` with zero ``8 * scale``. Both are the scale times a power of two, as exact in
-    :data:`KERNEL_DTYPE` as the scale is."""
+def _halves(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights ``scale * q`` (:func:`quantize_eight_bit`) as two four-bit halves' ``q``, ``scale`` and ``zero``:
+    with ``q + 128 = 16 * high + low``, a weight is ``16 * scale * (high - 8) + scale * low``, the high half's scale
+    ``16 * scale`` with zero 0 and the low half's ``scale`` with zero ``8 * scale``. Both are the scale times a power
+    of two, as exact in :data:`KERNEL_DTYPE` as the scale is."""
     biased = q + 128
-    halves = torch.cat((biased // 16, biased % 16), dim=1)
-    return FourBitWeights(halves, torch.cat((16 * scale, scale), dim=1),
-                          torch.cat((torch.zeros_like(scale), 8 * scale), dim=1), eight_bit=True)
+    return (torch.cat((biased // 16, biased % 16), dim=1), torch.cat((16 * scale, scale), dim=1),
+            torch.cat((torch.zeros_like(scale), 8 * scale), dim=1))
+
+
+def eight_bit_weights(q: torch.Tensor, scale: torch.Tensor) -> FourBitWeights:
+    """The weights ``scale * q`` (:func:`quantize_eight_bit`) as a copy: two four-bit halves (:func:`_halves`)."""
+    return FourBitWeights(*_halves(q, scale), eight_bit=True)
 
 
 def four_bit_weights(weight: torch.Tensor, *, exact_only: bool) -> FourBitWeights | None:

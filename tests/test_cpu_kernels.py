@@ -140,6 +140,35 @@ def test_a_four_bit_weight_packs_and_unpacks_to_itself():
     assert all(torch.equal(a, b) for a, b in zip(back, (q, scale, zero)))
 
 
+def test_an_eight_bit_weight_packs_and_unpacks_to_itself():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (48, 96), generator=generator, dtype=torch.int32)
+    scale = (torch.rand(48, 3, generator=generator) * 0.002 + 1e-4).bfloat16()
+    tiles = cpu_kernels.pack_eight_bit(q, scale)
+    assert tiles.shape == (3, 3, 272) and tiles.dtype == torch.int16
+    back_q, back_scale = cpu_kernels.unpack_eight_bit(tiles)
+    assert torch.equal(back_q, q) and torch.equal(back_scale, scale)
+
+
+@pytest.mark.parametrize(("rows", "inputs"), [(16, 32), (49152 // 64, 576), (48, 2304)])
+def test_an_eight_bit_product_is_the_exact_one_rounded_once_to_bf16(rows, inputs):
+    generator = torch.Generator().manual_seed(rows + inputs)
+    q = torch.randint(-127, 128, (rows, inputs), generator=generator, dtype=torch.int32)
+    scale = (torch.rand(rows, inputs // 32, generator=generator) * 0.002 + 1e-4).bfloat16()
+    x = (torch.randn(inputs, generator=torch.Generator().manual_seed(1)) * 2).bfloat16()
+    out = cpu_kernels.eight_bit_matvec(cpu_kernels.pack_eight_bit(q, scale), x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows,)
+    exact = (q.double().unflatten(1, (-1, 32)) * scale.double()[..., None]).flatten(1) @ x.double()
+    # As the four-bit product's bound below: each half's 32 products (128 + nibble) * x exact in fp32 and summed
+    # there (partial sums at most 143 * sum |x| of the group), 136 times the group's sum subtracted; then 16 times
+    # the high half's, the low half's and 8 times the sum added, and scaled: within 2^-24 * 64 * 143 * 17 * sum
+    # |x| * |scale| per group, then rounded to bf16 once (2^-8 of the value).
+    sums = x.double().abs().unflatten(0, (-1, 32)).sum(-1)
+    fp32 = 2.0 ** -24 * 64 * 143 * 17 * (scale.double().abs() @ sums)
+    assert ((out.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + fp32).all()
+    assert (out.double() - exact).abs().max() > 0  # it did round: bf16 output, not a copy of fp64
+
+
 @pytest.mark.parametrize(("rows", "inputs"), [(16, 32), (960, 576), (576, 1536), (48, 2304)])
 def test_a_four_bit_product_is_the_exact_one_rounded_once_to_bf16(rows, inputs):
     q, scale, zero = four_bit_grid(rows, inputs, seed=rows + inputs)
