@@ -387,18 +387,18 @@ def four_bit_matvec(tiles: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """The weight ``tiles`` (:func:`pack_four_bit`) times ``row`` (contiguous bf16 ``[inputs]``), ``[rows]`` in bf16:
     each group's products summed in fp32, scaled and offset in fp32, the output rounded once (where
     :func:`available`)."""
-    out = torch.empty(tiles.shape[0] * FOUR_BIT_TILE, dtype=torch.bfloat16)
-    _library.blockrag_four_bit_matvec(tiles.data_ptr(), tiles.shape[0], tiles.shape[1], row.data_ptr(),
-                                      out.data_ptr(), torch.get_num_threads())
-    return out
+    return _nibble_matvec(_library.blockrag_four_bit_matvec, tiles, row)
 
 
 def eight_bit_matvec(tiles: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """The weight ``tiles`` (:func:`pack_eight_bit`) times ``row`` (contiguous bf16 ``[inputs]``), ``[rows]`` in
     bf16: each group's products summed in fp32, scaled in fp32, the output rounded once (where :func:`available`)."""
+    return _nibble_matvec(_library.blockrag_eight_bit_matvec, tiles, row)
+
+
+def _nibble_matvec(product, tiles: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tiles.shape[0] * FOUR_BIT_TILE, dtype=torch.bfloat16)
-    _library.blockrag_eight_bit_matvec(tiles.data_ptr(), tiles.shape[0], tiles.shape[1], row.data_ptr(),
-                                       out.data_ptr(), torch.get_num_threads())
+    product(tiles.data_ptr(), tiles.shape[0], tiles.shape[1], row.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -60,20 +60,18 @@ class FourBitWeights:
     scales and zeros rounded to it, sum in fp32 and round the output to it.
     """
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, eight_bit: bool = False):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None):
         self.rows = q.shape[0]
-        self.eight_bit = eight_bit
-        """Whether the weight is an eight-bit one's high and low halves side by side (:func:`eight_bit_weights`),
-        whose product in torch's layout takes the input twice; the library holds it as eight-bit
-        (:func:`~.cpu_kernels.pack_eight_bit`, the low half's scale being the weight's)."""
-        self._tiles, self._torch_layout = None, None
-        if not cpu_kernels.available():
-            self._torch_layout = _torch_layout(q, scale, zero)
-        elif eight_bit:
-            inputs, groups = q.shape[1] // 2, scale.shape[1] // 2
-            self._tiles = cpu_kernels.pack_eight_bit(16 * q[:, :inputs] + q[:, inputs:] - 128, scale[:, groups:])
+        self.eight_bit = zero is None
+        """Whether the weight is an eight-bit one, ``scale * q`` with ``q`` in -127..127 (:func:`eight_bit_weights`,
+        given with no ``zero``): the library holds it so (:func:`~.cpu_kernels.pack_eight_bit`), torch's layout as
+        two four-bit halves (:func:`_halves`), whose product takes the input twice."""
+        if cpu_kernels.available():
+            self._tiles = cpu_kernels.pack_eight_bit(q, scale) if self.eight_bit else \
+                cpu_kernels.pack_four_bit(q, scale, zero)
+            self._torch_layout = None
         else:
-            self._tiles = cpu_kernels.pack_four_bit(q, scale, zero)
+            self._tiles, self._torch_layout = None, _torch_layout(*_four_bit_form(q, scale, zero))
 
     @property
     def tiles(self) -> torch.Tensor | None:
@@ -92,8 +90,9 @@ class FourBitWeights:
             out = product(tiles, x.contiguous())
         else:
             if self._torch_layout is None:
-                self._torch_layout = _torch_layout(*(_halves(*cpu_kernels.unpack_eight_bit(self._tiles))
-                                                     if self.eight_bit else cpu_kernels.unpack_four_bit(self._tiles)))
+                unpacked = (*cpu_kernels.unpack_eight_bit(self._tiles), None) if self.eight_bit else \
+                    cpu_kernels.unpack_four_bit(self._tiles)
+                self._torch_layout = _torch_layout(*_four_bit_form(*unpacked))
             packed, scales_and_zeros = self._torch_layout
             x = torch.cat((x, x)) if self.eight_bit else x.contiguous()
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), packed, GROUP, scales_and_zeros).view(-1)
@@ -196,9 +195,16 @@ def _halves(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.T
             torch.cat((torch.zeros_like(scale), 8 * scale), dim=1))
 
 
+def _four_bit_form(q: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A :class:`FourBitWeights`' weight as torch's four-bit kernel takes it: as given, or an eight-bit one (no
+    ``zero``) as its two halves."""
+    return _halves(q, scale) if zero is None else (q, scale, zero)
+
+
 def eight_bit_weights(q: torch.Tensor, scale: torch.Tensor) -> FourBitWeights:
-    """The weights ``scale * q`` (:func:`quantize_eight_bit`) as a copy: two four-bit halves (:func:`_halves`)."""
-    return FourBitWeights(*_halves(q, scale), eight_bit=True)
+    """The weights ``scale * q`` (:func:`quantize_eight_bit`) as a copy."""
+    return FourBitWeights(q, scale, None)
 
 
 def four_bit_weights(weight: torch.Tensor, *, exact_only: bool) -> FourBitWeights | None:
