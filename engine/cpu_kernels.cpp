@@ -1,11 +1,11 @@
-// bf16 decode steps on CPUs with AVX512-BF16 (engine/cpu_kernels.py): one new token's attention over a bf16 KV
-// cache in fp32, its recycle set, and the small operations of a layer.
+// The engine's CPU kernels (engine/cpu_kernels.py). On CPUs with AVX512-BF16: bf16 decode steps (one new token's
+// attention over a bf16 KV cache in fp32, its recycle set, the small operations and four-bit products of a layer)
+// and a bf16 question's attention over the blocks before it. On CPUs with AVX2 and FMA: that attention in fp32.
 //
 // For each KV head, the query heads of its group score every cached key with bf16 dot products accumulated in
 // fp32, take an exact softmax in fp32 and sum the values in fp32; the output is rounded to bf16 once. Keys are
 // split in chunks spread over the threads (each chunk's softmax is merged by its max and sum), so two threads
 // stay busy whatever the number of KV heads: the reason for this kernel, with reading each key once.
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
@@ -14,20 +14,46 @@
 #include <functional>
 #include <vector>
 
+static inline void store_output(float x, float* dst) { *dst = x; }
+static inline void store_output(float x, uint16_t* dst) {  // round to nearest even
+  uint32_t b; __builtin_memcpy(&b, &x, 4);
+  b += 0x7FFF + ((b >> 16) & 1); *dst = (uint16_t)(b >> 16);
+}
+
+// One query row's output from its chunks' softmax maxima `ms`, sums `ls` and value sums `accs` (chunk c's at
+// c * stride, its value sums at c * stride * D): merged by their maxima and written once into `dst` (rounded to
+// bf16 where it is bf16). Returns the row's log-sum-exp.
+template <int D, typename Out>
+static float merge_chunks(const float* ms, const float* ls, const float* accs, int64_t chunks, int64_t stride,
+                          Out* dst) {
+  float m = -INFINITY;
+  for (int64_t c = 0; c < chunks; ++c) m = std::max(m, ms[c * stride]);
+  float l = 0, o[D] = {0};
+  for (int64_t c = 0; c < chunks; ++c) {
+    float w = expf(ms[c * stride] - m);
+    l += w * ls[c * stride];
+    for (int d = 0; d < D; ++d) o[d] += w * accs[c * stride * D + d];
+  }
+  for (int d = 0; d < D; ++d) store_output(o[d] / l, dst + d);
+  return m + logf(l);
+}
+
+// 2^f on [-0.5, 0.5]: the Taylor series of e^(f ln 2) to degree 6, within about 1e-7 relative (Horner's order)
+static const float EXP2_TAYLOR[7] = {1.5403530393381609954437e-4f, 1.3333558146428443423412e-3f,
+                                     9.6181291076284771619790e-3f, 5.5504108664821579953142e-2f,
+                                     2.4022650695910071233355e-1f, 6.9314718055994530941723e-1f, 1.0f};
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+enum { BF16_KERNELS = 1 };
+
 static inline __m512 exp512(__m512 x) {
   // exp(x) = 2^n * p(f), x*log2e = n + f, f in [-0.5, 0.5]
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_sub_ps(t, n);
-  // 2^f on [-0.5, 0.5]: the Taylor series of e^(f ln 2) to degree 6, within about 1e-7 relative
-  __m512 p = _mm512_set1_ps(1.5403530393381609954437e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443423412e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284771619790e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821579953142e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071233355e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994530941723e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(EXP2_TAYLOR[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_TAYLOR[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -97,27 +123,6 @@ static void chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64
   for (int g = 0; g < G; ++g) for (int c = 0; c < DF; ++c) _mm512_storeu_ps(acc_out + g * D + c * 16, acc[g][c]);
 }
 
-// One query row's output from its chunks' softmax maxima `ms`, sums `ls` and value sums `accs` (chunk c's at
-// c * stride, its value sums at c * stride * D): merged by their maxima and rounded to bf16 once into `dst`.
-// Returns the row's log-sum-exp.
-template <int D>
-static float merge_chunks(const float* ms, const float* ls, const float* accs, int64_t chunks, int64_t stride,
-                          uint16_t* dst) {
-  float m = -INFINITY;
-  for (int64_t c = 0; c < chunks; ++c) m = std::max(m, ms[c * stride]);
-  float l = 0, o[D] = {0};
-  for (int64_t c = 0; c < chunks; ++c) {
-    float w = expf(ms[c * stride] - m);
-    l += w * ls[c * stride];
-    for (int d = 0; d < D; ++d) o[d] += w * accs[c * stride * D + d];
-  }
-  for (int d = 0; d < D; ++d) {  // round to nearest even
-    float x = o[d] / l; uint32_t b; __builtin_memcpy(&b, &x, 4);
-    b += 0x7FFF + ((b >> 16) & 1); dst[d] = (uint16_t)(b >> 16);
-  }
-  return m + logf(l);
-}
-
 template <int G, int D>
 static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t head_stride, int64_t row,
                    int64_t length, int kv_heads, float scale, uint16_t* out, float* lse, float* logits, float* scratch,
@@ -140,8 +145,6 @@ static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, int6
       if (lse) lse[h * G + g] = l;
     }
 }
-
-extern "C" int blockrag_supported() { return 1; }
 
 extern "C" int64_t blockrag_scratch_floats(int64_t length, int kv_heads, int group, int dim) {
   int64_t tasks = kv_heads * ((length + CHUNK - 1) / CHUNK);
@@ -770,5 +773,196 @@ extern "C" int blockrag_decode_layer(uint16_t* hidden, const uint16_t* delta, co
   return 0;
 }
 #else
-extern "C" int blockrag_supported() { return 0; }  // built for a CPU without AVX512-BF16: nothing to run
+enum { BF16_KERNELS = 0 };
 #endif
+
+// A question's attention over the blocks before it in fp32, on CPUs with AVX2 and FMA (engine/transformer.py's
+// attend_suffix, through cpu_kernels.prefix_attention): fp32 dot products, an fp32 softmax and fp32 sums of the
+// values, as torch's flash kernel computes them in fp32, to the order of its sums. A KV head's query rows are
+// transposed once, so a tile of keys read in place (no packing) scores 16 rows per pair of vectors and the
+// softmax runs down the columns, 8 rows at a time; each thread takes a span of keys with an online softmax over
+// chunks of them, and the spans are merged by their maxima and sums.
+#if defined(__AVX2__) && defined(__FMA__)
+enum { F32_KERNELS = 2, F32_CHUNK = 64, F32_SPAN = 512 };
+
+static inline __m256 exp256(__m256 x) {
+  // exp(x) = 2^n * p(f), x*log2e = n + f, f in [-0.5, 0.5]; the exponent built in its bits (n >= -126)
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(EXP2_TAYLOR[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_TAYLOR[i]));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// scores[i][c..c + 8 * RV) = queries[c..] . key i for KT keys `row` apart, from queries transposed [D][padded]
+template <int D, int KT, int RV>
+static inline void f32_score_tile(const float* qt, int64_t padded, const float* k, int64_t row, float* scores) {
+  __m256 acc[KT][RV];
+  for (int i = 0; i < KT; ++i) for (int c = 0; c < RV; ++c) acc[i][c] = _mm256_setzero_ps();
+  for (int p = 0; p < D; ++p) {
+    __m256 q[RV];
+    for (int c = 0; c < RV; ++c) q[c] = _mm256_loadu_ps(qt + p * padded + 8 * c);
+    for (int i = 0; i < KT; ++i) {
+      __m256 b = _mm256_broadcast_ss(k + i * row + p);
+      for (int c = 0; c < RV; ++c) acc[i][c] = _mm256_fmadd_ps(b, q[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < KT; ++i) for (int c = 0; c < RV; ++c) _mm256_storeu_ps(scores + i * padded + 8 * c, acc[i][c]);
+}
+
+// Every row's scores for KT keys: 16 rows a tile, then the last 8.
+template <int D, int KT>
+static inline void f32_score_keys(const float* qt, int64_t padded, const float* k, int64_t row, float* scores) {
+  int64_t c = 0;
+  for (; c + 16 <= padded; c += 16) f32_score_tile<D, KT, 2>(qt + c, padded, k, row, scores + c);
+  if (c < padded) f32_score_tile<D, KT, 1>(qt + c, padded, k, row, scores + c);
+}
+
+// acc[r][0..16) += sum_j probs[j][r] v[j][0..16) for RT rows over n keys, probs transposed [n][padded]
+template <int RT>
+static inline void f32_value_tile(const float* probs, int64_t padded, const float* v, int64_t row, int64_t n,
+                                  float* acc, int64_t acc_row) {
+  __m256 o[RT][2];
+  for (int r = 0; r < RT; ++r) for (int c = 0; c < 2; ++c) o[r][c] = _mm256_loadu_ps(acc + r * acc_row + 8 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 v0 = _mm256_loadu_ps(v + j * row), v1 = _mm256_loadu_ps(v + j * row + 8);
+    for (int r = 0; r < RT; ++r) {
+      __m256 b = _mm256_broadcast_ss(probs + j * padded + r);
+      o[r][0] = _mm256_fmadd_ps(b, v0, o[r][0]);
+      o[r][1] = _mm256_fmadd_ps(b, v1, o[r][1]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) for (int c = 0; c < 2; ++c) _mm256_storeu_ps(acc + r * acc_row + 8 * c, o[r][c]);
+}
+
+// A KV head's `rows` query rows (scaled, transposed [D][padded], padded a multiple of 8) over n keys, chunk after
+// chunk with an online softmax: its maxima and sums into m, l [padded], its value sums into acc [rows][D].
+template <int D>
+static void f32_span(const float* qt, int64_t rows, int64_t padded, const float* k, const float* v, int64_t row,
+                     int64_t n, float* m, float* l, float* acc, float* scores) {
+  constexpr int KT = 6, RT = 6;  // tiles that fit the 16 vector registers
+  std::fill(m, m + padded, -INFINITY);
+  std::fill(l, l + padded, 0.0f);
+  std::fill(acc, acc + rows * D, 0.0f);
+  for (int64_t first = 0; first < n; first += F32_CHUNK) {
+    int64_t keys = std::min<int64_t>(F32_CHUNK, n - first), j = 0;
+    const float* kc = k + first * row;
+    const float* vc = v + first * row;
+    for (; j + KT <= keys; j += KT) f32_score_keys<D, KT>(qt, padded, kc + j * row, row, scores + j * padded);
+    for (; j < keys; ++j) f32_score_keys<D, 1>(qt, padded, kc + j * row, row, scores + j * padded);
+    for (int64_t c = 0; c < padded; c += 8) {
+      __m256 before = _mm256_loadu_ps(m + c), top = before;
+      for (j = 0; j < keys; ++j) top = _mm256_max_ps(top, _mm256_loadu_ps(scores + j * padded + c));
+      __m256 sum = _mm256_setzero_ps();
+      for (j = 0; j < keys; ++j) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + j * padded + c), top));
+        sum = _mm256_add_ps(sum, e);
+        _mm256_storeu_ps(scores + j * padded + c, e);
+      }
+      alignas(32) float kept[8];  // what the earlier chunks' sums keep of themselves under the new maxima
+      _mm256_store_ps(kept, exp256(_mm256_sub_ps(before, top)));
+      _mm256_storeu_ps(l + c, _mm256_fmadd_ps(_mm256_loadu_ps(l + c), _mm256_load_ps(kept), sum));
+      _mm256_storeu_ps(m + c, top);
+      if (first == 0) continue;  // nothing summed yet
+      for (int64_t r = c; r < std::min<int64_t>(c + 8, rows); ++r)
+        if (kept[r - c] != 1.0f)
+          for (int d = 0; d < D; ++d) acc[r * D + d] *= kept[r - c];
+    }
+    for (int c = 0; c < D; c += 16) {
+      int64_t r = 0;
+      for (; r + RT <= rows; r += RT) f32_value_tile<RT>(scores + r, padded, vc + c, row, keys, acc + r * D + c, D);
+      for (; r < rows; ++r) f32_value_tile<1>(scores + r, padded, vc + c, row, keys, acc + r * D + c, D);
+    }
+  }
+}
+
+// Spans per KV head: as few as keep them at most F32_SPAN keys and give every thread as many of all the heads'.
+static int64_t f32_spans(int64_t length, int kv_heads, int threads) {
+  int64_t spans = std::max<int64_t>(1, (length + F32_SPAN - 1) / F32_SPAN);
+  while ((kv_heads * spans) % threads != 0 && spans < length) ++spans;
+  return spans;
+}
+
+template <int D>
+static void f32_prefix_attend(const float* q, const float* k, const float* v, int64_t head_stride, int64_t row,
+                              int64_t length, int kv_heads, int64_t rows, float scale, float* out, float* lse,
+                              float* scratch, int threads) {
+  int64_t padded = (rows + 7) & ~7, spans = f32_spans(length, kv_heads, threads), tasks = kv_heads * spans;
+  int64_t span = (length + spans - 1) / spans;
+  float* qt = scratch;                    // [kv_heads][D][padded]
+  float* ms = qt + kv_heads * D * padded; // [tasks][padded]
+  float* ls = ms + tasks * padded;        // [tasks][padded]
+  float* accs = ls + tasks * padded;      // [tasks][rows][D]
+  float* own = accs + tasks * rows * D;   // per thread: scores [F32_CHUNK][padded]
+  for (int h = 0; h < kv_heads; ++h)
+    for (int p = 0; p < D; ++p)
+      for (int64_t r = 0; r < padded; ++r) qt[(h * D + p) * padded + r] = r < rows ? q[(h * rows + r) * D + p] * scale : 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    int64_t h = t / spans, first = std::min(length, (t % spans) * span), n = std::min(span, length - first);
+    f32_span<D>(qt + h * D * padded, rows, padded, k + h * head_stride + first * row, v + h * head_stride + first * row,
+                row, n, ms + t * padded, ls + t * padded, accs + t * rows * D, own + omp_get_thread_num() * F32_CHUNK * padded);
+  }
+  for (int64_t t = 0; t < tasks; ++t)  // the sums of rows as merge_chunks reads them: [tasks][rows]
+    for (int64_t r = 0; r < rows; ++r) ms[t * rows + r] = ms[t * padded + r], ls[t * rows + r] = ls[t * padded + r];
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t hr = 0; hr < kv_heads * rows; ++hr) {
+    int64_t first = (hr / rows) * spans * rows + hr % rows;
+    lse[hr] = merge_chunks<D>(ms + first, ls + first, accs + first * D, spans, rows, out + hr * D);
+  }
+}
+
+extern "C" int64_t blockrag_prefix_scratch_f32(int64_t length, int kv_heads, int64_t rows, int dim, int threads) {
+  int64_t padded = (rows + 7) & ~7, tasks = kv_heads * f32_spans(length, kv_heads, threads);
+  return kv_heads * dim * padded + tasks * (2 * padded + rows * dim) + threads * F32_CHUNK * padded;
+}
+
+// q [kv_heads, rows, dim] fp32 (a KV head's query rows: its group's heads, each over the tokens); k, v: kv_heads
+// rows of `length` keys, `head_stride` and `row` elements apart; out [kv_heads, rows, dim]; lse [kv_heads, rows].
+// Returns 0, or 1 for an unsupported head size.
+extern "C" int blockrag_prefix_attention_f32(const float* q, const float* k, const float* v, int64_t head_stride,
+                                             int64_t row, int64_t length, int kv_heads, int64_t rows, int dim,
+                                             float scale, float* out, float* lse, float* scratch, int threads) {
+  if (dim == 16) return f32_prefix_attend<16>(q, k, v, head_stride, row, length, kv_heads, rows, scale, out, lse, scratch, threads), 0;
+  if (dim == 32) return f32_prefix_attend<32>(q, k, v, head_stride, row, length, kv_heads, rows, scale, out, lse, scratch, threads), 0;
+  if (dim == 64) return f32_prefix_attend<64>(q, k, v, head_stride, row, length, kv_heads, rows, scale, out, lse, scratch, threads), 0;
+  if (dim == 128) return f32_prefix_attend<128>(q, k, v, head_stride, row, length, kv_heads, rows, scale, out, lse, scratch, threads), 0;
+  return 1;
+}
+// Blocks' fp32 keys moved into a request's cache (engine/rope.py): (k0 c - k1 s, k1 c + k0 s) for each pair (i, i +
+// d / 2), its products and sums each rounded as torch's eager operations round them (no fused multiply-add), in one
+// pass on the threads; strides as blockrag_rerotate's.
+extern "C" __attribute__((optimize("fp-contract=off"))) void blockrag_rerotate_f32(
+    const float* keys, const int64_t* key_strides, const float* cos, const float* sin, float* out,
+    const int64_t* out_strides, int64_t layers, int64_t heads, int64_t tokens, int64_t d, int threads) {
+  int64_t half = d / 2;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+  for (int64_t l = 0; l < layers; ++l)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* k = keys + l * key_strides[0] + h * key_strides[1] + t * key_strides[2];
+        float* o = out + l * out_strides[0] + h * out_strides[1] + t * out_strides[2];
+        const float *c = cos + t * half, *sn = sin + t * half;
+        int64_t i = 0;
+        for (; i + 8 <= half; i += 8) {
+          __m256 lo = _mm256_loadu_ps(k + i), hi = _mm256_loadu_ps(k + half + i);
+          __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(sn + i);
+          _mm256_storeu_ps(o + i, _mm256_sub_ps(_mm256_mul_ps(lo, cv), _mm256_mul_ps(hi, sv)));
+          _mm256_storeu_ps(o + half + i, _mm256_add_ps(_mm256_mul_ps(hi, cv), _mm256_mul_ps(lo, sv)));
+        }
+        for (; i < half; ++i) {
+          float lo = k[i], hi = k[half + i];
+          o[i] = lo * c[i] - hi * sn[i];
+          o[half + i] = hi * c[i] + lo * sn[i];
+        }
+      }
+}
+#else
+enum { F32_KERNELS = 0 };
+#endif
+
+// What this build runs: 1, the bf16 kernels (AVX512-BF16); 2, the fp32 ones of a block prompt (AVX2 and FMA).
+extern "C" int blockrag_features() { return BF16_KERNELS | F32_KERNELS; }

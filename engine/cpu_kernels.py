@@ -1,6 +1,7 @@
-"""The kernel library for bf16 on CPUs that compute bf16 natively: one new token's attention over a bf16 KV cache,
-a decode step's four-bit products and the small operations of its layers around them, and a question's attention
-over the blocks assembled before it.
+"""The engine's CPU kernel library. For bf16 on CPUs that compute it natively (AVX512-BF16): one new token's
+attention over a bf16 KV cache, a decode step's four-bit products and the small operations of its layers around
+them, and a block prompt's two kernels, its question's attention over the blocks assembled before it and the
+blocks' keys moved into its cache; for fp32 on CPUs with AVX2 and FMA, those two (:func:`block_kernels_run`).
 
 torch's CPU flash kernel gives a one-token query one task per KV head, so on a few cores some sit idle, and it
 reads the cache well below memory speed. ``cpu_kernels.cpp`` splits the keys in chunks over the threads and
@@ -14,15 +15,20 @@ good part of a step's time. A decode step reads every weight once; torch's four-
 memory speed, :func:`four_bit_matvec` near it (sixteen rows at a time, each nibble turned into a bf16 dot-product
 operand by one logic operation); :func:`mlp_after_attention` runs a layer's calls after its attention as one, and
 :func:`decode_layer` a whole layer where its attention reads one run of rows (the cache, a recycle set, a window).
-:func:`prefix_attention` runs the many query rows of a block prompt's question over the keys before it (the prefill's largest part at long contexts), packing each chunk of keys and values once for
-every row of its head, where torch's flash kernel multiplies small blocks one at a time.
+:func:`prefix_attention` runs the many query rows of a block prompt's question over the keys before it (the
+prefill's largest part at long contexts), packing each chunk of keys and values once for every row of its head,
+where torch's flash kernel multiplies small blocks one at a time; in fp32 it reads the keys in place against the
+head's query rows transposed once, so that part runs near the CPU's fp32 arithmetic speed where a model computes in
+fp32. :func:`rerotate` moves a block's keys into a request's cache in one pass.
 
 The source is compiled on first use for this machine (``-march=native``) with the C++ compiler torch would use
 (``$CXX``, else ``c++``), into ``kernels/`` of :func:`~.model.blockrag_home`, and loaded with ``ctypes``; torch's
-own OpenMP runtime runs its threads. :func:`~.model.load_model` builds it when it loads a bf16 model on CPU, so
-the few seconds this takes once per machine stay out of the first answer's time. Where there is no compiler, the
-CPU lacks AVX512-BF16 or ``BLOCKRAG_CPU_KERNELS=0`` is set, nothing here runs (:func:`available` is false, the
-attention functions return ``None``, :func:`fuses` is false) and callers use torch's operations.
+own OpenMP runtime runs its threads. :func:`~.model.load_model` builds it when it loads a model on CPU, so the few
+seconds this takes once per machine stay out of the first answer's time. Where there is no compiler or
+``BLOCKRAG_CPU_KERNELS=0`` is set, nothing here runs; where the CPU lacks AVX512-BF16, none of the bf16 kernels
+(:func:`available` is false, the attention functions return ``None`` for bf16, :func:`fuses` is false); where it
+lacks AVX2 and FMA, not the fp32 ones (:func:`prefix_attention` returns ``None`` for fp32). Callers then use
+torch's operations.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ from blockrag.errors import InvalidArgumentError
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _library: ctypes.CDLL | None = None
+_features = 0
+"""What the library built here runs (``blockrag_features``): :data:`_BF16`, all of the bf16 kernels (AVX512-BF16);
+:data:`_F32`, the fp32 ones of a block prompt (AVX2 and FMA)."""
+_BF16, _F32 = 1, 2
 _loaded = False
 _enabled = os.environ.get("BLOCKRAG_CPU_KERNELS", "1") != "0"
 
@@ -58,8 +68,9 @@ def _cpu_description() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
-def _build() -> ctypes.CDLL | None:
-    """The kernel library, compiled once per source, compiler and CPU; ``None`` where it cannot be built or run."""
+def _build() -> tuple[ctypes.CDLL | None, int]:
+    """The kernel library, compiled once per source, compiler and CPU, and what it runs here; ``(None, 0)`` where it
+    cannot be built or runs nothing."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         return None
@@ -78,14 +89,22 @@ def _build() -> ctypes.CDLL | None:
                                capture_output=True, timeout=300)
                 os.replace(built, target)  # atomic: processes building at once each leave a whole library
         except (OSError, subprocess.SubprocessError):
-            return None
+            return None, 0
     try:
         library = ctypes.CDLL(str(target))
     except OSError:  # not loadable here (a library from another system in a shared home, say)
-        return None
-    if not library.blockrag_supported():
-        return None
+        return None, 0
+    features = library.blockrag_features()
     pointer, count, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    if features & _F32:
+        library.blockrag_prefix_scratch_f32.restype = count
+        library.blockrag_prefix_scratch_f32.argtypes = [count, integer, count, integer, integer]
+        library.blockrag_prefix_attention_f32.argtypes = ([pointer] * 3 + [count] * 3 + [integer, count, integer]
+                                                          + [real] + [pointer] * 3 + [integer])
+        library.blockrag_rerotate_f32.restype = None
+        library.blockrag_rerotate_f32.argtypes = [pointer] * 6 + [count] * 4 + [integer]
+    if not features & _BF16:
+        return (library, features) if features else (None, 0)
     library.blockrag_scratch_floats.restype = count
     library.blockrag_scratch_floats.argtypes = [count] + [integer] * 3
     library.blockrag_decode_attention.argtypes = ([pointer] * 3 + [count] * 3 + [integer] * 3 + [real] + [pointer] * 4
@@ -124,15 +143,26 @@ def _build() -> ctypes.CDLL | None:
     library.blockrag_mlp_after_attention.restype = None
     library.blockrag_mlp_after_attention.argtypes = ([pointer] * 3 + [count, pointer, count, real, pointer, count]
                                                      + [pointer, count, pointer, pointer, integer])
-    return library
+    return library, features
+
+
+def _runs(feature: int) -> bool:
+    """Whether the library runs ``feature`` here (compiling it on the first call) and is not turned off."""
+    global _library, _features, _loaded
+    if not _loaded:
+        (_library, _features), _loaded = _build(), True
+    return _enabled and bool(_features & feature)
 
 
 def available() -> bool:
-    """Whether the library runs here (compiling it on the first call) and is not turned off."""
-    global _library, _loaded
-    if not _loaded:
-        _library, _loaded = _build(), True
-    return _enabled and _library is not None
+    """Whether the library's bf16 kernels run here (compiling it on the first call) and are not turned off."""
+    return _runs(_BF16)
+
+
+def block_kernels_run(dtype: torch.dtype) -> bool:
+    """Whether the kernels of a block prompt, :func:`prefix_attention` and :func:`rerotate`, compute ``dtype`` here
+    (bf16 or fp32) rather than declining it."""
+    return _runs(_BF16) if dtype == torch.bfloat16 else dtype == torch.float32 and _runs(_F32)
 
 
 @contextlib.contextmanager
@@ -199,30 +229,35 @@ def prefix_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                      scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Attention of each KV head's query rows ``query`` ``[1, kv_heads, rows, d]`` over all of ``keys``/``values``
     ``[1, kv_heads, s, d]``, unmasked, and each row's log-sum-exp of its scaled scores ``[1, kv_heads, rows]``: a
-    question's tokens over the blocks before them, as torch's CPU flash kernel computes it (bf16 dot products
-    summed in fp32, an fp32 softmax whose probabilities are rounded to bf16 for their products with the values),
-    with each chunk of keys packed once for every row of its head.
+    question's tokens over the blocks before them, as torch's CPU flash kernel computes it. In bf16: bf16 dot
+    products summed in fp32, an fp32 softmax whose probabilities are rounded to bf16 for their products with the
+    values, each chunk of keys packed once for every row of its head. In fp32: fp32 throughout, keys read in place.
 
-    ``None`` where it does not apply: not bf16 on CPU, under autograd, a batch, a head size other than 32, 64 or
-    128, more than :data:`PREFIX_ROWS` rows, keys or values laid out differently or rows of keys not starting at
-    even elements (read in pairs), or no library here.
+    ``None`` where it does not apply: neither bf16 nor fp32 (all three alike) on CPU, under autograd, a batch, a
+    head size other than 32, 64 or 128 (bf16) or 16, 32, 64 or 128 (fp32), more than :data:`PREFIX_ROWS` rows, keys
+    or values laid out differently, rows of bf16 keys not starting at even elements (read in pairs), or the
+    library does not compute the dtype here (:func:`block_kernels_run`).
     """
     b, kv_heads, rows, d = query.shape
     length = keys.shape[2]
-    if not (query.dtype == keys.dtype == values.dtype == torch.bfloat16 and query.device.type == "cpu" and b == 1
-            and d in (32, 64, 128) and 0 < rows <= PREFIX_ROWS and length > 0 and keys.shape[1] == kv_heads
-            and not torch.is_grad_enabled() and keys.stride() == values.stride() and keys.stride(3) == 1
-            and keys.stride(2) >= d and keys.stride(2) % 2 == keys.stride(1) % 2 == keys.data_ptr() % 4 == 0
-            and available()):
+    dtype = query.dtype
+    bf16 = dtype == torch.bfloat16
+    if not (keys.dtype == values.dtype == dtype and query.device.type == "cpu" and b == 1
+            and d in ((32, 64, 128) if bf16 else (16, 32, 64, 128)) and 0 < rows <= PREFIX_ROWS and length > 0
+            and keys.shape[1] == kv_heads and not torch.is_grad_enabled() and keys.stride() == values.stride()
+            and keys.stride(3) == 1 and keys.stride(2) >= d
+            and (not bf16 or keys.stride(2) % 2 == keys.stride(1) % 2 == keys.data_ptr() % 4 == 0)
+            and block_kernels_run(dtype)):
         return None
     query = query.contiguous()
     out = torch.empty_like(query)
     lse = torch.empty(1, kv_heads, rows, dtype=torch.float32)
     threads = torch.get_num_threads()
-    scratch = torch.empty(_library.blockrag_prefix_scratch(length, kv_heads, rows, d, threads), dtype=torch.float32)
-    _library.blockrag_prefix_attention(query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
-                                       keys.stride(2), length, kv_heads, rows, d, scaling, out.data_ptr(),
-                                       lse.data_ptr(), scratch.data_ptr(), threads)
+    scratch_floats, attend = ((_library.blockrag_prefix_scratch, _library.blockrag_prefix_attention) if bf16 else
+                              (_library.blockrag_prefix_scratch_f32, _library.blockrag_prefix_attention_f32))
+    scratch = torch.empty(scratch_floats(length, kv_heads, rows, d, threads), dtype=torch.float32)
+    attend(query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), keys.stride(2), length, kv_heads,
+           rows, d, scaling, out.data_ptr(), lse.data_ptr(), scratch.data_ptr(), threads)
     return out, lse
 
 
@@ -404,20 +439,22 @@ def _nibble_matvec(product, tiles: torch.Tensor, row: torch.Tensor) -> torch.Ten
 
 def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> bool:
     """Write ``keys`` ``[..., tokens, d]`` (at most four dimensions) rotated by ``cos`` and ``sin`` (fp32 ``[tokens,
-    d / 2]``, one angle per pair ``(i, i + d / 2)``) into ``out``, in fp32 and rounded to bf16 once, in one pass on
-    torch's threads: blocks moved into a request's cache. ``False``, writing nothing, where that is not bf16 keys and
-    output on a CPU where the library runs, with rows contiguous, without autograd."""
-    if not (keys.dtype == out.dtype == torch.bfloat16 and keys.device.type == "cpu" and keys.shape == out.shape
+    d / 2]``, one angle per pair ``(i, i + d / 2)``) into ``out`` in one pass on torch's threads: blocks moved into a
+    request's cache. bf16 keys are rotated in fp32 and rounded to bf16 once; fp32 keys as torch's eager operations
+    round them, to the bit. ``False``, writing nothing, where that is not bf16 or fp32 keys and output of one dtype
+    on a CPU where the library computes it (:func:`block_kernels_run`), with rows contiguous, without autograd."""
+    if not (keys.dtype == out.dtype and keys.device.type == "cpu" and keys.shape == out.shape
             and 3 <= keys.dim() <= 4 and keys.stride(-1) == out.stride(-1) == 1 and keys.shape[-1] % 2 == 0
             and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
             and cos.shape == sin.shape == (keys.shape[-2], keys.shape[-1] // 2)
-            and not (torch.is_grad_enabled() and keys.requires_grad) and available()):
+            and not (torch.is_grad_enabled() and keys.requires_grad) and block_kernels_run(keys.dtype)):
         return False
     if keys.dim() == 3:
         keys, out = keys[None], out[None]
     strides = torch.tensor([*keys.stride()[:3], *out.stride()[:3]], dtype=torch.int64)
-    _library.blockrag_rerotate(keys.data_ptr(), strides.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
-                               strides.data_ptr() + 24, *keys.shape, torch.get_num_threads())
+    move = _library.blockrag_rerotate if keys.dtype == torch.bfloat16 else _library.blockrag_rerotate_f32
+    move(keys.data_ptr(), strides.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), strides.data_ptr() + 24,
+         *keys.shape, torch.get_num_threads())
     return True
 
 

@@ -212,8 +212,8 @@ def load_model(
         model, fingerprint = merge_adapter(model, fingerprint, adapter)
         order = adapter_passage_order(adapter)
     use_four_bit(model, decode_weights)
-    if torch_dtype == torch.bfloat16 and torch.device(device).type == "cpu":
-        cpu_kernels.available()  # builds the decode kernel now, not in the first answer
+    if torch.device(device).type == "cpu":
+        cpu_kernels.available()  # builds the kernel library now, not in the first answer
     return LoadedModel(model, tokenizer, fingerprint, order)
 
 

@@ -78,7 +78,7 @@ def _move(cos: torch.Tensor, sin: torch.Tensor) -> Move:
             out[..., dim:] = keys[..., dim:]
         if torch.is_grad_enabled() and keys.requires_grad:  # training: differentiable, and never compiled
             out[..., :dim] = _rotated(keys[..., :dim], c, s)
-        elif cpu_kernels.rerotate(keys[..., :dim], c, s, out[..., :dim]):  # bf16 on CPU: the kernel library's pass
+        elif cpu_kernels.rerotate(keys[..., :dim], c, s, out[..., :dim]):  # on CPU: the kernel library's pass
             return out
         elif out.is_inference():  # a request's cache: the compiled pass, with tensors of the kinds it was warmed for
             with torch.inference_mode():
@@ -105,8 +105,8 @@ def _rotate_into_eager(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
 # Eager, the rotation makes several fp32 copies of every key; compiled, it is one pass that reads a
 # block's keys and writes the rotated ones into the cache (the same values). :func:`warm_rotation`
 # compiles it ahead of the first request, for keys encoded in the process (inference tensors) and
-# keys read from a store; torch caches the compiled code on disk between processes. bf16 keys on a CPU where
-# the kernel library runs take neither: its pass (cpu_kernels.rerotate) reads each key once.
+# keys read from a store; torch caches the compiled code on disk between processes. Keys on a CPU where the
+# kernel library computes their dtype take neither: its pass (cpu_kernels.rerotate) reads each key once.
 _rotate_into: Callable[..., None] = _rotate_into_eager
 _compiled: Callable[..., None] | None = None
 _warmed: set[tuple[torch.dtype, str, int]] = set()  # compiled code is guarded on torch's thread count too
@@ -114,11 +114,10 @@ _warmed: set[tuple[torch.dtype, str, int]] = set()  # compiled code is guarded o
 
 def warm_rotation(dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
     """Compile the re-rotation for keys of ``dtype`` now, not inside a request; stay eager if it cannot be. Nothing
-    to compile for bf16 keys on a CPU where the kernel library runs, which moves them
-    (:func:`~.cpu_kernels.rerotate`)."""
+    to compile on a CPU where the kernel library moves keys of ``dtype`` (:func:`~.cpu_kernels.rerotate`)."""
     global _rotate_into, _compiled
     kind = (dtype, str(device), torch.get_num_threads())
-    if kind in _warmed or dtype == torch.bfloat16 and torch.device(device).type == "cpu" and cpu_kernels.available():
+    if kind in _warmed or torch.device(device).type == "cpu" and cpu_kernels.block_kernels_run(dtype):
         return
     if _compiled is None:  # made here, not at import: importing the compiler is slow
         _compiled = torch.compile(_rotate_into_eager, dynamic=True)

@@ -1,5 +1,5 @@
-"""The bf16 kernel library (engine/cpu_kernels.py): one-token attention against exact attention, a decode step's
-small operations against torch's, and both in the decode path."""
+"""The kernel library (engine/cpu_kernels.py): one-token attention against exact attention, a decode step's small
+operations against torch's, and both in the decode path (bf16); a question's attention over the blocks (bf16, fp32)."""
 
 import pytest
 import torch
@@ -11,8 +11,8 @@ from blockrag.engine.decoding import DecodeOptions
 
 from test_decoding import random_ids, teacher_forced, tiny_model
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
-                                reason="the kernel needs a C++ compiler and a CPU with AVX512-BF16")
+bf16_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                  reason="the bf16 kernels need a C++ compiler and a CPU with AVX512-BF16")
 
 
 def exact(query, keys, values, scaling):
@@ -24,6 +24,7 @@ def exact(query, keys, values, scaling):
     return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
 
 
+@bf16_kernels
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 255, 256, 257, 1000])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (8, 1, 128), (2, 2, 32)])
 def test_one_token_attention_is_exact_attention_rounded_once_to_bf16(length, heads, kv_heads, dim):
@@ -44,6 +45,7 @@ def test_one_token_attention_is_exact_attention_rounded_once_to_bf16(length, hea
     assert torch.allclose(lse.double().view(-1), reference_lse.view(-1), rtol=0, atol=1e-4)
 
 
+@bf16_kernels
 @pytest.mark.parametrize(("length", "rows", "dim"), [(8000, 135, 64), (1000, 7, 64), (257, 33, 32), (31, 9, 128),
                                                     (256, 8, 64), (1, 3, 64)])
 def test_many_query_rows_over_a_prefix_are_exact_attention_within_bf16_probabilities(length, rows, dim):
@@ -63,12 +65,45 @@ def test_many_query_rows_over_a_prefix_are_exact_attention_within_bf16_probabili
     assert bool(((out.double() - reference).abs() <= bound).all())
     assert torch.allclose(lse.double(), reference_lse, rtol=0, atol=1e-4)
     with torch.inference_mode():
-        assert cpu_kernels.prefix_attention(query.float(), keys.float(), values.float(), scaling) is None
+        assert cpu_kernels.prefix_attention(query.half(), keys.half(), values.half(), scaling) is None
         assert cpu_kernels.prefix_attention(query[..., :16], keys[..., :16], values[..., :16], scaling) is None
         odd = torch.zeros(1, 3, length, dim + 1, dtype=torch.bfloat16)[..., :dim]  # rows an odd count apart
         assert cpu_kernels.prefix_attention(query, odd, odd, scaling) is None
 
 
+@pytest.mark.skipif(not cpu_kernels.block_kernels_run(torch.float32),
+                    reason="the fp32 attention needs a C++ compiler and a CPU with AVX2 and FMA")
+@pytest.mark.parametrize(("length", "rows", "dim"), [(8000, 135, 64), (2052, 72, 64), (1000, 7, 64), (513, 17, 32),
+                                                    (31, 9, 128), (256, 24, 16), (1, 3, 64)])
+def test_many_fp32_query_rows_over_a_prefix_are_as_exact_as_torchs_flash_kernel(length, rows, dim):
+    generator = torch.Generator().manual_seed(length + rows)
+    capacity = length + 5  # room past the keys read, as in a request's cache
+    cache_k, cache_v = (torch.randn(1, 3, capacity, dim, generator=generator).mul(2) for _ in range(2))
+    query = torch.randn(1, 3, rows, dim, generator=generator).mul(2)
+    keys, values, scaling = cache_k[:, :, :length], cache_v[:, :, :length], dim ** -0.5
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with torch.inference_mode():
+        out, lse = cpu_kernels.prefix_attention(query, keys, values, scaling)
+        torchs, torchs_lse = flash(query, keys, values, scale=scaling)[:2]
+    reference, reference_lse = exact(query, keys, values, scaling)
+    assert out.dtype == torch.float32 and out.shape == query.shape and lse.shape == (1, 3, rows)
+    # fp32 throughout, as torch's kernel: the two differ in the order of their sums and in exp's last bits (the
+    # library's polynomial is within about 1e-7 of it), so the library errs at most twice as much as torch's kernel
+    # against fp64, plus 2^-20 of the largest value for those last bits.
+    error, torchs_error = ((t.double() - reference).abs().max() for t in (out, torchs))
+    assert error <= 2 * torchs_error + values.abs().max() * 2 ** -20
+    assert torch.allclose(lse.double(), reference_lse, rtol=0, atol=1e-5)
+    assert torch.allclose(lse, torchs_lse, rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        assert cpu_kernels.prefix_attention(query[..., :8], keys[..., :8], values[..., :8], scaling) is None  # head
+        assert cpu_kernels.prefix_attention(query, keys, values.double(), scaling) is None  # dtypes differ
+        assert cpu_kernels.prefix_attention(query, keys, values.contiguous(), scaling) is None  # laid out differently
+        with cpu_kernels.disabled():
+            assert cpu_kernels.prefix_attention(query, keys, values, scaling) is None
+    assert cpu_kernels.prefix_attention(query, keys, values, scaling) is None  # autograd
+
+
+@bf16_kernels
 @pytest.mark.parametrize(("length", "k", "pool", "sinks", "kept"),
                          [(1000, 100, 7, 4, (900, 910)), (300, 30, 1, 0, (300, 300)), (40, 40, 3, 2, (30, 40)),
                           (257, 20, 5, 4, (250, 257))])
@@ -98,6 +133,7 @@ def test_a_full_recycled_step_chooses_the_top_k_of_exact_scores_beside_the_same_
         cpu_kernels.attend_and_recycle(query, keys, values, 0.125, length + 1, pool, sinks, kept)
 
 
+@bf16_kernels
 @pytest.mark.parametrize(("length", "k", "sinks", "kept"), [(1000, 100, 4, (990, 1000)), (60, 7, 2, (30, 33))])
 def test_among_equal_scores_the_recycle_set_takes_the_earliest(length, k, sinks, kept):
     # A zero query scores every key alike: the set is the forced positions, then the earliest of the others.
@@ -110,6 +146,7 @@ def test_among_equal_scores_the_recycle_set_takes_the_earliest(length, k, sinks,
     assert positions.tolist() == [sorted(forced + earliest)] * 3
 
 
+@bf16_kernels
 def test_a_recycle_set_is_gathered_into_its_buffer_row_by_row():
     generator = torch.Generator().manual_seed(0)
     keys, values = (torch.randn(1, 3, 50, 16, generator=generator).bfloat16() for _ in range(2))
@@ -132,6 +169,7 @@ def four_bit_grid(rows: int, inputs: int, seed: int) -> tuple[torch.Tensor, torc
     return q, scale, zero
 
 
+@bf16_kernels
 def test_a_four_bit_weight_packs_and_unpacks_to_itself():
     q, scale, zero = four_bit_grid(48, 96, seed=0)
     tiles = cpu_kernels.pack_four_bit(q, scale, zero)
@@ -140,6 +178,7 @@ def test_a_four_bit_weight_packs_and_unpacks_to_itself():
     assert all(torch.equal(a, b) for a, b in zip(back, (q, scale, zero)))
 
 
+@bf16_kernels
 def test_an_eight_bit_weight_packs_and_unpacks_to_itself():
     generator = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (48, 96), generator=generator, dtype=torch.int32)
@@ -150,6 +189,7 @@ def test_an_eight_bit_weight_packs_and_unpacks_to_itself():
     assert torch.equal(back_q, q) and torch.equal(back_scale, scale)
 
 
+@bf16_kernels
 @pytest.mark.parametrize(("rows", "inputs"), [(16, 32), (49152 // 64, 576), (48, 2304)])
 def test_an_eight_bit_product_is_the_exact_one_rounded_once_to_bf16(rows, inputs):
     generator = torch.Generator().manual_seed(rows + inputs)
@@ -169,6 +209,7 @@ def test_an_eight_bit_product_is_the_exact_one_rounded_once_to_bf16(rows, inputs
     assert (out.double() - exact).abs().max() > 0  # it did round: bf16 output, not a copy of fp64
 
 
+@bf16_kernels
 @pytest.mark.parametrize(("rows", "inputs"), [(16, 32), (960, 576), (576, 1536), (48, 2304)])
 def test_a_four_bit_product_is_the_exact_one_rounded_once_to_bf16(rows, inputs):
     q, scale, zero = four_bit_grid(rows, inputs, seed=rows + inputs)
@@ -187,6 +228,7 @@ def test_a_four_bit_product_is_the_exact_one_rounded_once_to_bf16(rows, inputs):
     assert (out.double() - exact).abs().max() > 0  # it did round: bf16 output, not a copy of fp64
 
 
+@bf16_kernels
 @pytest.mark.parametrize("dim", [64, 40, 16])
 def test_keys_are_moved_by_the_exact_rotation_rounded_once(dim):
     """A block's keys into its slots of a request's cache (strided): the rotation in fp64 of the bf16 keys, rounded
@@ -206,9 +248,35 @@ def test_keys_are_moved_by_the_exact_rotation_rounded_once(dim):
     alone = torch.empty(3, 37, dim, dtype=torch.bfloat16)
     assert cpu_kernels.rerotate(keys[0], cos, sin, alone)  # [heads, tokens, d] too
     assert torch.equal(alone, cache[0, 0, :, 5:42])
-    assert not cpu_kernels.rerotate(keys.float(), cos, sin, cache[:, 0, :, 5:42].float())  # bf16 only
+    assert not cpu_kernels.rerotate(keys.half(), cos, sin, cache[:, 0, :, 5:42].half())  # bf16 and fp32 only
+    assert not cpu_kernels.rerotate(keys, cos, sin, cache[:, 0, :, 5:42].float())  # of one dtype
 
 
+@pytest.mark.skipif(not cpu_kernels.block_kernels_run(torch.float32),
+                    reason="the fp32 kernels need a C++ compiler and a CPU with AVX2 and FMA")
+@pytest.mark.parametrize("dim", [64, 40, 16, 6])
+def test_fp32_keys_are_moved_as_torchs_eager_rotation_to_the_bit(dim):
+    """A block's fp32 keys into its slots of a request's cache (strided): the very products and sums of
+    engine/rope.py's eager rotation, each rounded as torch rounds it (the vector loop and the scalar tail alike)."""
+    from blockrag.engine.rope import _rotated
+
+    generator = torch.Generator().manual_seed(dim)
+    keys = torch.randn(2, 3, 37, dim, generator=generator).mul(4)
+    angles = torch.rand(37, dim // 2, generator=generator) * 100
+    cos, sin = angles.cos(), angles.sin()
+    cache = torch.zeros(2, 1, 3, 50, dim)
+    with torch.inference_mode():
+        assert cpu_kernels.rerotate(keys, cos, sin, cache[:, 0, :, 5:42])
+    assert torch.equal(cache[:, 0, :, 5:42], _rotated(keys, cos, sin))
+    assert not cache[:, :, :, :5].any() and not cache[:, :, :, 42:].any()  # nothing written outside the slots
+    alone = torch.empty(3, 37, dim)
+    assert cpu_kernels.rerotate(keys[0], cos, sin, alone)  # [heads, tokens, d] too
+    assert torch.equal(alone, cache[0, 0, :, 5:42])
+    with cpu_kernels.disabled():
+        assert not cpu_kernels.rerotate(keys, cos, sin, cache[:, 0, :, 5:42])
+
+
+@bf16_kernels
 def test_it_declines_what_it_does_not_compute():
     query, keys = torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -222,6 +290,7 @@ def test_it_declines_what_it_does_not_compute():
     assert cpu_kernels.decode_attention(query, keys, keys, 0.25) is None  # autograd
 
 
+@bf16_kernels
 @pytest.mark.parametrize(("rows", "size"), [(1, 576), (9, 64), (3, 40), (2, 16)])
 def test_the_residual_sum_and_the_rotation_are_torchs_to_the_bit(rows, size):
     # Each result is one product or sum of bf16 values, computed in fp32 and rounded to bf16: the same arithmetic
@@ -240,6 +309,7 @@ def test_the_residual_sum_and_the_rotation_are_torchs_to_the_bit(rows, size):
     assert torch.equal(cpu_kernels.rotate(x, cos, signed_sin), _rotate(x, cos, signed_sin))
 
 
+@bf16_kernels
 @pytest.mark.parametrize(("heads", "dim"), [(9, 64), (4, 16), (32, 128)])
 def test_a_query_summary_is_torchs_mean_and_cosine_similarity(heads, dim):
     # The mean sums the heads' fp32 values in order and divides, as torch does: the same bits. The similarity is
@@ -254,6 +324,7 @@ def test_a_query_summary_is_torchs_mean_and_cosine_similarity(heads, dim):
         assert similarity == pytest.approx(float(torch.cosine_similarity(mean, anchor, dim=0)), abs=dim * 2e-7)
 
 
+@bf16_kernels
 @pytest.mark.parametrize(("rows", "size"), [(1, 576), (9, 64), (3, 40), (1, 1536)])
 def test_the_norm_and_the_activation_are_within_a_rounding_of_torchs(rows, size):
     generator = torch.Generator().manual_seed(rows + size)
@@ -273,6 +344,7 @@ def test_the_norm_and_the_activation_are_within_a_rounding_of_torchs(rows, size)
         assert int((difference > 0).sum()) <= max(1, got.numel() // 100)
 
 
+@bf16_kernels
 @pytest.mark.parametrize("options", [DecodeOptions("full"), DecodeOptions("recycled", recycle_k=8, stride=3)],
                          ids=["full", "recycled"])
 def test_bf16_decoding_runs_the_kernel_and_stays_within_bf16_rounding_of_torchs_kernel(options, monkeypatch):
