@@ -194,6 +194,28 @@ def open_backend(request, tmp_path):
         store.close()
 
 
+def test_store_threads_run_torch_on_one_thread_each():
+    """The threads that read and decode a store's entries run torch's operations on themselves alone, and torch's
+    thread count stays as it was elsewhere: each would start an OpenMP team of its own that outlives its operations,
+    and with more OpenMP threads than cores every request's prefill after a store read ran slower."""
+    import threading
+
+    from blockrag.kvstore.base import parallel_map
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert parallel_map(lambda _: torch.get_num_threads(), list(range(8))) == [1] * 8
+        assert torch.get_num_threads() == 2
+        elsewhere = []
+        thread = threading.Thread(target=lambda: elsewhere.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert elsewhere == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_round_trip_through_each_backend(open_backend, dtype):
     store = open_backend(dtype=dtype)
