@@ -22,6 +22,7 @@ from blockrag.errors import InvalidArgumentError, ModelNotFoundError, Unsupporte
 from . import cpu_kernels
 from .adapter import adapter_passage_order, merge_adapter
 from .prompt import DEFAULT_PASSAGE_ORDER, PassageOrder
+from .threads import release_openmp_team
 from .fourbit import DecodeWeights, check_decode_weights
 from .transformer import (FOUR_BIT, CacheMemory, decode_projections, dequantized, loading_quietly, rotary_module,
                           use_four_bit)
@@ -214,6 +215,7 @@ def load_model(
     use_four_bit(model, decode_weights)
     if torch.device(device).type == "cpu":
         cpu_kernels.available()  # builds the kernel library now, not in the first answer
+        release_openmp_team()  # requests may run on another thread (a server's engine thread)
     return LoadedModel(model, tokenizer, fingerprint, order)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -12,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar
 
-import torch
-
 from blockrag.engine import Block, block_key
+from blockrag.engine.threads import run_torch_on_this_thread_alone
 
 from .entry import STORE_DTYPES, StoreDtype, decode_entry, encode_entry
 from blockrag.errors import InvalidArgumentError, CorruptEntryError, StoreUnavailableError, WrongModelError
@@ -53,34 +51,17 @@ def key_fingerprint(key: str) -> str:
     return fingerprint
 
 
-def _torch_on_this_thread_alone() -> None:
-    """Run the calling thread's torch operations on that thread alone: the store pool's threads, each decoding
-    entries of its own.
-
-    A torch operation in a thread of its own starts an OpenMP team for it, whose threads outlive the operation; with
-    more OpenMP threads than cores, every team, the requests' own included, sleeps between operations instead of
-    waiting for the next one, and every prefill after a store read got slower. Where the process holds no OpenMP
-    runtime, torch's operations start no teams and there is nothing to set.
-    """
-    torch.get_num_threads()  # torch's own set-up of a new thread's OpenMP thread count first, which this overrides
-    try:
-        set_threads = ctypes.CDLL(None).omp_set_num_threads
-    except (AttributeError, OSError, TypeError):  # no OpenMP runtime among the process's symbols
-        return
-    set_threads(1)
-
-
 @functools.cache
 def _threads_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="blockrag-kvstore",
-                              initializer=_torch_on_this_thread_alone)
+                              initializer=run_torch_on_this_thread_alone)
 
 
 def parallel_map(function: Callable[..., T], *iterables: Sequence) -> list[T]:
     """``list(map(function, ...))`` on threads: file reads, hashing and tensor copies release the GIL.
 
     One pool per process (a pool inherited through fork has no threads behind it), whose threads run torch's
-    operations on one thread each (:func:`_torch_on_this_thread_alone`).
+    operations on one thread each (:func:`~blockrag.engine.threads.run_torch_on_this_thread_alone`).
     """
     if len(iterables[0]) < 2:
         return list(map(function, *iterables))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -495,3 +496,38 @@ def test_a_rotation_warmed_inside_inference_mode_serves_stored_keys_without_comp
     assert counters["stats"]["unique_graphs"] == compiled
     # The eager pass's fp32 values, rounded once to fp16: compiled, they may differ by a rounding step of fp16.
     torch.testing.assert_close(out, move(stored), rtol=torch.finfo(torch.float16).eps, atol=1e-7)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc/self/task")
+def test_a_thread_done_with_torch_lets_its_openmp_team_go():
+    """A thread's parallel torch operation leaves its OpenMP team's threads waiting; released, they exit (a model's
+    loading thread, before requests run on another), and the thread's next operation starts a team again."""
+    import threading
+
+    from blockrag.engine.threads import release_openmp_team
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    counts = []
+
+    def work():
+        x = torch.ones(1 << 22)
+        x.add_(1)  # a parallel operation: this thread's team starts
+        counts.append(threads())
+        release_openmp_team()
+        counts.append(threads())
+        x.add_(1)
+        counts.append(threads())
+        release_openmp_team()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(before)
+    with_team, released, again = counts
+    assert released == with_team - 1 and again == with_team  # a team of two: this thread and one more
