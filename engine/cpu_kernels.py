@@ -73,7 +73,7 @@ def _build() -> tuple[ctypes.CDLL | None, int]:
     cannot be built or runs nothing."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
-        return None
+        return None, 0
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode() + _cpu_description().encode())
     from .model import blockrag_home  # the model module imports this one through the transformer module

@@ -276,6 +276,17 @@ def test_fp32_keys_are_moved_as_torchs_eager_rotation_to_the_bit(dim):
         assert not cpu_kernels.rerotate(keys, cos, sin, cache[:, 0, :, 5:42])
 
 
+def test_without_a_compiler_nothing_runs_and_nothing_fails(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-for-blockrag")
+    for name, value in (("_loaded", False), ("_library", None), ("_features", 0)):
+        monkeypatch.setattr(cpu_kernels, name, value)
+    assert not cpu_kernels.available() and not cpu_kernels.block_kernels_run(torch.float32)
+    query = torch.zeros(1, 1, 2, 64)
+    with torch.inference_mode():
+        assert cpu_kernels.prefix_attention(query, query, query, 0.125) is None
+        assert not cpu_kernels.rerotate(query[0], torch.ones(2, 32), torch.zeros(2, 32), torch.empty(1, 2, 64))
+
+
 @bf16_kernels
 def test_it_declines_what_it_does_not_compute():
     query, keys = torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
