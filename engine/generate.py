@@ -29,6 +29,7 @@ from blockrag.errors import UnknownOptionError, InvalidArgumentError, BlockMisma
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import PASSAGE_SEPARATOR, PassageOrder, PromptTemplate, passage_text, tokenize
 from .recovery import Recovery, positions_to_recompute
+from .threads import release_openmp_team
 from .rope import warm_rotation
 from .transformer import KVCache, Positions, empty_cache, forward
 
@@ -576,4 +577,6 @@ class BlockEngine:
                                       decoder.full_layer_steps / len(decoder.cache.keys))
         finally:  # the cache's memory serves the next request, also when the caller stops reading early
             self.loaded.cache_memory.give_back(decoder.cache)
+            if self.device.type == "cpu":  # the next request may run on another thread: one OpenMP team at a time
+                release_openmp_team()
         yield result

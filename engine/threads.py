@@ -3,10 +3,10 @@
 A thread that runs a parallel torch operation gets an OpenMP team, whose threads outlive the operation, waiting
 for the next one. With more of them in the process than cores, the runtime stops waiting actively between
 parallel regions, and every team sleeps between a prefill's many small operations: a request on one thread after
-a model loaded on another, or after a store's threads decoded entries, started markedly later. Two helpers keep
-the engine's team the only one: threads that run torch beside the engine's work run it on themselves alone, and
-a thread done with its torch work lets its team go. Where the process holds no OpenMP runtime, torch's operations
-start no teams and both do nothing.
+a model loaded on another, after a request on another, or after a store's threads decoded entries, started
+markedly later. Two helpers keep one team at a time: threads that run torch beside the engine's work run it on
+themselves alone, and a thread done with its torch work (a model loaded, a request answered) lets its team go.
+Where the process holds no OpenMP runtime, torch's operations start no teams and both do nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +35,6 @@ def run_torch_on_this_thread_alone() -> None:
 
 def release_openmp_team() -> None:
     """Let the calling thread's OpenMP team go (its next parallel torch operation starts another): for a thread done
-    with its torch work while requests run on another (the thread that loaded a model)."""
+    with its torch work while the next may run on another (a model loaded, a request answered)."""
     if (pause := _openmp("omp_pause_resource_all")) is not None:
         pause(1)  # omp_pause_soft

@@ -498,28 +498,14 @@ def test_a_rotation_warmed_inside_inference_mode_serves_stored_keys_without_comp
     torch.testing.assert_close(out, move(stored), rtol=torch.finfo(torch.float16).eps, atol=1e-7)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc/self/task")
-def test_a_thread_done_with_torch_lets_its_openmp_team_go():
-    """A thread's parallel torch operation leaves its OpenMP team's threads waiting; released, they exit (a model's
-    loading thread, before requests run on another), and the thread's next operation starts a team again."""
+def _threads() -> int:
+    """The process's threads, OpenMP's included."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def _on_a_thread_of_two(work) -> None:
+    """Run ``work`` on a thread of its own, with torch's thread count 2 (a team of the thread and one more)."""
     import threading
-
-    from blockrag.engine.threads import release_openmp_team
-
-    def threads() -> int:
-        return len(os.listdir("/proc/self/task"))
-
-    counts = []
-
-    def work():
-        x = torch.ones(1 << 22)
-        x.add_(1)  # a parallel operation: this thread's team starts
-        counts.append(threads())
-        release_openmp_team()
-        counts.append(threads())
-        x.add_(1)
-        counts.append(threads())
-        release_openmp_team()
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -529,5 +515,48 @@ def test_a_thread_done_with_torch_lets_its_openmp_team_go():
         thread.join()
     finally:
         torch.set_num_threads(before)
+
+
+counts_threads = pytest.mark.skipif(not os.path.isdir("/proc/self/task"),
+                                    reason="counts the process's threads in /proc/self/task")
+
+
+@counts_threads
+def test_a_thread_done_with_torch_lets_its_openmp_team_go():
+    """A thread's parallel torch operation leaves its OpenMP team's threads waiting; released, they exit (a model's
+    loading thread, before requests run on another), and the thread's next operation starts a team again."""
+    from blockrag.engine.threads import release_openmp_team
+
+    counts = []
+
+    def work():
+        x = torch.ones(1 << 22)
+        x.add_(1)  # a parallel operation: this thread's team starts
+        counts.append(_threads())
+        release_openmp_team()
+        counts.append(_threads())
+        x.add_(1)
+        counts.append(_threads())
+        release_openmp_team()
+
+    _on_a_thread_of_two(work)
     with_team, released, again = counts
-    assert released == with_team - 1 and again == with_team  # a team of two: this thread and one more
+    assert released == with_team - 1 and again == with_team
+
+
+@counts_threads
+def test_a_request_answered_lets_its_threads_openmp_team_go(tiny_engine):
+    """The next request may come from another thread (an adapter's async calls), which would run beside this one's
+    waiting team: a request leaves its thread without one."""
+    counts = []
+
+    def work():
+        tiny_engine.generate(None, ["A short passage."], "What?", max_new_tokens=2)  # the threads a first request makes
+        torch.ones(1 << 22).add_(1)  # this thread's team starts
+        counts.append(_threads())
+        tiny_engine.generate(None, ["A short passage."], "What?", max_new_tokens=2)
+        counts.append(_threads())
+
+    _on_a_thread_of_two(work)
+    with_team, after = counts
+    assert after == with_team - 1
