@@ -12,13 +12,16 @@ Where the process holds no OpenMP runtime, torch's operations start no teams and
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 
 import torch
 
 
+@functools.cache
 def _openmp(name: str) -> Callable[[int], int] | None:
-    """The OpenMP runtime's function ``name`` among the process's symbols (torch's runtime), or ``None``."""
+    """The OpenMP runtime's function ``name`` among the process's symbols (torch's runtime), or ``None``; looked up
+    once (every request on CPU calls :func:`release_openmp_team`)."""
     try:
         return getattr(ctypes.CDLL(None), name)
     except (AttributeError, OSError, TypeError):
